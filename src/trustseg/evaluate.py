@@ -1,0 +1,59 @@
+"""The one evaluation loop: every command that measures a model (clean, corrupted, calibrated,
+compressed, adapted) runs its predictor over a dataset through here, streaming into accumulators.
+
+Memory stays bounded: per batch the logits are reduced into the accumulators' sums and dropped.
+Under torchrun each process evaluates a strided shard and the accumulators are summed at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from trustseg.data.base import SegmentationDataset
+from trustseg.data.transforms import collate
+from trustseg.distributed import shard_indices
+from trustseg.errors import UserError
+from trustseg.metrics.base import Predictions
+from trustseg.progress import track
+
+Batch = dict[str, Any]
+
+
+def evaluate(
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    dataset: SegmentationDataset,
+    accumulators: Sequence[Any],
+    *,
+    batch_size: int = 1,
+    batch_transform: Callable[[Batch], Batch] | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    description: str = "eval",
+) -> dict[str, Any]:
+    """Run `predictor` (images (B,3,H,W) -> logits (B,K,H,W)) over `dataset`; return merged metrics.
+
+    `batch_transform` changes a collated batch before prediction (e.g. corrupts images on the fly).
+    Returned dict: the accumulators' flat keys, with their ``per_class`` tables merged.
+    """
+    if len(dataset) == 0:
+        raise UserError("cannot evaluate on an empty dataset")
+    shard = Subset(dataset, list(shard_indices(len(dataset))))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    with torch.inference_mode():
+        for batch in track(loader, total=len(loader), description=description, enabled=progress):
+            if batch_transform is not None:
+                batch = batch_transform(batch)
+            predictions = Predictions(predictor(batch["image"]))
+            for accumulator in accumulators:
+                accumulator.update(predictions, batch["mask"])
+    results: dict[str, Any] = {"per_class": {}}
+    for accumulator in accumulators:
+        accumulator.all_reduce()
+        computed = dict(accumulator.compute())
+        results["per_class"].update(computed.pop("per_class", {}))
+        results.update(computed)
+    return results

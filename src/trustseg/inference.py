@@ -1,0 +1,146 @@
+"""Turn a trained model into a predictor: raw images in, logits at the input resolution out.
+
+The predictor owns what every caller would otherwise repeat: normalisation with the checkpoint's
+mean/std, padding to the model's size divisor (then cropping the logits back), optional resizing of
+large inputs, and sliding-window inference with overlap averaging for images larger than the crop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trustseg.checkpoint import Checkpoint
+from trustseg.errors import UserError
+from trustseg.models.factory import build_model
+
+Logits = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """`mode` "whole" runs the full (padded) image; "slide" tiles it with `crop` windows every `stride`.
+
+    `short_side` resizes the image before inference (logits are resized back to the input size).
+    """
+
+    mode: str = "whole"
+    crop: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    short_side: int | None = None
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("whole", "slide"):
+            raise UserError(f"inference mode {self.mode!r}: expected 'whole' or 'slide'")
+        if self.mode == "slide" and (self.crop is None or self.stride is None):
+            raise UserError("slide inference needs crop and stride (e.g. crop=512,512 stride=341,341)")
+
+
+def pad_to_multiple(images: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Zero-pad (B, C, H, W) at the bottom/right so H and W are multiples of `divisor`."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = -height % divisor, -width % divisor
+    if pad_h or pad_w:
+        images = F.pad(images, (0, pad_w, 0, pad_h))
+    return images
+
+
+def padded_logits(model: Logits, images: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Logits (B, K, H, W) for any H, W: run the model on the padded image and crop back."""
+    height, width = images.shape[-2:]
+    return model(pad_to_multiple(images, divisor))[..., :height, :width]
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Window origins covering [0, size): every `stride`, the last one flush with the end."""
+    if size <= crop:
+        return [0]
+    count = math.ceil((size - crop) / stride) + 1
+    return [min(i * stride, size - crop) for i in range(count)]
+
+
+def sliding_window_logits(
+    model: Logits,
+    images: torch.Tensor,
+    *,
+    crop: tuple[int, int],
+    stride: tuple[int, int],
+    divisor: int = 1,
+) -> torch.Tensor:
+    """Average the logits of overlapping `crop` windows; (B, 3, H, W) -> (B, K, H, W)."""
+    height, width = images.shape[-2:]
+    total = counts = None
+    for top in window_starts(height, crop[0], stride[0]):
+        for left in window_starts(width, crop[1], stride[1]):
+            window = images[..., top : top + crop[0], left : left + crop[1]]
+            logits = padded_logits(model, window, divisor).float()
+            if total is None:
+                total = logits.new_zeros(*logits.shape[:2], height, width)
+                counts = logits.new_zeros(1, 1, height, width)
+            total[..., top : top + window.shape[-2], left : left + window.shape[-1]] += logits
+            counts[..., top : top + window.shape[-2], left : left + window.shape[-1]] += 1
+    return total / counts
+
+
+class Predictor(nn.Module):
+    """images uint8 or float in [0, 255], (B, 3, H, W) -> logits float32 (B, K, H, W)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        config: InferenceConfig = InferenceConfig(),
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.divisor = int(getattr(model, "size_divisor", 1))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise UserError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        return (images.float() - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = images.shape[-2:]
+        x = self.normalise(images)
+        if self.config.short_side:
+            scale = self.config.short_side / min(size)
+            x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+            if self.config.mode == "slide":
+                logits = sliding_window_logits(
+                    self.model, x, crop=self.config.crop, stride=self.config.stride, divisor=self.divisor
+                )
+            else:
+                logits = padded_logits(self.model, x, self.divisor)
+        logits = logits.float()
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+
+def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
+    """The checkpoint's model, weights loaded, in eval mode."""
+    recipe = checkpoint.model
+    model = build_model(recipe["name"], num_classes=checkpoint.classes.num_classes, **recipe.get("options", {}))
+    missing, unexpected = model.load_state_dict(checkpoint.state_dict, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint weights do not fit model {recipe['name']!r}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    return model.eval()
+
+
+def predictor_from_checkpoint(checkpoint: Checkpoint, config: InferenceConfig = InferenceConfig()) -> Predictor:
+    return Predictor(model_from_checkpoint(checkpoint), checkpoint.mean, checkpoint.std, config).eval()

@@ -1,0 +1,31 @@
+"""Build a model from its recipe: a builder name and simple keyword options (stored in checkpoints)."""
+
+from __future__ import annotations
+
+import inspect
+from importlib import import_module
+from typing import Any
+
+from torch import nn
+
+from trustseg.errors import UserError
+
+# name -> (module, builder); imported on use so that building a U-Net never imports the ViT code.
+BUILDERS: dict[str, tuple[str, str]] = {
+    "unet": ("trustseg.models.unet", "unet"),
+    "segformer": ("trustseg.models.segformer", "segformer"),
+    "vit_segmenter": ("trustseg.models.segmenter", "vit_segmenter"),
+}
+
+
+def build_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
+    """Model whose forward maps normalised images (B, 3, H, W) to logits (B, K, H, W)."""
+    if name not in BUILDERS:
+        raise UserError(f"unknown model {name!r}; expected one of {', '.join(BUILDERS)}")
+    module, builder_name = BUILDERS[name]
+    builder = getattr(import_module(module), builder_name)
+    accepted = set(inspect.signature(builder).parameters) - {"num_classes"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise UserError(f"model {name!r}: unknown option(s) {unknown}; accepted: {sorted(accepted)}")
+    return builder(num_classes=num_classes, **options)

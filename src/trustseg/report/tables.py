@@ -1,0 +1,53 @@
+"""Metric tables in two renderings from one set of rows: rich (terminal) and Markdown (reports)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from rich.table import Table
+
+SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mDice", "fwIoU", "mBIoU", "mIoU_img")
+PER_CLASS_KEYS = ("IoU", "Acc", "Dice", "BIoU")
+
+
+def percent(value: Any) -> str:
+    """Fractions are shown as percentages with two decimals (mmsegmentation's convention)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    return f"{100 * value:.2f}"
+
+
+def summary_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    keys = [k for k in SUMMARY_KEYS if k in metrics]
+    return keys, [[percent(metrics[k]) for k in keys]]
+
+
+def per_class_rows(metrics: dict[str, Any], class_names: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    per_class = metrics.get("per_class", {})
+    keys = [k for k in PER_CLASS_KEYS if k in per_class]
+    rows = [[name] + [percent(per_class[k][i]) for k in keys] for i, name in enumerate(class_names)]
+    return ["class"] + keys, rows
+
+
+def rich_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None) -> Table:
+    table = Table(title=title)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 and name == "class" else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_markdown(metrics: dict[str, Any], class_names: Sequence[str], title: str) -> str:
+    """A Markdown report section: summary line table, then the per-class table."""
+    return "\n".join(
+        [f"## {title}", "", markdown_table(*summary_rows(metrics)), markdown_table(*per_class_rows(metrics, class_names))]
+    )

@@ -1,0 +1,63 @@
+"""Run directories (`--out DIR`): config.yaml, metrics.json, command JSON, plots, reports.
+
+JSON is strict: NaN/inf (absent classes) are written as null, and files are replaced atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trustseg.checkpoint import atomic_write
+from trustseg.errors import UserError
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses, tuples, paths, tensors and NaN -> JSON/YAML-safe builtins (NaN -> None)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):  # tensors and numpy values
+        return to_plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunDir:
+    """The output folder of one command; created on construction."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--out {self.path} exists and is not a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, data: Any) -> Path:
+        text = json.dumps(to_plain(data), indent=2, allow_nan=False) + "\n"
+        atomic_write(self.file(name), lambda handle: handle.write(text.encode()))
+        return self.file(name)
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.file(name).read_text())
+
+    def write_config(self, config: Any) -> Path:
+        text = yaml.safe_dump(to_plain(config), sort_keys=False)
+        atomic_write(self.file("config.yaml"), lambda handle: handle.write(text.encode()))
+        return self.file("config.yaml")
+
+    def write_metrics(self, metrics: dict[str, Any]) -> Path:
+        return self.write_json("metrics.json", metrics)

@@ -1,0 +1,32 @@
+"""Colour masks and overlays for looking at predictions (uint8 arrays, saved as PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trustseg.data.base import ClassInfo
+
+
+def colorize(mask: torch.Tensor, classes: ClassInfo) -> np.ndarray:
+    """Class-index mask (H, W) -> RGB uint8 (H, W, 3); ignore and unknown labels are black."""
+    lookup = np.zeros((256, 3), dtype=np.uint8)
+    lookup[: classes.num_classes] = np.asarray(classes.palette, dtype=np.uint8)
+    indices = mask.detach().cpu().numpy()
+    return lookup[np.where((indices >= 0) & (indices < classes.num_classes), indices, 255)]
+
+
+def overlay(image: torch.Tensor, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend an image uint8 (3, H, W) with a colour mask (H, W, 3)."""
+    rgb = image.detach().cpu().permute(1, 2, 0).numpy().astype(np.float32)
+    return (rgb * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path

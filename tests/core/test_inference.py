@@ -1,0 +1,79 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from trustseg.errors import UserError
+from trustseg.inference import InferenceConfig, Predictor, padded_logits, sliding_window_logits, window_starts
+
+
+class PixelwiseModel(nn.Module):
+    """A 1x1 conv: its output at a pixel depends only on that pixel, so tiling must not change it."""
+
+    size_divisor = 8
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, num_classes, 1)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        if h % self.size_divisor or w % self.size_divisor:
+            raise ValueError("not divisible")
+        return self.conv(x)
+
+
+@given(size=st.integers(1, 300), crop=st.integers(1, 128), stride_fraction=st.floats(0.1, 1.0))
+def test_windows_cover_every_position_and_stay_inside(size, crop, stride_fraction):
+    stride = max(1, int(crop * stride_fraction))
+    starts = window_starts(size, crop, stride)
+    covered = torch.zeros(size, dtype=torch.bool)
+    for start in starts:
+        assert start >= 0 and (start + crop <= size or start == 0)
+        covered[start : start + crop] = True
+    assert covered.all()
+    assert starts == sorted(set(starts))
+
+
+@settings(deadline=None, max_examples=20)
+@given(height=st.integers(5, 70), width=st.integers(5, 70))
+def test_sliding_window_equals_whole_image_for_a_pixelwise_model(height, width):
+    model = PixelwiseModel()
+    images = torch.randn(2, 3, height, width)
+    whole = padded_logits(model, images, model.size_divisor)
+    slid = sliding_window_logits(model, images, crop=(24, 32), stride=(16, 16), divisor=model.size_divisor)
+    assert whole.shape == (2, 4, height, width)
+    torch.testing.assert_close(slid, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_averages_overlaps():
+    constant_per_window = iter(range(100))
+
+    def model(x):  # each call returns a different constant: overlap cells must hold the mean
+        return torch.full((x.shape[0], 1, *x.shape[-2:]), float(next(constant_per_window)))
+
+    out = sliding_window_logits(model, torch.zeros(1, 3, 4, 6), crop=(4, 4), stride=(4, 2))
+    # windows start at columns 0 and 2: columns 2..3 are covered by both (values 0 and 1)
+    assert out[0, 0, 0].tolist() == [0, 0, 0.5, 0.5, 1, 1]
+
+
+def test_predictor_normalises_pads_and_resizes_back():
+    model = PixelwiseModel()
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    images = torch.randint(0, 256, (1, 3, 21, 30), dtype=torch.uint8)
+    expected = model.conv((images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    logits = Predictor(model, mean, std)(images)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    resized = Predictor(model, mean, std, InferenceConfig(short_side=42))(images)
+    assert resized.shape == (1, 4, 21, 30)
+
+
+def test_predictor_rejects_bad_shapes_and_configs():
+    with pytest.raises(UserError, match="B, 3, H, W"):
+        Predictor(PixelwiseModel(), (0, 0, 0), (1, 1, 1))(torch.zeros(3, 8, 8))
+    with pytest.raises(UserError, match="crop and stride"):
+        InferenceConfig(mode="slide")
+    with pytest.raises(UserError, match="inference mode"):
+        InferenceConfig(mode="tiles")
