@@ -1,0 +1,110 @@
+"""Data spec strings: ``NAME``, ``NAME:PATH``, optionally followed by ``#key=value,key=value``.
+
+Examples: ``camvid:/data/camvid#split=val``, ``folder:~/my_data#num_classes=5,cache=true``,
+``synthetic#split=val,num_images=32``. Option values are converted: ``true``/``false`` to bool,
+integers to int, other numbers to float, anything else stays a string.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trustseg.data.base import SegmentationDataset
+from trustseg.data.datasets import LAYOUTS
+from trustseg.errors import UserError
+
+DATASET_NAMES: tuple[str, ...] = ("synthetic", *LAYOUTS)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A parsed data spec: dataset name, path (None for ``synthetic``) and options."""
+
+    name: str
+    path: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _convert(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in ("true", "yes"):
+        return True
+    if lowered in ("false", "no"):
+        return False
+    for number in (int, float):
+        try:
+            return number(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_spec(spec: str) -> DataSpec:
+    """Split ``NAME[:PATH][#key=value,...]`` into its parts, checking the name and option syntax."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"empty data spec; expected one of {', '.join(DATASET_NAMES)} (e.g. camvid:PATH)")
+    head, sep, tail = spec.strip().rpartition("#") if "#" in spec else (spec.strip(), "", "")
+    name, colon, path = head.partition(":")
+    name = name.strip().lower()
+    if name not in DATASET_NAMES:
+        raise UserError(f"data spec {spec!r}: unknown dataset {name!r}; expected one of "
+                        f"{', '.join(DATASET_NAMES)} (as NAME:PATH, e.g. camvid:/data/camvid)")
+    options: dict[str, Any] = {}
+    for item in tail.split(",") if sep else ():
+        key, equals, value = item.partition("=")
+        key = key.strip()
+        if not equals or not key.isidentifier():
+            raise UserError(f"data spec {spec!r}: bad option {item!r}; expected key=value pairs after '#', "
+                            f"separated by commas")
+        if key in options:
+            raise UserError(f"data spec {spec!r}: option {key!r} given twice")
+        options[key] = _convert(value.strip())
+    path = path.strip() if colon else None
+    if name == "synthetic" and path:
+        raise UserError(f"data spec {spec!r}: synthetic takes no path; use options, e.g. synthetic#num_images=32")
+    if name != "synthetic" and not path:
+        raise UserError(f"data spec {spec!r}: {name} needs a data folder, e.g. {name}:/path/to/{name}")
+    return DataSpec(name, path or None, options)
+
+
+def describe_spec(spec: str) -> str:
+    """One line that says what a spec resolves to, for logs and help texts."""
+    parsed = parse_spec(spec)
+    where = f" at {parsed.path}" if parsed.path else ""
+    options = ", ".join(f"{k}={v!r}" for k, v in parsed.options.items())
+    return f"{parsed.name}{where}" + (f" ({options})" if options else "")
+
+
+def _check_options(spec: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    parameters = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    valid = sorted(n for n, p in parameters.items()
+                   if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                   and n != "root")
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UserError(f"data spec {spec!r}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+
+
+def load_dataset(spec: str, split: str | None = None, **overrides: Any) -> SegmentationDataset:
+    """Build the dataset a spec names, e.g. ``load_dataset("camvid:/data/camvid", split="val")``.
+
+    Precedence: keyword arguments (``split``, ``overrides``) > options in the spec > defaults
+    (split ``"train"``). ``split=None`` leaves the spec's choice alone.
+    """
+    parsed = parse_spec(spec)
+    options = {**parsed.options, **overrides}
+    options["split"] = split if split is not None else options.get("split", "train")
+    if parsed.name == "synthetic":
+        # lazy: the synthetic generator is only imported when asked for
+        from trustseg.data.synthetic import SyntheticDataset
+
+        _check_options(spec, SyntheticDataset, options)
+        return SyntheticDataset(**options)
+    factory = LAYOUTS[parsed.name]
+    _check_options(spec, factory, options)
+    return factory(parsed.path, **options)

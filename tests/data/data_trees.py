@@ -1,0 +1,50 @@
+"""Helpers that write image and label files the way the real datasets store them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+H, W = 12, 16
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (H, W)) -> np.ndarray:
+    """Random RGB image saved as PNG or JPEG (by suffix); returns the pixels written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(path)
+    return pixels
+
+
+def write_mask(path: Path, labels: np.ndarray, palette: list[int] | None = None) -> None:
+    """8-bit label PNG: grey ("L"), or palette ("P") when a palette is given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    mode = "L" if palette is None else "P"
+    picture = Image.frombytes(mode, (labels.shape[1], labels.shape[0]), labels.tobytes())
+    if palette is not None:
+        picture.putpalette(palette)
+    picture.save(path)
+
+
+def label_grid(values: list[int], size: tuple[int, int] = (H, W)) -> np.ndarray:
+    """A mask that cycles through ``values`` pixel by pixel, so every value occurs."""
+    count = size[0] * size[1]
+    return np.resize(np.array(values, dtype=np.uint8), count).reshape(size)
+
+
+
+
+CITYSCAPES_FILES = {
+    "train": [("aachen", "aachen_000000_000019"), ("bochum", "bochum_000000_000313")],
+    "val": [("frankfurt", "frankfurt_000000_000294")],
+}
+VOC_IDS = {"train": ["2007_000032", "2007_000039"], "val": ["2007_000033"]}
+VOC_LABELS = [0, 1, 15, 20, 255]
+
+
+def voc_palette() -> list[int]:
+    # any distinct colours will do: the loader must read the indices, not these colours
+    return [(i * 37 + c * 91) % 256 for i in range(256) for c in range(3)]

@@ -1,0 +1,92 @@
+"""Data spec strings: parsing, option conversion, dispatch and user errors."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from trustseg.data import datasets
+from trustseg.data.spec import DATASET_NAMES, DataSpec, describe_spec, load_dataset, parse_spec
+from trustseg.errors import UserError
+
+
+def test_names_cover_every_layout():
+    assert set(DATASET_NAMES) == {"synthetic", "camvid", "cityscapes", "ade20k", "voc", "foodseg103", "folder"}
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("synthetic", DataSpec("synthetic")),
+    ("camvid:/data/camvid", DataSpec("camvid", "/data/camvid")),
+    ("CamVid:/data/camvid#split=val", DataSpec("camvid", "/data/camvid", {"split": "val"})),
+    ("synthetic#split=val,num_images=32,noise=0.5,flag=true",
+     DataSpec("synthetic", None, {"split": "val", "num_images": 32, "noise": 0.5, "flag": True})),
+    ("folder:C:/x#cache=no", DataSpec("folder", "C:/x", {"cache": False})),
+    ("voc:/a#b/VOC#mask_dir=SegmentationClassAug", DataSpec("voc", "/a#b/VOC", {"mask_dir": "SegmentationClassAug"})),
+])
+def test_parse_spec(spec, expected):
+    assert parse_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "empty data spec"),
+    ("kitti:/data", r"unknown dataset 'kitti'; expected one of synthetic, camvid, cityscapes, ade20k, voc, "
+                    r"foodseg103, folder"),
+    ("camvid", "camvid needs a data folder"),
+    ("camvid:", "camvid needs a data folder"),
+    ("synthetic:/tmp", "synthetic takes no path"),
+    ("camvid:/x#split", "bad option 'split'"),
+    ("camvid:/x#split=val,split=test", "given twice"),
+    ("camvid:/x#1x=2", "bad option"),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(UserError, match=message):
+        parse_spec(spec)
+
+
+def test_load_dataset_split_precedence(camvid_root):
+    assert len(load_dataset(f"camvid:{camvid_root}")) == 3  # default split: train
+    assert len(load_dataset(f"camvid:{camvid_root}#split=val")) == 2
+    assert len(load_dataset(f"camvid:{camvid_root}", split="val")) == 2
+    assert len(load_dataset(f"camvid:{camvid_root}#split=val", split="train")) == 3  # keyword wins
+    assert len(load_dataset(f"camvid:{camvid_root}#split=val", split=None)) == 2
+
+
+def test_load_dataset_options_reach_the_layout(folder_root):
+    ds = load_dataset(f"folder:{folder_root}#num_classes=4,cache=true")
+    assert isinstance(ds, datasets.FileDataset) and ds.classes.num_classes == 4 and ds.cached
+    assert load_dataset(f"folder:{folder_root}#num_classes=4", num_classes=6).classes.num_classes == 6
+
+
+def test_unknown_option_lists_valid_ones(camvid_root):
+    with pytest.raises(UserError, match=r"unknown option\(s\) colour; valid: cache, split"):
+        load_dataset(f"camvid:{camvid_root}#colour=red")
+
+
+def test_missing_path_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_dataset(f"ade20k:{tmp_path / 'ADE'}")
+
+
+def test_synthetic_dispatch_passes_split_and_converted_options(monkeypatch):
+    calls = []
+
+    class FakeSynthetic:
+        def __init__(self, split="train", *, num_images=8, noise=0.1):
+            calls.append({"split": split, "num_images": num_images, "noise": noise})
+
+    module = types.ModuleType("trustseg.data.synthetic")
+    module.SyntheticDataset = FakeSynthetic
+    monkeypatch.setitem(sys.modules, "trustseg.data.synthetic", module)
+    load_dataset("synthetic#split=val,num_images=32,noise=0.25")
+    load_dataset("synthetic", num_images=4)
+    assert calls == [{"split": "val", "num_images": 32, "noise": 0.25},
+                     {"split": "train", "num_images": 4, "noise": 0.1}]
+    with pytest.raises(UserError, match=r"unknown option\(s\) size; valid: noise, num_images, split"):
+        load_dataset("synthetic#size=3")
+
+
+def test_describe_spec():
+    assert describe_spec("camvid:/d#split=val") == "camvid at /d (split='val')"
+    assert describe_spec("synthetic") == "synthetic"
