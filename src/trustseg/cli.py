@@ -1,0 +1,177 @@
+"""The `trustseg` command line: parses options, calls a workflow, prints tables.
+
+User errors (UserError) end with one line on stderr and exit status 2; bugs keep their traceback (1).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from trustseg.errors import UserError
+
+app = typer.Typer(
+    help="Trustworthy and efficient semantic segmentation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Speed benchmarks, measured side by side with the alternative.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+DATA_HELP = "Data spec: synthetic | camvid:PATH | cityscapes:PATH | ade20k:PATH | voc:PATH | foodseg103:PATH | folder:PATH, optionally #split=val,..."
+
+
+def parse_pair(value: Optional[str], name: str) -> Optional[tuple[int, int]]:
+    """'512' or '512,1024' -> (H, W)."""
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise UserError(f"{name} {value!r}: expected an integer or 'H,W'") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise UserError(f"{name} {value!r}: expected a positive integer or 'H,W'")
+    return parts[0], parts[1]
+
+
+def inference_config(mode: str, crop: Optional[str], stride: Optional[str], short_side: Optional[int], bf16: bool):
+    from trustseg.inference import InferenceConfig
+
+    return InferenceConfig(
+        mode=mode,
+        crop=parse_pair(crop, "--crop"),
+        stride=parse_pair(stride, "--stride"),
+        short_side=short_side,
+        bf16=bf16,
+    )
+
+
+ModeOption = typer.Option("whole", "--mode", help="whole: full image (padded); slide: sliding window.")
+CropOption = typer.Option(None, "--crop", help="Sliding-window crop 'H,W' (mode slide).")
+StrideOption = typer.Option(None, "--stride", help="Sliding-window stride 'H,W' (mode slide).")
+ShortSideOption = typer.Option(None, "--short-side", help="Resize images to this short side before inference.")
+Bf16Option = typer.Option(False, "--bf16", help="bfloat16 autocast inference.")
+ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint file written by trustseg train."),
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    out: Path = typer.Option(..., "--out", help="Run directory to write."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split (default: the spec's #split, else val)."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Evaluate only the first N images."),
+    boundary_iou: bool = typer.Option(True, "--boundary-iou/--no-boundary-iou", help="Also compute Boundary IoU."),
+    mode: str = ModeOption,
+    crop: Optional[str] = CropOption,
+    stride: Optional[str] = StrideOption,
+    short_side: Optional[int] = ShortSideOption,
+    bf16: bool = Bf16Option,
+    progress: bool = ProgressOption,
+) -> None:
+    """Evaluate a checkpoint: mIoU, mAcc, aAcc, mDice, fwIoU, Boundary IoU, per-class table."""
+    from trustseg.report.tables import per_class_rows, rich_table, summary_rows
+    from trustseg.workflows.evaluation import EvalConfig, run_eval
+
+    result = run_eval(
+        EvalConfig(
+            checkpoint=str(checkpoint),
+            data=data,
+            out=str(out),
+            split=split,
+            batch_size=batch_size,
+            max_images=max_images,
+            inference=inference_config(mode, crop, stride, short_side, bf16),
+            boundary_iou=boundary_iou,
+            progress=progress,
+        )
+    )
+    console.print(rich_table(*per_class_rows(result.metrics, result.classes.names), title="per class (%)"))
+    console.print(rich_table(*summary_rows(result.metrics), title="summary (%)"))
+    console.print(f"run directory: {result.run_dir}")
+
+
+@app.command("predict")
+def predict_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint file written by trustseg train."),
+    input: Path = typer.Option(..., "--input", help="An image file or a folder of images."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write."),
+    alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colour mask."),
+    mode: str = ModeOption,
+    crop: Optional[str] = CropOption,
+    stride: Optional[str] = StrideOption,
+    short_side: Optional[int] = ShortSideOption,
+    bf16: bool = Bf16Option,
+    progress: bool = ProgressOption,
+) -> None:
+    """Predict label maps, colour masks and overlays."""
+    from trustseg.workflows.prediction import PredictConfig, run_predict
+
+    result = run_predict(
+        PredictConfig(
+            checkpoint=str(checkpoint),
+            input=str(input),
+            out=str(out),
+            inference=inference_config(mode, crop, stride, short_side, bf16),
+            alpha=alpha,
+            progress=progress,
+        )
+    )
+    console.print(f"{len(result.outputs)} image(s) -> labels/, masks/, overlays/ in {result.run_dir}")
+
+
+@app.command("info")
+def info_command(
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    out: Path = typer.Option(Path("runs/info"), "--out", help="Run directory to write."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to count (default: the spec's, else train)."),
+    progress: bool = ProgressOption,
+) -> None:
+    """Dataset split sizes and class pixel frequencies (table + PNG bar plot)."""
+    from trustseg.report.tables import percent, rich_table
+    from trustseg.workflows.info import InfoConfig, run_info
+
+    result = run_info(InfoConfig(data=data, out=str(out), split=split, progress=progress))
+    sizes = ", ".join(f"{split}: {size}" for split, size in result.split_sizes.items())
+    rows = [
+        [name, f"{count:,}", percent(freq)]
+        for name, count, freq in zip(result.classes.names, result.pixel_counts, result.frequencies)
+    ]
+    console.print(rich_table(["class", "pixels", "% labelled"], rows, title=f"{data} ({result.split}); splits {sizes}"))
+    console.print(f"ignored pixels: {result.ignored_pixels:,}; run directory: {result.run_dir}")
+
+
+@bench_app.command("metrics")
+def bench_metrics_command(
+    num_images: int = typer.Option(200, "--num-images", min=1),
+    height: int = typer.Option(512, "--height", min=1),
+    width: int = typer.Option(1024, "--width", min=1),
+    num_classes: int = typer.Option(19, "--num-classes", min=1),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Our ConfusionMatrix vs torchmetrics MulticlassJaccardIndex on the same stream."""
+    from trustseg.bench.metrics import bench_metrics, format_metrics_bench
+
+    result = bench_metrics(num_images=num_images, height=height, width=width, num_classes=num_classes, seed=seed)
+    console.print(format_metrics_bench(result))
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Bad input at the CLI: exit status 2 and exactly one line on stderr naming the culprit."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trustseg.checkpoint import Checkpoint, save_checkpoint
+from trustseg.cli import main
+from trustseg.data.base import ClassInfo
+from trustseg.models.factory import build_model
+
+
+def run_cli(args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["trustseg", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    captured = capsys.readouterr()
+    return info.value.code, captured.err.strip()
+
+
+def write_folder_dataset(root, *, mask_value=1, mask_size=(8, 8), image_bytes=None, num_images=2):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("zero\none\ntwo\n")
+    for i in range(num_images):
+        image_path = root / "images" / f"im{i}.png"
+        if image_bytes is None:
+            Image.fromarray(np.full((8, 8, 3), 50 * i, dtype=np.uint8)).save(image_path)
+        else:
+            image_path.write_bytes(image_bytes)
+        Image.fromarray(np.full(mask_size, mask_value, dtype=np.uint8)).save(root / "masks" / f"im{i}.png")
+    return root
+
+
+@pytest.fixture()
+def checkpoint_path(tmp_path):
+    """An untrained 3-class U-Net checkpoint."""
+    classes = ClassInfo(names=("zero", "one", "two"), palette=((0, 0, 0), (255, 0, 0), (0, 255, 0)))
+    model = build_model("unet", num_classes=3, base_width=4, depth=2)
+    path = tmp_path / "model.pt"
+    save_checkpoint(Checkpoint({"name": "unet", "options": {"base_width": 4, "depth": 2}}, model.state_dict(), classes), path)
+    return path
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_missing_dataset_path(tmp_path, monkeypatch, capsys):
+    code, err = run_cli(["info", "--data", f"camvid:{tmp_path}/nowhere", "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    assert_one_line_error(code, err, "nowhere")
+
+
+def test_unknown_data_spec(tmp_path, monkeypatch, capsys):
+    code, err = run_cli(["info", "--data", "kitti:/x", "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    assert_one_line_error(code, err, "kitti", "camvid")
+
+
+def test_image_mask_size_mismatch(tmp_path, monkeypatch, capsys):
+    root = write_folder_dataset(tmp_path / "d", mask_size=(8, 9))
+    code, err = run_cli(["info", "--data", f"folder:{root}", "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    assert_one_line_error(code, err, "im0.png")
+
+
+def test_label_out_of_range(tmp_path, monkeypatch, capsys):
+    root = write_folder_dataset(tmp_path / "d", mask_value=7)
+    code, err = run_cli(["info", "--data", f"folder:{root}", "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    assert_one_line_error(code, err, "im0.png", "7")
+
+
+def test_truncated_image(tmp_path, monkeypatch, capsys):
+    root = write_folder_dataset(tmp_path / "d", image_bytes=b"\x89PNG\r\n\x1a\n\x00\x00")
+    code, err = run_cli(["info", "--data", f"folder:{root}", "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    assert_one_line_error(code, err, "im0.png")
+
+
+def test_empty_dataset(tmp_path, monkeypatch, capsys):
+    root = write_folder_dataset(tmp_path / "d", num_images=0)
+    code, err = run_cli(["info", "--data", f"folder:{root}", "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    assert_one_line_error(code, err, str(root))
+
+
+def test_unreadable_checkpoint(tmp_path, monkeypatch, capsys):
+    root = write_folder_dataset(tmp_path / "d")
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"garbage")
+    code, err = run_cli(
+        ["eval", "--checkpoint", str(bad), "--data", f"folder:{root}", "--out", str(tmp_path / "o")], monkeypatch, capsys
+    )
+    assert_one_line_error(code, err, "broken.pt")
+
+
+def test_mismatched_class_count(tmp_path, monkeypatch, capsys):
+    root = write_folder_dataset(tmp_path / "d")
+    (root / "classes.txt").write_text("zero\none\ntwo\nthree\n")
+    classes = ClassInfo(names=("a", "b"), palette=((0, 0, 0), (1, 1, 1)))
+    path = tmp_path / "two.pt"
+    model = build_model("unet", num_classes=2, base_width=4, depth=2)
+    save_checkpoint(Checkpoint({"name": "unet", "options": {"base_width": 4, "depth": 2}}, model.state_dict(), classes), path)
+    code, err = run_cli(
+        ["eval", "--checkpoint", str(path), "--data", f"folder:{root}", "--out", str(tmp_path / "o")], monkeypatch, capsys
+    )
+    assert_one_line_error(code, err, "4 classes", "2")
+
+
+def test_missing_predict_input(tmp_path, checkpoint_path, monkeypatch, capsys):
+    code, err = run_cli(
+        ["predict", "--checkpoint", str(checkpoint_path), "--input", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+        monkeypatch,
+        capsys,
+    )
+    assert_one_line_error(code, err, "none")
+
+
+def test_bad_crop_argument(tmp_path, checkpoint_path, monkeypatch, capsys):
+    root = write_folder_dataset(tmp_path / "d")
+    code, err = run_cli(
+        ["eval", "--checkpoint", str(checkpoint_path), "--data", f"folder:{root}", "--out", str(tmp_path / "o"),
+         "--mode", "slide", "--crop", "a,b", "--stride", "4"],
+        monkeypatch,
+        capsys,
+    )
+    assert_one_line_error(code, err, "--crop")
