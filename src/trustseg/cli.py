@@ -62,6 +62,60 @@ Bf16Option = typer.Option(False, "--bf16", help="bfloat16 autocast inference.")
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 
 
+def print_eval_tables(metrics: dict, class_names) -> None:
+    from trustseg.report.tables import per_class_rows, rich_table, summary_rows
+
+    console.print(rich_table(*per_class_rows(metrics, class_names), title="per class (%)"))
+    console.print(rich_table(*summary_rows(metrics), title="summary (%)"))
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
+    overrides: list[str] = typer.Option([], "--set", help="Change the training recipe: key=value (e.g. steps=100)."),
+    num_overlays: int = typer.Option(6, "--overlays", min=0, help="Number of prediction overlays to write."),
+    progress: bool = ProgressOption,
+) -> None:
+    """The main job on the embedded default: synthetic data -> train a small U-Net -> eval -> overlays."""
+    from trustseg.workflows.demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(out=str(out), overrides=tuple(overrides), num_overlays=num_overlays, progress=progress))
+    trained = result.train
+    console.print(
+        f"trained {trained.step} steps in {trained.elapsed_s / 60:.1f} min; best val mIoU "
+        f"{100 * trained.best_miou:.2f}% at step {trained.best_step}"
+    )
+    print_eval_tables(result.eval.metrics, result.eval.classes.names)
+    console.print(f"overlays: {result.run_dir / 'overlays'} ({len(result.overlays)} images)")
+    console.print(f"run directory: {result.run_dir}")
+
+
+@app.command("train")
+def train_command(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML training recipe (see configs/)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key: key=value (e.g. optim.lr=1e-3)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data spec (overrides data.train). " + DATA_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (overrides out)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+    progress: bool = ProgressOption,
+) -> None:
+    """Train a model; under `torchrun --nproc_per_node=N` the same command uses DDP."""
+    from trustseg.distributed import is_main_process
+    from trustseg.training.config import load_train_config
+    from trustseg.training.loop import train
+
+    extra = [f"data.train={data}"] if data else []
+    extra += [f"out={out}"] if out else []
+    result = train(load_train_config(config, [*overrides, *extra]), resume=resume, progress=progress)
+    if is_main_process():
+        console.print(
+            f"{result.step} steps in {result.elapsed_s / 60:.1f} min (stopped by {result.stopped_by}); "
+            f"best val mIoU {100 * result.best_miou:.2f}% at step {result.best_step}"
+        )
+        print_eval_tables(result.metrics, result.metrics.get("class_names", []))
+        console.print(f"run directory: {result.run_dir}")
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint file written by trustseg train."),
@@ -79,7 +133,6 @@ def eval_command(
     progress: bool = ProgressOption,
 ) -> None:
     """Evaluate a checkpoint: mIoU, mAcc, aAcc, mDice, fwIoU, Boundary IoU, per-class table."""
-    from trustseg.report.tables import per_class_rows, rich_table, summary_rows
     from trustseg.workflows.evaluation import EvalConfig, run_eval
 
     result = run_eval(
@@ -95,8 +148,7 @@ def eval_command(
             progress=progress,
         )
     )
-    console.print(rich_table(*per_class_rows(result.metrics, result.classes.names), title="per class (%)"))
-    console.print(rich_table(*summary_rows(result.metrics), title="summary (%)"))
+    print_eval_tables(result.metrics, result.classes.names)
     console.print(f"run directory: {result.run_dir}")
 
 

@@ -30,3 +30,12 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
+
+
+def prediction_panel(image: torch.Tensor, target: torch.Tensor, pred: torch.Tensor, classes: ClassInfo) -> np.ndarray:
+    """Side by side: image | ground truth overlay | prediction overlay, with white gutters."""
+    height = image.shape[-2]
+    gutter = np.full((height, 4, 3), 255, dtype=np.uint8)
+    rgb = image.detach().cpu().permute(1, 2, 0).numpy()
+    panels = [rgb, overlay(image, colorize(target, classes)), overlay(image, colorize(pred, classes))]
+    return np.concatenate([panels[0], gutter, panels[1], gutter, panels[2]], axis=1)
