@@ -1,0 +1,86 @@
+"""ViT backbone + decode head -> logits at the input resolution."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trustseg.errors import UserError
+from trustseg.models.heads import FPNHead, LinearHead, MaskTransformerHead, default_fpn_layers
+from trustseg.models.vit import VIT_PRESETS, Pos, ViT
+
+HEADS = ("linear", "mask", "fpn")
+
+
+class Segmenter(nn.Module):
+    """``images (B, 3, H, W) -> logits (B, K, H, W)``; H and W must be multiples of ``size_divisor``."""
+
+    def __init__(self, backbone: ViT, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.size_divisor: int = backbone.size_divisor
+
+    def forward(self, images: Tensor) -> Tensor:
+        tokens, grid, layers = self.backbone.forward_features(images, return_layers=self.head.layers)
+        logits = self.head(tokens, grid, layers)
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def vit_segmenter(
+    *,
+    num_classes: int,
+    backbone: str = "vit_ti16",
+    head: str = "linear",
+    pos: Pos = "ape",
+    num_register_tokens: int = 0,
+    drop_path: float = 0.0,
+    depth: int | None = None,
+    pos_grid: int | None = None,
+    decoder_depth: int = 2,
+    fpn_channels: int = 128,
+) -> Segmenter:
+    """Build a ViT segmenter from names.
+
+    Args:
+        num_classes: K, the number of output channels.
+        backbone: one of ``vit_ti16``, ``vit_s16``, ``vit_b16``, ``vit_s14``, ``vit_b14``.
+        head: ``linear`` (per-patch classifier), ``mask`` (Segmenter mask transformer) or ``fpn``
+            (light UPerNet on four intermediate layers).
+        pos: ``ape``, ``rope`` or ``none``.
+        num_register_tokens: register tokens of the backbone (the /14 presets accept 0 or 4).
+        drop_path: stochastic depth rate of the backbone.
+        depth: number of backbone blocks, if not the preset's 12 (e.g. a small model for quick runs).
+        pos_grid: patch-grid side of the absolute position embedding, if not the preset's (14 for /16
+            presets, i.e. 224 px; 37 for the DINOv2 /14 presets, i.e. 518 px).
+        decoder_depth: transformer blocks of the mask head.
+        fpn_channels: width of the FPN head.
+    """
+    if num_classes < 1:
+        raise UserError(f"num_classes must be >= 1, got {num_classes}")
+    if backbone not in VIT_PRESETS:
+        raise UserError(f"unknown backbone {backbone!r}; expected one of {', '.join(VIT_PRESETS)}")
+    if head not in HEADS:
+        raise UserError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    backbone_options: dict[str, Any] = {}
+    if depth is not None:
+        backbone_options["depth"] = depth
+    if pos_grid is not None:
+        backbone_options["pos_grid"] = pos_grid
+    if backbone.endswith("14"):
+        if num_register_tokens not in (0, 4):
+            raise UserError(f"{backbone} (DINOv2 layout) has 0 or 4 register tokens, not {num_register_tokens}")
+        vit = VIT_PRESETS[backbone](pos=pos, registers=num_register_tokens == 4, drop_path=drop_path, **backbone_options)
+    else:
+        vit = VIT_PRESETS[backbone](pos=pos, num_register_tokens=num_register_tokens, drop_path=drop_path, **backbone_options)
+    dim = vit.embed_dim
+    decode: nn.Module
+    if head == "linear":
+        decode = LinearHead(dim, num_classes)
+    elif head == "mask":
+        decode = MaskTransformerHead(dim, num_classes, depth=decoder_depth)
+    else:
+        decode = FPNHead(dim, num_classes, layers=default_fpn_layers(vit.config.depth), channels=fpn_channels)
+    return Segmenter(vit, decode)
