@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trustseg.errors import UserError
+from trustseg.models.shapes import check_input_size
 
 Pos = Literal["ape", "rope", "none"]
 Unmerge = Callable[[Tensor], Tensor]
@@ -107,19 +108,6 @@ TokenReducer = Callable[[Tensor, "Tensor | None", TokenContext], tuple[Tensor, U
 # ---------------------------------------------------------------------------------------------------
 # Pure functions
 # ---------------------------------------------------------------------------------------------------
-
-
-def padded_size(height: int, width: int, divisor: int) -> tuple[int, int]:
-    return math.ceil(height / divisor) * divisor, math.ceil(width / divisor) * divisor
-
-
-def check_divisible(height: int, width: int, divisor: int) -> None:
-    """Raise ValueError naming the padded size when (height, width) is not a multiple of ``divisor``."""
-    if height % divisor or width % divisor:
-        ph, pw = padded_size(height, width, divisor)
-        raise ValueError(
-            f"input size {height}x{width} is not divisible by {divisor}; pad the input to {ph}x{pw}"
-        )
 
 
 def resample_pos_embed(pos_embed: Tensor, grid: tuple[int, int], *, antialias: bool = False) -> Tensor:
@@ -276,7 +264,7 @@ class ViT(nn.Module):
         P = ``num_prefix_tokens``. Layer indices may be negative (-1 = last block).
         """
         cfg = self.config
-        check_divisible(x.shape[-2], x.shape[-1], cfg.patch_size)
+        check_input_size(x.shape[-2], x.shape[-1], cfg.patch_size, model="ViT")
         wanted = [self._layer_index(i) for i in return_layers]
         x = self.patch_embed(x)
         grid = (x.shape[-2], x.shape[-1])
