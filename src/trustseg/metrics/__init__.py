@@ -1,0 +1,24 @@
+"""Streaming, mergeable segmentation metrics: feed every accumulator the same `Predictions` per batch."""
+
+from trustseg.metrics.base import Accumulator, Predictions
+from trustseg.metrics.boundary import BoundaryIoU, boundary_counts, boundary_width
+from trustseg.metrics.confusion import (
+    ConfusionMatrix,
+    PerImageIoU,
+    confusion_matrix,
+    metrics_from_confusion,
+    per_image_iou,
+)
+
+__all__ = [
+    "Accumulator",
+    "BoundaryIoU",
+    "ConfusionMatrix",
+    "PerImageIoU",
+    "Predictions",
+    "boundary_counts",
+    "boundary_width",
+    "confusion_matrix",
+    "metrics_from_confusion",
+    "per_image_iou",
+]
