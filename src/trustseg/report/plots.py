@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -28,6 +28,33 @@ def bar_plot(
     axes.set_title(title)
     if log_scale:
         axes.set_yscale("log")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return Path(path)
+
+
+def line_plot(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    log_scale: bool = False,
+) -> Path:
+    """One line per ``name: (xs, ys)`` (e.g. a training curve per step), with a legend when several."""
+    figure, axes = plt.subplots(figsize=(6.0, 3.6), dpi=120)
+    for name, (xs, ys) in series.items():
+        axes.plot(xs, ys, label=name, linewidth=1.2, marker="o" if len(xs) <= 20 else None, markersize=3)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    if log_scale:
+        axes.set_yscale("log")
+    if len(series) > 1:
+        axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -1,0 +1,83 @@
+"""The datasets of a training run: augmented train set, plain val set, and class weights from the masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Subset
+
+from trustseg.data.base import ClassInfo, SegmentationDataset
+from trustseg.data.spec import load_dataset, parse_spec
+from trustseg.data.transforms import TransformedDataset, train_transform
+from trustseg.distributed import is_distributed, shard_indices
+from trustseg.errors import UserError
+from trustseg.progress import track
+from trustseg.training.config import TrainConfig
+from trustseg.training.losses import class_statistics, class_weights
+
+
+@dataclass
+class TrainData:
+    train: TransformedDataset  # augmented, normalised crops
+    raw_train: SegmentationDataset  # the same samples untouched (class statistics)
+    val: SegmentationDataset  # uint8 images; the predictor normalises
+    classes: ClassInfo
+
+
+def val_spec(config: TrainConfig) -> tuple[str, str | None]:
+    """(spec, split override): the explicit val spec keeps its own split (default val); else train's, split=val."""
+    if config.data.val is None:
+        return config.data.train, "val"
+    return config.data.val, None if "split" in parse_spec(config.data.val).options else "val"
+
+
+def load_train_data(config: TrainConfig) -> TrainData:
+    data = config.data
+    raw_train = load_dataset(data.train)
+    spec, split = val_spec(config)
+    val = load_dataset(spec, split=split)
+    classes = raw_train.classes
+    if val.classes.num_classes != classes.num_classes:
+        raise UserError(f"data.val {spec!r} has {val.classes.num_classes} classes "
+                        f"but data.train has {classes.num_classes}")
+    transform = train_transform(
+        data.crop,
+        base_size=data.base_size,
+        scale_range=data.scale,
+        cat_max_ratio=data.cat_max_ratio,
+        color_jitter=data.color_jitter,
+        mean=data.mean,
+        std=data.std,
+        ignore_index=classes.ignore_index,
+    )
+    return TrainData(TransformedDataset(raw_train, transform, seed=config.seed), raw_train, val, classes)
+
+
+def compute_class_weights(
+    method: str | tuple[float, ...], dataset: SegmentationDataset, *, progress: bool = True
+) -> torch.Tensor | None:
+    """Per-class loss weights (K,) for ``loss.class_weights``; None for "none".
+
+    Statistics come from the untransformed train masks; under torchrun each process reads a shard and
+    the counts are summed, so every process gets the same weights.
+    """
+    num_classes, ignore = dataset.classes.num_classes, dataset.classes.ignore_index
+    if isinstance(method, tuple):
+        if len(method) != num_classes:
+            raise UserError(f"loss.class_weights has {len(method)} values but the dataset has {num_classes} classes "
+                            f"({', '.join(dataset.classes.names)})")
+        return torch.tensor(method, dtype=torch.float32)
+    if method == "none":
+        return None
+    counts = torch.zeros(2, num_classes, dtype=torch.int64)
+    shard = Subset(dataset, list(shard_indices(len(dataset))))
+    for index in track(range(len(shard)), total=len(shard), description="class weights", enabled=progress):
+        pixels, image_pixels = class_statistics(shard[index]["mask"], num_classes, ignore)
+        counts[0] += pixels
+        counts[1] += image_pixels
+    if is_distributed():
+        torch.distributed.all_reduce(counts)
+    if not bool(counts[0].any()):
+        raise UserError("loss.class_weights: the train masks hold no labelled pixels")
+    return class_weights(method, counts[0], counts[1])

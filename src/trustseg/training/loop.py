@@ -1,0 +1,346 @@
+"""`trustseg train`: the training loop, validation through the one ``evaluate()``, resumable checkpoints.
+
+Everything random is a pure function of the config's seed and the step: the data order (see
+``sampling``), the augmentation of each sample (``TransformedDataset``: seed, epoch, index) and the
+global RNG, reseeded before every step (dropout, drop path). ``last.pt`` carries the model, the
+optimizer, the step, the elapsed time and the history; resuming from it continues the exact same
+sequence of updates, so an interrupted run ends with the weights of an uninterrupted one.
+
+Under ``torchrun`` the same function runs data-parallel (DDP, gloo on CPU): ``batch_size`` is the global
+batch, each process takes a strided share of it, and only rank 0 writes files and draws the bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.progress import TextColumn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from trustseg.checkpoint import Checkpoint, save_checkpoint
+from trustseg.data.transforms import collate
+from trustseg.distributed import init_from_environment, is_distributed, is_main_process, rank, world_size
+from trustseg.errors import UserError
+from trustseg.evaluate import evaluate
+from trustseg.inference import InferenceConfig, Predictor
+from trustseg.metrics.confusion import ConfusionMatrix
+from trustseg.models.factory import build_model
+from trustseg.progress import make_progress
+from trustseg.rundir import RunDir, to_plain
+from trustseg.training.config import TrainConfig
+from trustseg.training.data import TrainData, compute_class_weights, load_train_data
+from trustseg.training.history import History
+from trustseg.training.losses import segmentation_loss
+from trustseg.training.optim import build_optimizer, set_lr
+from trustseg.training.sampling import EpochBatches, step_seed
+from trustseg.training.schedule import lr_factor
+from trustseg.training.state import check_resumable, load_resume_checkpoint, restore_rng, rng_state
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced; ``metrics`` is metrics.json: the final validation metrics (flat keys
+    and ``per_class``) plus ``best_mIoU``, ``best_step``, ``step``, ``elapsed_s``, ``class_names``."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    best_miou: float
+    best_step: int
+    step: int
+    elapsed_s: float
+    stopped_by: str  # "steps" or "time_budget"
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``config.model`` on ``config.data``, writing the run directory ``config.out``.
+
+    ``resume=True`` continues from ``OUT/last.pt`` (written by an interrupted run with the same config).
+    Raises ``UserError`` for bad configs or data, and when the loss or gradient becomes NaN/inf (the last
+    good ``last.pt`` is kept).
+    """
+    init_from_environment()
+    if config.batch_size % world_size():
+        raise UserError(f"batch_size={config.batch_size} (global) is not divisible by {world_size()} processes")
+    out = Path(config.out)
+    checkpoint = load_resume_checkpoint(out / LAST) if resume else None
+    if not resume and (out / LAST).exists():
+        raise UserError(f"{out} already holds a training run ({LAST}); pass --resume to continue it "
+                        "or use another --out")
+    return _Run(config, checkpoint, progress=progress).run()
+
+
+class _Run:
+    """One training session (fresh or resumed): owns the model, optimizer, data and counters."""
+
+    def __init__(self, config: TrainConfig, checkpoint: Checkpoint | None, *, progress: bool) -> None:
+        self.config = config
+        self.out = Path(config.out)
+        self.main = is_main_process()
+        self.progress = progress and self.main
+        self.run_dir = RunDir(self.out) if self.main else None
+        self.data: TrainData = load_train_data(config)
+        self.classes = self.data.classes
+        self.steps_per_epoch = len(self.data.train) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the train set has {len(self.data.train)} samples, "
+                            f"fewer than batch_size={config.batch_size}")
+        self.total_steps = config.steps or (config.epochs * self.steps_per_epoch if config.epochs else None)
+        self.budget_s = None if config.time_budget_min is None else config.time_budget_min * 60.0
+
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model.name, num_classes=self.classes.num_classes, **config.model.options)
+        if config.model.weights and checkpoint is None:
+            _load_backbone_weights(self.model, config.model.weights)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        _check_crop(config, int(getattr(self.model, "size_divisor", 1)))
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.step, self.prior_elapsed_s, self.lr = 0, 0.0, 0.0
+        history: list[dict[str, Any]] = []
+        if checkpoint is not None:
+            state = checkpoint.training_state
+            check_resumable(config, checkpoint, train_size=len(self.data.train),
+                            steps_per_epoch=self.steps_per_epoch)
+            self.model.load_state_dict(checkpoint.state_dict)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step, self.prior_elapsed_s = int(state["step"]), float(state["elapsed_s"])
+            self.class_weights = state["class_weights"]
+            history = list(state["history"])
+            restore_rng(state["rng"])
+        else:
+            self.class_weights = compute_class_weights(config.loss.class_weights, self.data.raw_train,
+                                                       progress=self.progress)
+        self.history = History(history, self.out if self.main else None)
+        self.saved_step = self.step if checkpoint is not None else None
+        self.final_metrics: dict[str, Any] | None = None
+        self.final_metrics_step = -1
+        self.trained = self.model
+        if is_distributed():
+            self.trained = DistributedDataParallel(self.model)
+        if self.main:
+            self.run_dir.write_config(config)
+
+    # --- time and stopping -------------------------------------------------------------------------
+
+    def elapsed_s(self) -> float:
+        return self.prior_elapsed_s + time.perf_counter() - self.session_start
+
+    def stop_reason(self) -> str | None:
+        if self.total_steps is not None and self.step >= self.total_steps:
+            return "steps"
+        if self.budget_s is not None:
+            # Clocks differ between processes: rank 0 decides, so every process stops at the same step.
+            over = torch.tensor([float(self.elapsed_s() >= self.budget_s)])
+            if is_distributed():
+                dist.broadcast(over, src=0)
+            if over.item():
+                return "time_budget"
+        return None
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        self.session_start = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            self.bar = None
+            if self.progress:
+                self.bar = stack.enter_context(
+                    make_progress(TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
+                                             "{task.fields[img_s]:.1f} img/s"))
+                )
+                self.task = self.bar.add_task("train", total=self.total_steps, completed=self.step,
+                                              loss=math.nan, lr=0.0, img_s=0.0)
+            stopped_by = self._train_until_stopped()
+            if self.final_metrics is None or self.final_metrics_step != self.step:
+                # A resumed run that had already finished is validated again, but not recorded twice.
+                recorded = [r["step"] for r in self.history.of_kind("val")][-1:] == [self.step]
+                self._validate(record=not recorded)
+            metrics = self.final_metrics
+        if self.saved_step != self.step:
+            self._save(LAST)
+        best_miou, best_step = self.history.best()
+        metrics = {**metrics, "best_mIoU": best_miou, "best_step": best_step, "step": self.step,
+                   "elapsed_s": self.elapsed_s(), "stopped_by": stopped_by, "world_size": world_size(),
+                   "class_names": list(self.classes.names)}
+        if self.main:
+            self.run_dir.write_metrics(metrics)
+            self.history.plot(self.out)
+        return TrainResult(self.out, metrics, best_miou, best_step, self.step, self.elapsed_s(), stopped_by)
+
+    def _train_until_stopped(self) -> str:
+        self.trained.train()
+        self.window = {"loss": 0.0, "steps": 0, "grad_norm": 0.0, "time_s": 0.0}
+        while (reason := self.stop_reason()) is None:
+            sampler = EpochBatches(len(self.data.train), self.config.batch_size, seed=self.config.seed,
+                                   first_step=self.step, rank=rank(), world_size=world_size())
+            self.data.train.set_epoch(sampler.epoch)
+            loader = DataLoader(self.data.train, batch_sampler=sampler, num_workers=self.config.data.num_workers,
+                                collate_fn=collate, generator=torch.Generator())
+            self.tick = time.perf_counter()
+            for batch in loader:
+                self._train_step(batch["image"], batch["mask"])
+                self._after_step()
+                if (reason := self.stop_reason()) is not None:
+                    return reason
+        return reason
+
+    def _train_step(self, images: torch.Tensor, masks: torch.Tensor) -> None:
+        config = self.config
+        factor = lr_factor(config.schedule, self.step, total_steps=self.total_steps, elapsed_s=self.elapsed_s(),
+                           budget_s=self.budget_s)
+        self.lr = config.optim.lr * factor
+        set_lr(self.optimizer, self.lr)
+        torch.manual_seed(step_seed(config.seed, self.step, rank()))
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            logits = self.trained(images)
+        loss = segmentation_loss(logits.float(), masks, ignore_index=self.classes.ignore_index,
+                                 weight=self.class_weights, ohem_threshold=config.loss.ohem_threshold,
+                                 ohem_min_kept=config.loss.ohem_min_kept)
+        value = loss.detach().clone()
+        if is_distributed():  # every process must see the same value to stop together
+            dist.all_reduce(value)
+            value /= world_size()
+        self._check_finite("loss", float(value))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        self._check_finite("gradient norm", grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        self.window["loss"] += float(value)
+        self.window["grad_norm"] += grad_norm
+        self.window["steps"] += 1
+
+    def _check_finite(self, what: str, value: float) -> None:
+        if math.isfinite(value):
+            return
+        kept = "no checkpoint was written yet"
+        if self.saved_step is not None:
+            kept = f"{self.out / LAST} (step {self.saved_step}) is kept"
+        raise UserError(
+            f"training stopped at step {self.step + 1}: {what} is {value} (lr {self.lr:.3g}); {kept}; "
+            "try a lower optim.lr, optim.grad_clip or bf16=false"
+        )
+
+    def _after_step(self) -> None:
+        config, now = self.config, time.perf_counter()
+        self.window["time_s"] += now - self.tick
+        if self.step % config.log_every == 0 or self.step == self.total_steps:
+            self._log()
+        if config.val_every and self.step % config.val_every == 0:
+            self._validate()
+            self._save(LAST)
+        elif config.checkpoint_every and self.step % config.checkpoint_every == 0:
+            self._save(LAST)
+        self.tick = time.perf_counter()
+
+    def _log(self) -> None:
+        window, batch = self.window, self.config.batch_size
+        steps = max(window["steps"], 1)
+        record = {"kind": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+                  "loss": window["loss"] / steps, "lr": self.lr, "grad_norm": window["grad_norm"] / steps,
+                  "img_per_s": batch * window["steps"] / max(window["time_s"], 1e-9),
+                  "elapsed_s": self.elapsed_s()}
+        self.history.append(record)
+        if self.bar is not None:
+            if self.total_steps is None and self.budget_s is not None:  # time budget: estimate the total
+                seconds_per_step = window["time_s"] / steps
+                left = max(self.budget_s - self.elapsed_s(), 0.0)
+                self.bar.update(self.task, total=self.step + int(left / max(seconds_per_step, 1e-9)))
+            self.bar.update(self.task, completed=self.step, loss=record["loss"], lr=self.lr,
+                            img_s=record["img_per_s"])
+        self.window = {"loss": 0.0, "steps": 0, "grad_norm": 0.0, "time_s": 0.0}
+
+    # --- validation and checkpoints ------------------------------------------------------------------
+
+    def _validate(self, *, record: bool = True) -> dict[str, Any]:
+        if is_distributed():
+            # BatchNorm statistics drift apart per process; evaluate everywhere with rank 0's (the saved ones).
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
+        if self.bar is not None:
+            self.bar.update(self.task, description="validate")
+        self.model.eval()
+        data = self.config.data
+        predictor = Predictor(self.model, data.mean, data.std, InferenceConfig(bf16=self.config.bf16))
+        accumulators = [ConfusionMatrix(self.classes.num_classes, self.classes.ignore_index)]
+        try:
+            # no nested bar: rich allows one live display, the training bar
+            metrics = evaluate(predictor, self.data.val, accumulators, batch_size=data.val_batch_size,
+                               num_workers=data.num_workers, progress=False)
+        finally:
+            self.model.train()
+        summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if record:
+            self.history.append({"kind": "val", "step": self.step, **summary, "elapsed_s": self.elapsed_s()})
+        if self.bar is not None:
+            self.bar.update(self.task, description="train")
+            shown = "  ".join(f"{k} {100 * v:.2f}" for k, v in summary.items())
+            self.bar.console.print(f"step {self.step}: val {shown}")
+        if self.history.best()[1] == self.step:
+            self._save(BEST)
+        self.final_metrics, self.final_metrics_step = metrics, self.step
+        return metrics
+
+    def _save(self, name: str) -> None:
+        if not self.main:
+            return
+        state = {
+            "step": self.step,
+            "elapsed_s": self.elapsed_s(),
+            "world_size": world_size(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"lr": self.lr, "total_steps": self.total_steps, "budget_s": self.budget_s},
+            "data_order": {"seed": self.config.seed, "train_size": len(self.data.train),
+                           "steps_per_epoch": self.steps_per_epoch, "epoch": self.step // self.steps_per_epoch,
+                           "batch_in_epoch": self.step % self.steps_per_epoch},
+            "class_weights": self.class_weights,
+            "rng": rng_state(),
+            "history": self.history.records,
+        }
+        checkpoint = Checkpoint(
+            model={"name": self.config.model.name, "options": dict(self.config.model.options)},
+            state_dict=self.model.state_dict(),
+            classes=self.classes,
+            mean=tuple(self.config.data.mean),
+            std=tuple(self.config.data.std),
+            train_config=to_plain(self.config),
+            training_state=state,
+        )
+        save_checkpoint(checkpoint, self.out / name)
+        if name == LAST:
+            self.saved_step = self.step
+
+
+def _check_crop(config: TrainConfig, divisor: int) -> None:
+    """Training crops go to the model unpadded, so they must fit its stride; say which crop would."""
+    height, width = config.data.crop
+    if height % divisor or width % divisor:
+        fits = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
+        raise UserError(f"data.crop={list(config.data.crop)} is not a multiple of {config.model.name}'s input "
+                        f"stride {divisor}; use e.g. data.crop={list(fits)}")
+
+
+def _load_backbone_weights(model: nn.Module, path: str) -> None:
+    from trustseg.models.vit import ViT
+    from trustseg.models.weights import load_vit_weights
+
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, ViT):
+        raise UserError(f"model.weights={path!r}: only models with a ViT backbone (vit_segmenter) take weights")
+    load_vit_weights(backbone, path)

@@ -1,0 +1,84 @@
+"""AdamW parameter groups: no weight decay on biases, norms and tokens; optional layer-wise LR decay.
+
+Layer-wise decay (BEiT, Bao et al. 2022) gives the ViT backbone's embeddings depth 0, block ``i`` depth
+``i + 1`` and everything after the last block (final norm, decode head) depth ``L + 1``; a parameter at
+depth ``d`` learns at ``lr * layer_decay ** (L + 1 - d)``. The backbone is found by its parameter
+names: the one module path that owns both ``patch_embed`` and ``blocks.N``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from trustseg.errors import UserError
+from trustseg.training.config import OptimConfig
+
+# Learned tokens, class embeddings (Segmenter's mask head) and position tables are not shrunk towards
+# zero (standard ViT practice).
+NO_DECAY_NAMES = {"cls_token", "reg_tokens", "pos_embed", "mask_token", "cls_emb"}
+EMBEDDING_NAMES = ("patch_embed", "cls_token", "reg_tokens", "pos_embed", "mask_token")
+_BLOCK = re.compile(r"^(?P<prefix>(?:[\w]+\.)*?)blocks\.(?P<index>\d+)\.")
+
+
+def vit_backbone_prefix(names: list[str]) -> tuple[str, int]:
+    """(prefix such as ``""`` or ``"backbone."``, number of blocks) of the single ViT backbone."""
+    depth: dict[str, int] = defaultdict(int)
+    for name in names:
+        match = _BLOCK.match(name)
+        if match:
+            prefix = match["prefix"]
+            depth[prefix] = max(depth[prefix], int(match["index"]) + 1)
+    candidates = [p for p in depth if any(n.startswith(p + "patch_embed") for n in names)]
+    if len(candidates) != 1:
+        found = ", ".join(repr(p + "blocks") for p in candidates) or "none"
+        raise UserError(
+            f"optim.layer_decay < 1 needs a model with one ViT backbone (patch_embed + blocks.N); found {found}; "
+            "set optim.layer_decay=1.0 for this model"
+        )
+    return candidates[0], depth[candidates[0]]
+
+
+def layer_depth(name: str, prefix: str, num_blocks: int) -> int:
+    """Depth of parameter ``name`` for layer-wise decay (see module docstring)."""
+    if name.startswith(prefix):
+        rest = name[len(prefix) :]
+        if rest.split(".")[0] in EMBEDDING_NAMES:
+            return 0
+        match = re.match(r"blocks\.(\d+)\.", rest)
+        if match:
+            return int(match[1]) + 1
+    return num_blocks + 1
+
+
+def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
+    """AdamW groups keyed by (weight decay, lr scale); each group carries ``lr_scale`` and its ``names``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    prefix, num_blocks = vit_backbone_prefix([n for n, _ in named]) if config.layer_decay < 1.0 else ("", 0)
+
+    def scale_of(name: str) -> float:
+        if config.layer_decay == 1.0:
+            return 1.0
+        return config.layer_decay ** (num_blocks + 1 - layer_depth(name, prefix, num_blocks))
+
+    groups: dict[tuple[float, float], dict] = {}
+    for name, param in named:
+        no_decay = param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
+        key = (0.0 if no_decay else config.weight_decay, scale_of(name))
+        group = groups.setdefault(key, {"params": [], "names": [], "weight_decay": key[0], "lr_scale": key[1]})
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, betas=config.betas)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's LR to ``lr`` times its ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]

@@ -1,0 +1,42 @@
+import copy
+
+import pytest
+import torch
+
+from trustseg.training import config_from_dict
+
+# Tiny synthetic runs: 32x32 scenes, a 2-level U-Net of width 4.
+TINY = {
+    "seed": 3,
+    "batch_size": 4,
+    "steps": 8,
+    "log_every": 1,
+    "data": {"train": "synthetic#size=32,num_images=12,cache=true", "val": "synthetic#split=val,size=32,num_images=6",
+             "crop": [32, 32], "val_batch_size": 3},
+    "model": {"name": "unet", "options": {"base_width": 4, "depth": 2}},
+    "optim": {"lr": 0.01},
+    "schedule": {"warmup_steps": 2},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tensors this small gain nothing from a second thread, and on a shared, busy machine the thread
+    # synchronisation makes a step 20-40x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_values():
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    def make(*overrides: str, out: str = "run"):
+        return config_from_dict(TINY, [f"out={tmp_path / out}", *overrides])
+
+    return make

@@ -1,0 +1,144 @@
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+import trustseg.training.loop as loop
+from trustseg.checkpoint import load_checkpoint
+from trustseg.data.spec import load_dataset
+from trustseg.errors import UserError
+from trustseg.evaluate import evaluate
+from trustseg.inference import predictor_from_checkpoint
+from trustseg.metrics.confusion import ConfusionMatrix
+from trustseg.training import load_train_config, train
+from trustseg.training.history import read_history
+
+
+def test_tiny_run_writes_the_run_directory_and_learns(tiny_config):
+    config = tiny_config("steps=12", "val_every=6", "optim.lr=0.02")
+    result = train(config, progress=False)
+    out = result.run_dir
+    for name in ("best.pt", "last.pt", "metrics.json", "history.jsonl", "config.yaml", "loss.png", "val_miou.png"):
+        assert (out / name).is_file(), name
+
+    history = read_history(out)
+    losses = [r["loss"] for r in history if r["kind"] == "train"]
+    assert [r["step"] for r in history if r["kind"] == "val"] == [6, 12]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 12 and metrics["stopped_by"] == "steps"
+    assert metrics["mIoU"] == pytest.approx(history[-1]["mIoU"])
+    assert metrics["best_mIoU"] == max(r["mIoU"] for r in history if r["kind"] == "val")
+    assert len(metrics["per_class"]["IoU"]) == 7
+
+    # config.yaml is a recipe that loads back into the same config
+    assert load_train_config(out / "config.yaml") == config
+
+    # last.pt is a complete checkpoint: evaluating it reproduces the final validation exactly
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert checkpoint.training_state["step"] == 12
+    val = load_dataset("synthetic#split=val,size=32,num_images=6")
+    again = evaluate(predictor_from_checkpoint(checkpoint), val, [ConfusionMatrix(7)], progress=False)
+    assert again["mIoU"] == metrics["mIoU"] and again["aAcc"] == metrics["aAcc"]
+    best = load_checkpoint(out / "best.pt")
+    assert best.training_state["step"] == metrics["best_step"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "img_per_s")} for r in records]
+
+
+def test_resumed_run_ends_with_bit_identical_weights(tiny_config, monkeypatch):
+    overrides = ("steps=9", "val_every=4", "checkpoint_every=3", "data.color_jitter=0.2", "channels_last=true",
+                 "data.base_size=[32,32]", "data.scale=[0.75,1.5]")
+    reference = train(tiny_config(*overrides, out="whole"), progress=False)
+
+    save = loop.save_checkpoint
+
+    def crash_after_step_6(checkpoint, path):
+        save(checkpoint, path)
+        if path.name == "last.pt" and checkpoint.training_state["step"] == 6:
+            raise Interrupted  # like a kill right after the checkpoint: steps 7.. never happen
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_6)
+    config = tiny_config(*overrides, out="interrupted")
+    with pytest.raises(Interrupted):
+        train(config, progress=False)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    assert load_checkpoint(config.out + "/last.pt").training_state["step"] == 6
+    with pytest.raises(UserError, match="--resume"):
+        train(config, progress=False)  # a fresh start must not overwrite the interrupted run
+
+    resumed = train(config, resume=True, progress=False)
+
+    whole = load_checkpoint(reference.run_dir / "last.pt")
+    continued = load_checkpoint(resumed.run_dir / "last.pt")
+    assert whole.state_dict.keys() == continued.state_dict.keys()
+    for name, tensor in whole.state_dict.items():
+        assert torch.equal(tensor, continued.state_dict[name]), name
+    assert resumed.metrics["mIoU"] == reference.metrics["mIoU"]
+    assert without_timing(read_history(resumed.run_dir)) == without_timing(read_history(reference.run_dir))
+
+
+def test_resume_refuses_a_changed_config_or_a_missing_run(tiny_config):
+    with pytest.raises(UserError, match="no interrupted run"):
+        train(tiny_config(out="nothing"), resume=True, progress=False)
+    finished = train(tiny_config("steps=2"), progress=False)
+    with pytest.raises(UserError, match=r"optim\.lr"):
+        train(tiny_config("steps=2", "optim.lr=0.5"), resume=True, progress=False)
+    # resuming a finished run only validates again, without a second history entry
+    again = train(tiny_config("steps=2", "data.num_workers=1"), resume=True, progress=False)
+    assert again.step == 2 and again.metrics["mIoU"] == finished.metrics["mIoU"]
+    assert [r["kind"] for r in read_history(again.run_dir)] == ["train", "train", "val"]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_config, monkeypatch):
+    real_loss = loop.segmentation_loss
+    calls = []
+
+    def loss_nan_at_step_5(logits, target, **kwargs):
+        calls.append(1)
+        loss = real_loss(logits, target, **kwargs)
+        return loss * math.nan if len(calls) == 5 else loss
+
+    monkeypatch.setattr(loop, "segmentation_loss", loss_nan_at_step_5)
+    config = tiny_config("checkpoint_every=2")
+    with pytest.raises(UserError) as error:
+        train(config, progress=False)
+    message = str(error.value)
+    assert "step 5" in message and "loss is nan" in message and "(step 4) is kept" in message
+    assert "\n" not in message
+    kept = load_checkpoint(config.out + "/last.pt")
+    assert kept.training_state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in kept.state_dict.values() if t.is_floating_point())
+
+
+def test_crop_must_fit_the_model_stride(tiny_config):
+    with pytest.raises(UserError, match=r"data\.crop=\[30, 32\] is not a multiple of unet's input stride 4; "
+                                        r"use e\.g\. data\.crop=\[32, 32\]"):
+        train(tiny_config("data.crop=[30,32]"), progress=False)
+
+
+def test_time_budget_stops_the_run(tiny_config):
+    config = tiny_config("steps=null", "time_budget_min=0.01")  # 0.6 s
+    result = train(config, progress=False)
+    assert result.stopped_by == "time_budget"
+    assert 1 <= result.step and result.elapsed_s >= 0.6
+
+
+def test_class_weights_and_ohem_run_end_to_end(tiny_config):
+    config = tiny_config("steps=2", "loss.class_weights=median_frequency", "loss.ohem_threshold=0.3",
+                         "loss.ohem_min_kept=0.2")
+    train(config, progress=False)
+    weights = load_checkpoint(config.out + "/last.pt").training_state["class_weights"]
+    assert weights.shape == (7,) and torch.isfinite(weights).all() and (weights >= 0).all()
+    saved = yaml.safe_load(open(config.out + "/config.yaml"))
+    assert saved["loss"]["class_weights"] == "median_frequency"

@@ -1,0 +1,31 @@
+"""The demo end to end: a short run must produce every artefact; the full recipe must learn."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trustseg.workflows.demo import DemoConfig, run_demo
+
+
+def test_short_demo_writes_checkpoints_metrics_and_overlays(tmp_path):
+    overrides = ("steps=6", "val_every=3", "data.train=synthetic#num_images=16,size=64", "batch_size=4")
+    result = run_demo(DemoConfig(out=str(tmp_path / "demo"), overrides=overrides, num_overlays=2, progress=False))
+    train_dir = tmp_path / "demo" / "train"
+    assert {"best.pt", "last.pt", "metrics.json", "history.jsonl", "config.yaml"} <= {p.name for p in train_dir.iterdir()}
+    metrics = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
+    assert metrics["mIoU"] == pytest.approx(result.eval.metrics["mIoU"])
+    assert 0.0 <= metrics["mIoU"] <= 1.0
+    assert len(result.overlays) == 2
+    panel = np.asarray(Image.open(result.overlays[0]))
+    assert panel.shape == (64, 3 * 64 + 8, 3)
+    # Running the demo again into the same folder continues the finished run instead of failing.
+    again = run_demo(DemoConfig(out=str(tmp_path / "demo"), overrides=overrides, num_overlays=0, progress=False))
+    assert again.train.step == result.train.step
+
+
+@pytest.mark.slow
+def test_full_demo_reaches_090_val_miou(tmp_path):
+    result = run_demo(DemoConfig(out=str(tmp_path / "demo"), num_overlays=1, progress=False))
+    assert result.eval.metrics["mIoU"] >= 0.90
