@@ -214,7 +214,22 @@ def bench_metrics_command(
     from trustseg.bench.metrics import bench_metrics, format_metrics_bench
 
     result = bench_metrics(num_images=num_images, height=height, width=width, num_classes=num_classes, seed=seed)
-    console.print(format_metrics_bench(result))
+    typer.echo(format_metrics_bench(result))
+
+
+@bench_app.command("model")
+def bench_model_command(
+    model: str = typer.Option("vit_s16", "--model", help="vit_ti16 | vit_s16 | vit_b16 | vit_s14 | vit_b14 | segformer_b0..b2 | unet"),
+    size: str = typer.Option("512", "--size", help="Input size 'S' or 'H,W'."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1),
+    runs: int = typer.Option(10, "--runs", min=1, help="Timed runs per dtype (after warm-up)."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Append a timm-schema CSV row here."),
+) -> None:
+    """Inference img/s, GFLOP/img and achieved GFLOP/s as a fraction of the matmul peak (same run)."""
+    from trustseg.bench.model import bench_model, format_model_bench
+
+    result = bench_model(model, size=parse_pair(size, "--size"), batch_size=batch_size, runs=runs, csv_path=csv)
+    typer.echo(format_model_bench(result))
 
 
 def main() -> None:
