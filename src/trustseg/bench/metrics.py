@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trustseg.bench.memory import peak_tensor_bytes
+from trustseg.bench.machine import cpu_name
 from trustseg.errors import UserError
 from trustseg.metrics.confusion import ConfusionMatrix
 
@@ -52,17 +52,6 @@ def make_pool(
     pred = torch.where(wrong, torch.randint(0, num_classes, target.shape, generator=g), target)
     target[torch.rand(target.shape, generator=g) < ignore_fraction] = IGNORE_INDEX
     return pred, target
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _check_args(
@@ -171,7 +160,7 @@ def bench_metrics(
             "pool_images": pool_images,
         },
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "torchmetrics": _torchmetrics_version(),

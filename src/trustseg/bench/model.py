@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import datetime
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trustseg.bench.machine import cpu_name
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
 from trustseg.models.flops import count_flops
@@ -140,7 +140,7 @@ def bench_model(
             "seed": seed,
         },
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "torch": torch.__version__,
             "threads": used_threads,
             "date": datetime.date.today().isoformat(),
@@ -303,14 +303,3 @@ def _check_args(
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown or not dtypes or len(set(dtypes)) != len(dtypes):
         raise UserError(f"bench model: dtypes must be distinct names from {', '.join(DTYPES)}, got {list(dtypes)}")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
