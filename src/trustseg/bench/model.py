@@ -69,7 +69,7 @@ def bench_model(
     batch_size: int = 1,
     num_classes: int = 19,
     dtypes: Sequence[str] = ("fp32", "bf16"),
-    warmup: int = 2,
+    warmup: int = 3,
     runs: int = 10,
     threads: int | None = None,
     mm_size: int = 2048,
