@@ -15,14 +15,7 @@ NUM_CLASSES = 5
 DECODER_DIM = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread is as fast, and two stall at every OpenMP barrier (10x slower, measured)
-    # when other processes share the machine's two cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_config(**overrides):

@@ -1,7 +1,6 @@
 import copy
 
 import pytest
-import torch
 
 from trustseg.training import config_from_dict
 
@@ -19,14 +18,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tensors this small gain nothing from a second thread, and on a shared, busy machine the thread
-    # synchronisation makes a step 20-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -40,3 +31,8 @@ def tiny_config(tmp_path):
         return config_from_dict(TINY, [f"out={tmp_path / out}", *overrides])
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _training_tests_on_one_thread(one_thread):
+    """Every training test runs on one thread (see tests/conftest.py)."""
