@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -256,3 +258,13 @@ def test_builder_options_and_errors():
     assert b2.decoder.fuse.out_channels == 768 and narrow.decoder.fuse.out_channels == 128
     assert narrow.encoder.stages[0].patch_embed.proj.in_channels == 1
     assert [len(stage.blocks) for stage in b2.encoder.stages] == [3, 4, 6, 3]
+
+
+def test_fresh_model_starts_near_the_uniform_prediction_loss():
+    # A fresh decode head must predict near-uniformly: cross-entropy ~ ln K, not several times that.
+    torch.manual_seed(0)
+    model = segformer(num_classes=11, variant="b0").eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 64, 64))
+    loss = torch.nn.functional.cross_entropy(logits, torch.randint(0, 11, (2, 64, 64)))
+    assert abs(loss.item() - math.log(11)) < 0.1

@@ -245,6 +245,9 @@ class SegFormer(nn.Module):
         self.encoder = MiT(cfg, in_channels=in_channels, drop_path_rate=drop_path_rate)
         self.decoder = AllMLPDecoder(cfg.widths, num_classes, dim=decoder_dim, dropout=dropout)
         self.apply(_init_weights)
+        # Decode heads start near-uniform (normal std 0.01 in mmsegmentation's BaseDecodeHead): He-normal
+        # over only K output channels gives logits of std ~5 and an initial loss ~3x ln K.
+        nn.init.normal_(self.decoder.classifier.weight, std=0.01)
 
     def forward_features(self, images: Tensor) -> list[Tensor]:
         """Encoder maps, one per stage: (B, C_i, H / s_i, W / s_i)."""
