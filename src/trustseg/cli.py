@@ -180,6 +180,75 @@ def predict_command(
     )
     console.print(f"{len(result.outputs)} image(s) -> labels/, masks/, overlays/ in {result.run_dir}")
 
+CorruptionsOption = typer.Option("all", "--corruptions", help="all | common | noise | blur | weather | digital | extra | NAME,NAME,...")
+SeveritiesOption = typer.Option("1-5", "--severities", help="Severities: 1-5, 3 or 1,3,5.")
+
+
+@app.command("robustness")
+def robustness_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint file written by trustseg train."),
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    out: Path = typer.Option(..., "--out", help="Run directory (rerunning skips conditions already in it)."),
+    corruptions: str = CorruptionsOption,
+    severities: str = SeveritiesOption,
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="robustness.json of a reference model: adds CE and mCE."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split (default: the spec's #split, else val)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Evaluate only the first N images."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1),
+    num_workers: int = typer.Option(0, "--workers", min=0, help="DataLoader workers that corrupt images in parallel."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the per-image corruption randomness."),
+    boundary_iou: bool = typer.Option(False, "--boundary-iou/--no-boundary-iou", help="Also compute Boundary IoU."),
+    mode: str = ModeOption,
+    crop: Optional[str] = CropOption,
+    stride: Optional[str] = StrideOption,
+    short_side: Optional[int] = ShortSideOption,
+    bf16: bool = Bf16Option,
+    progress: bool = ProgressOption,
+) -> None:
+    """mIoU on clean data and under every corruption x severity; relative robustness, mCE vs a baseline."""
+    from trustseg.distributed import is_main_process
+    from trustseg.report.tables import rich_table
+    from trustseg.robustness.corruptions import parse_corruptions, parse_severities
+    from trustseg.workflows.robustness import RobustnessConfig, corruption_rows, run_robustness, summary_rows
+
+    config = RobustnessConfig(
+        checkpoint=str(checkpoint), data=data, out=str(out), corruptions=parse_corruptions(corruptions),
+        severities=parse_severities(severities), split=split, baseline=None if baseline is None else str(baseline),
+        max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, boundary_iou=boundary_iou,
+        inference=inference_config(mode, crop, stride, short_side, bf16), progress=progress,
+    )
+    result = run_robustness(config)
+    if is_main_process():
+        console.print(rich_table(*corruption_rows(result.summary, result.conditions, config.severities),
+                                 title="mIoU (%) per corruption and severity"))
+        console.print(rich_table(*summary_rows(result.summary), title="robustness summary (%)"))
+        console.print(f"run directory: {result.run_dir}")
+
+
+@app.command("corrupt")
+def corrupt_command(
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    out: Path = typer.Option(..., "--out", help="Folder to write OUT/<corruption>/<severity>/... (or gallery.png)."),
+    corruptions: str = CorruptionsOption,
+    severities: str = SeveritiesOption,
+    split: Optional[str] = typer.Option(None, "--split", help="Split (default: the spec's #split, else val)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Corrupt only the first N images."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the per-image corruption randomness."),
+    gallery: bool = typer.Option(False, "--gallery", help="Write gallery.png (one image, corruption x severity) instead."),
+    gallery_index: int = typer.Option(0, "--gallery-index", min=0, help="Which image the gallery shows."),
+    progress: bool = ProgressOption,
+) -> None:
+    """Write a corrupted copy of a dataset in its own layout (Cityscapes-C style), or a gallery PNG."""
+    from trustseg.robustness.corruptions import parse_corruptions, parse_severities
+    from trustseg.workflows.corrupt import CorruptConfig, run_corrupt
+
+    result = run_corrupt(CorruptConfig(
+        data=data, out=str(out), corruptions=parse_corruptions(corruptions), severities=parse_severities(severities),
+        split=split, max_images=max_images, seed=seed, gallery=gallery, gallery_index=gallery_index, progress=progress,
+    ))
+    what = "gallery" if gallery else f"{len(result.written)} corrupted images"
+    console.print(f"{what} written under {result.run_dir}")
+
 
 @app.command("info")
 def info_command(
@@ -230,6 +299,25 @@ def bench_model_command(
 
     result = bench_model(model, size=parse_pair(size, "--size"), batch_size=batch_size, runs=runs, csv_path=csv)
     typer.echo(format_model_bench(result))
+
+
+@bench_app.command("corruptions")
+def bench_corruptions_command(
+    data: str = typer.Option("synthetic#split=val", "--data", help="Images to corrupt (resized). " + DATA_HELP),
+    num_images: int = typer.Option(16, "--num-images", min=1),
+    size: str = typer.Option("512,1024", "--size", help="Image size 'H,W'."),
+    severity: int = typer.Option(3, "--severity", min=1, max=5),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Timed rounds (after one warm-up round)."),
+    corruptions: str = CorruptionsOption,
+) -> None:
+    """Our batched corruptions vs the reference imagecorruptions package, per image, same images."""
+    from trustseg.bench.corruptions import bench_corruptions, format_corruptions_bench
+    from trustseg.robustness.corruptions import parse_corruptions
+
+    height, width = parse_pair(size, "--size")
+    result = bench_corruptions(data=data, num_images=num_images, height=height, width=width, severity=severity,
+                               rounds=rounds, corruptions=parse_corruptions(corruptions))
+    typer.echo(format_corruptions_bench(result))
 
 
 def main() -> None:

@@ -59,3 +59,35 @@ def line_plot(
     figure.savefig(path)
     plt.close(figure)
     return Path(path)
+
+
+def heatmap(
+    values: Sequence[Sequence[float]],
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+    path: str | Path,
+    *,
+    title: str,
+    colorbar_label: str,
+    percent: bool = True,
+) -> Path:
+    """A labelled grid (e.g. corruption x severity) with each cell's value written in it; NaN cells blank."""
+    import numpy as np
+
+    grid = np.array(values, dtype=float)
+    figure, axes = plt.subplots(figsize=(1.0 + 0.75 * len(column_labels), 1.0 + 0.32 * len(row_labels)), dpi=120)
+    image = axes.imshow(100 * grid if percent else grid, cmap="viridis", aspect="auto")
+    axes.set_xticks(range(len(column_labels)), column_labels, fontsize=8)
+    axes.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    low, high = np.nanmin(grid), np.nanmax(grid)
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            shade = "black" if value > (low + high) / 2 else "white"
+            axes.text(j, i, f"{100 * value:.1f}" if percent else f"{value:.3g}", ha="center", va="center",
+                      fontsize=7, color=shade)
+    figure.colorbar(image, ax=axes, label=colorbar_label)
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return Path(path)

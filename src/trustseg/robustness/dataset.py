@@ -1,0 +1,43 @@
+"""Corrupted views of a dataset, produced on the fly per sample (never stored).
+
+Each sample is corrupted with its own generator seeded by (seed, condition, index), so an image gets
+the same corruption whatever the batch size, the number of DataLoader workers or torchrun processes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trustseg.data.base import ClassInfo, Sample, SegmentationDataset
+from trustseg.data.transforms import sample_seed
+from trustseg.robustness.corruptions import CORRUPTIONS, check_corruption, corrupt
+
+
+def condition_seed(seed: int, name: str, severity: int, index: int) -> int:
+    """The generator seed of one image under one (corruption, severity) condition."""
+    condition = list(CORRUPTIONS).index(name) * 8 + severity
+    return sample_seed(seed, condition, index)
+
+
+class CorruptedDataset:
+    """``dataset`` with every image corrupted by ``name`` at ``severity``; geometric corruptions move
+    the mask with the image."""
+
+    def __init__(self, dataset: SegmentationDataset, name: str, severity: int, seed: int = 0) -> None:
+        check_corruption(name, severity)
+        self.dataset, self.name, self.severity, self.seed = dataset, name, severity, seed
+
+    @property
+    def classes(self) -> ClassInfo:
+        return self.dataset.classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = self.dataset[index]
+        generator = torch.Generator().manual_seed(condition_seed(self.seed, self.name, self.severity, index))
+        mask = sample["mask"]
+        image, moved = corrupt(sample["image"][None], self.name, self.severity, generator,
+                               None if mask is None else mask[None])
+        return {"image": image[0], "mask": None if moved is None else moved[0], "path": sample["path"]}

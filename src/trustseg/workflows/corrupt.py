@@ -1,0 +1,150 @@
+"""`trustseg corrupt`: write a corrupted copy of a dataset in its own layout (Cityscapes-C style,
+``OUT/<corruption>/<severity>/<the original relative paths>``), or a corruption x severity gallery.
+
+The images are corrupted exactly as `trustseg robustness` corrupts them on the fly (same per-image
+seeds), so evaluating the written copy gives the same numbers. Masks are copied byte for byte, or, for
+geometric corruptions, warped with the image's displacement field in their raw label values.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trustseg.data.datasets import FileDataset
+from trustseg.data.readers import read_image, read_mask_array
+from trustseg.data.spec import load_dataset, parse_spec
+from trustseg.errors import UserError
+from trustseg.progress import track
+from trustseg.robustness.corruptions import CORRUPTIONS, DISPLACEMENTS, SEVERITIES, corrupt, frost_source
+from trustseg.robustness.dataset import condition_seed
+from trustseg.rundir import RunDir
+from trustseg.workflows.evaluation import first_images
+
+# Listing and class files a layout may need next to its images (VOC's ImageSets/*.txt, classes.txt, ...).
+_METADATA_SUFFIXES = (".txt", ".json", ".csv", ".yaml", ".yml")
+_MAX_METADATA_BYTES = 10 * 2**20
+
+
+@dataclass(frozen=True)
+class CorruptConfig:
+    data: str
+    out: str
+    corruptions: tuple[str, ...] = tuple(CORRUPTIONS)
+    severities: tuple[int, ...] = SEVERITIES
+    split: str | None = None  # None: the spec's split, else "val"
+    max_images: int | None = None
+    seed: int = 0
+    gallery: bool = False  # write gallery.png (one image, every corruption x severity) instead of a dataset
+    gallery_index: int = 0
+    progress: bool = True
+
+
+@dataclass
+class CorruptResult:
+    run_dir: Path
+    written: list[Path]
+
+
+def run_corrupt(config: CorruptConfig) -> CorruptResult:
+    split = config.split or parse_spec(config.data).options.get("split", "val")
+    dataset = load_dataset(config.data, split=split)
+    run_dir = RunDir(config.out)
+    run_dir.write_config({"command": "corrupt", **vars(config), "frost_source": frost_source()})
+    if config.gallery:
+        return CorruptResult(run_dir.path, [write_gallery(dataset, config, run_dir.file("gallery.png"))])
+    if not isinstance(dataset, FileDataset):
+        raise UserError(f"{config.data}: only datasets read from files can be copied; use --gallery to look at "
+                        f"corruptions of generated data")
+    root = Path(parse_spec(config.data).path).expanduser()
+    pairs = dataset.pairs[: len(first_images(dataset, config.max_images))]
+    written = []
+    conditions = [(name, severity) for name in config.corruptions for severity in config.severities]
+    for name, severity in conditions:
+        target = run_dir.path / name / str(severity)
+        _copy_metadata(root, target)
+        for index, (image_path, mask_path) in track(list(enumerate(pairs)), total=len(pairs),
+                                                    description=f"{name}/{severity}", enabled=config.progress):
+            written.append(_write_pair(root, target, image_path, mask_path, name, severity,
+                                       condition_seed(config.seed, name, severity, index)))
+    return CorruptResult(run_dir.path, written)
+
+
+def _copy_metadata(root: Path, target: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file() and path.suffix.lower() in _METADATA_SUFFIXES and path.stat().st_size < _MAX_METADATA_BYTES:
+            destination = target / path.relative_to(root)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, destination)
+
+
+def _write_pair(root: Path, target: Path, image_path: Path, mask_path: Path, name: str, severity: int,
+                seed: int) -> Path:
+    generator = torch.Generator().manual_seed(seed)
+    geometric = name in DISPLACEMENTS
+    raw_mask = torch.from_numpy(read_mask_array(mask_path).astype(np.int64)) if geometric else None
+    image, moved = corrupt(read_image(image_path)[None], name, severity, generator,
+                           None if raw_mask is None else raw_mask[None])
+    image_out = target / image_path.relative_to(root)
+    mask_out = target / mask_path.relative_to(root)
+    image_out.parent.mkdir(parents=True, exist_ok=True)
+    mask_out.parent.mkdir(parents=True, exist_ok=True)
+    picture = Image.fromarray(image[0].permute(1, 2, 0).numpy())
+    if image_out.suffix.lower() in (".jpg", ".jpeg", ".webp"):
+        # lossy originals stay lossy (the layout expects the extension), at a quality that adds little
+        picture.save(image_out, quality=95, subsampling=0)
+    else:
+        picture.save(image_out)
+    if moved is None:
+        shutil.copyfile(mask_path, mask_out)
+    else:
+        original = Image.open(mask_path)
+        warped = Image.fromarray(moved[0].numpy().astype(np.asarray(original).dtype))
+        if original.mode == "P":  # VOC masks stay palette images
+            warped.putpalette(original.getpalette())
+        warped.save(mask_out)
+    return image_out
+
+
+def write_gallery(dataset, config: CorruptConfig, path: Path) -> Path:
+    """One image under every selected corruption (rows) and severity (columns), corrupted at native size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not 0 <= config.gallery_index < len(dataset):
+        raise UserError(f"--gallery-index {config.gallery_index} is outside the dataset's {len(dataset)} images")
+    image = dataset[config.gallery_index]["image"]
+    height, width = image.shape[-2:]
+    columns = ["clean", *[f"severity {s}" for s in config.severities]]
+    cell = 2.4
+    figure_height = cell * height / width * len(config.corruptions) + 0.6
+    figure, axes = plt.subplots(len(config.corruptions), len(columns), squeeze=False, dpi=100,
+                                figsize=(cell * len(columns), figure_height))
+    for row, name in enumerate(track(config.corruptions, total=len(config.corruptions), description="gallery",
+                                     enabled=config.progress)):
+        panels = [image]
+        for severity in config.severities:
+            generator = torch.Generator().manual_seed(condition_seed(config.seed, name, severity, config.gallery_index))
+            panels.append(corrupt(image[None], name, severity, generator)[0][0])
+        for col, panel in enumerate(panels):
+            axis = axes[row][col]
+            axis.imshow(panel.permute(1, 2, 0).numpy(), interpolation="antialiased")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(columns[col], fontsize=9)
+            if col == 0:
+                axis.set_ylabel(name, fontsize=8)
+    figure.suptitle(f"{dataset[config.gallery_index]['path']} ({width}x{height}), frost: {frost_source()}", fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / figure_height))  # leave the top strip to the title
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+

@@ -1,0 +1,189 @@
+"""`trustseg robustness`: a checkpoint on clean data and under every corruption x severity.
+
+Each condition is one pass of the shared evaluation loop over a corrupted view of the dataset
+(corrupted on the fly, never stored). `robustness.json` is rewritten after every condition, so an
+interrupted or crashed run loses nothing and a rerun with the same setup skips what is done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trustseg.checkpoint import load_checkpoint
+from trustseg.data.base import ClassInfo
+from trustseg.data.spec import load_dataset, parse_spec
+from trustseg.distributed import init_from_environment, is_main_process
+from trustseg.errors import UserError
+from trustseg.evaluate import evaluate
+from trustseg.inference import InferenceConfig, predictor_from_checkpoint
+from trustseg.report.document import Document
+from trustseg.report.plots import heatmap, line_plot
+from trustseg.report.tables import percent
+from trustseg.robustness.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, frost_source
+from trustseg.robustness.dataset import CorruptedDataset
+from trustseg.robustness.summary import CLEAN, condition_key, miou_grid, summarize
+from trustseg.rundir import RunDir, to_plain
+from trustseg.workflows.evaluation import check_same_classes, default_accumulators, first_images
+
+RESULTS = "robustness.json"
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    checkpoint: str
+    data: str
+    out: str
+    corruptions: tuple[str, ...] = tuple(CORRUPTIONS)
+    severities: tuple[int, ...] = SEVERITIES
+    split: str | None = None  # None: the spec's split, else "val"
+    baseline: str | None = None  # robustness.json of a reference model, for mCE
+    max_images: int | None = None
+    batch_size: int = 1
+    num_workers: int = 0
+    seed: int = 0
+    boundary_iou: bool = False
+    inference: InferenceConfig = InferenceConfig()
+    progress: bool = True
+
+
+@dataclass
+class RobustnessResult:
+    summary: dict[str, Any]
+    conditions: dict[str, dict[str, Any]]
+    classes: ClassInfo
+    run_dir: Path
+
+
+def load_baseline(path: str, classes: ClassInfo, needed: list[str]) -> dict[str, dict[str, Any]]:
+    """The conditions of a baseline run, checked to cover ours and to share our class set."""
+    try:
+        baseline = json.loads(Path(path).read_text())
+        conditions, names = baseline["conditions"], baseline["class_names"]
+    except FileNotFoundError:
+        raise UserError(f"--baseline {path}: file not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"--baseline {path}: not a robustness.json written by trustseg robustness") from None
+    if list(names) != list(classes.names):
+        raise UserError(f"--baseline {path}: its classes ({len(names)}: {', '.join(names[:4])}, ...) differ from the "
+                        f"checkpoint's ({classes.num_classes}: {', '.join(classes.names[:4])}, ...)")
+    missing = [key for key in needed if key not in conditions or conditions[key].get("mIoU") is None]
+    if missing:
+        raise UserError(f"--baseline {path}: lacks {len(missing)} of the conditions evaluated here "
+                        f"(e.g. {', '.join(missing[:3])}); run the baseline with the same corruptions and severities")
+    return conditions
+
+
+def _previous_conditions(run_dir: RunDir, setup: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    if not run_dir.file(RESULTS).exists():
+        return {}
+    previous = run_dir.read_json(RESULTS)
+    if previous.get("setup") != setup:
+        raise UserError(f"{run_dir.file(RESULTS)} comes from a different setup (checkpoint, data, images, seed "
+                        f"or inference); use another --out or delete it")
+    return previous.get("conditions", {})
+
+
+def run_robustness(config: RobustnessConfig) -> RobustnessResult:
+    init_from_environment()
+    checkpoint = load_checkpoint(config.checkpoint)
+    split = config.split or parse_spec(config.data).options.get("split", "val")
+    dataset = first_images(load_dataset(config.data, split=split), config.max_images)
+    check_same_classes(checkpoint, dataset, config.data)
+    classes = checkpoint.classes
+    keys = [condition_key(n, s) for n in config.corruptions for s in config.severities]
+    baseline = load_baseline(config.baseline, classes, [CLEAN, *keys]) if config.baseline else None
+
+    run_dir = RunDir(config.out)
+    setup = to_plain({"checkpoint": config.checkpoint, "data": config.data, "split": split,
+                      "num_images": len(dataset), "seed": config.seed, "boundary_iou": config.boundary_iou,
+                      "inference": config.inference})
+    conditions = _previous_conditions(run_dir, setup)
+    if is_main_process():
+        run_dir.write_config({"command": "robustness", **vars(config)})
+    predictor = predictor_from_checkpoint(checkpoint, config.inference)
+    header = {"setup": setup, "class_names": list(classes.names), "frost_source": frost_source()}
+
+    todo = [key for key in [CLEAN, *keys] if key not in conditions]
+    for number, key in enumerate(todo, 1):
+        data = dataset if key == CLEAN else CorruptedDataset(dataset, *_parse_key(key), seed=config.seed)
+        conditions[key] = evaluate(
+            predictor, data, default_accumulators(classes, boundary_iou=config.boundary_iou),
+            batch_size=config.batch_size, num_workers=config.num_workers, progress=config.progress,
+            description=f"{key} ({number}/{len(todo)})",
+        )
+        if is_main_process():
+            run_dir.write_json(RESULTS, {**header, "conditions": conditions})
+
+    summary = summarize(conditions, config.corruptions, config.severities, baseline)
+    if baseline is not None:
+        summary["baseline"] = config.baseline
+    if is_main_process():
+        run_dir.write_json(RESULTS, {**header, "summary": summary, "conditions": conditions})
+        run_dir.write_metrics({**{k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
+                               "per_class": conditions[CLEAN]["per_class"], "class_names": list(classes.names)})
+        write_report(run_dir, config, summary, conditions, len(dataset))
+    return RobustnessResult(summary=summary, conditions=conditions, classes=classes, run_dir=run_dir.path)
+
+
+def _parse_key(key: str) -> tuple[str, int]:
+    name, severity = key.split("/")
+    return name, int(severity)
+
+
+def corruption_rows(summary: dict[str, Any], conditions: dict[str, dict[str, Any]],
+                    severities: tuple[int, ...]) -> tuple[list[str], list[list[str]]]:
+    """One row per corruption: mIoU per severity, mean, relative robustness (and CE / rCE with a baseline)."""
+    per_corruption = summary["per_corruption"]
+    extra = [k for k in ("CE", "rCE") if any(k in e for e in per_corruption.values())]
+    header = ["corruption", *[f"s{s}" for s in severities], "mean", "rel. rob.", *extra]
+    rows = []
+    for name, entry in per_corruption.items():
+        cells = [percent(conditions[condition_key(name, s)]["mIoU"]) for s in severities]
+        rows.append([name, *cells, percent(entry["mIoU"]), percent(entry["relative_robustness"]),
+                     *[percent(entry[k]) for k in extra]])
+    return header, rows
+
+
+def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["clean mIoU", "mean corrupted mIoU", "relative robustness"]
+    row = [percent(summary["clean_mIoU"]), percent(summary["mean_corrupted_mIoU"]), percent(summary["relative_robustness"])]
+    for key, name in (("mCE", "mCE"), ("relative_mCE", "relative mCE")):
+        if key in summary:
+            header.append(name)
+            row.append(percent(summary[key]))
+    header.append("worst 3")
+    row.append(", ".join(summary["worst"]))
+    return header, [row]
+
+
+def write_report(run_dir: RunDir, config: RobustnessConfig, summary: dict[str, Any],
+                 conditions: dict[str, dict[str, Any]], num_images: int) -> Document:
+    """Heatmap of mIoU (corruption x severity), mIoU-vs-severity curves per family, report.md/html."""
+    grid = miou_grid(conditions, config.corruptions, config.severities)
+    clean = summary["clean_mIoU"]
+    names = list(grid)
+    plots = [heatmap([[clean, *grid[n]] for n in names], names, ["clean", *map(str, config.severities)],
+                     run_dir.file("robustness_heatmap.png"), title="mIoU (%) under corruption",
+                     colorbar_label="mIoU (%)")]
+    for family, members in FAMILIES.items():
+        series = {n: ([0, *config.severities], [100 * clean, *[100 * m for m in grid[n]]]) for n in members if n in grid}
+        if series:
+            plots.append(line_plot(series, run_dir.file(f"robustness_{family}.png"), title=f"{family} corruptions",
+                                   xlabel="severity (0 = clean)", ylabel="mIoU (%)"))
+    document = Document(f"Robustness of {config.checkpoint}")
+    document.paragraph(f"Data {config.data}, {num_images} images; corruptions applied "
+                       f"on the fly at the images' native resolution, seed {config.seed}; frost textures: "
+                       f"{frost_source()}. Values are percentages.")
+    document.heading("Summary").table(*summary_rows(summary))
+    family_means = summary["per_family_mIoU"]
+    document.table(["family", "mean mIoU"], [[f, percent(v)] for f, v in family_means.items() if not math.isnan(v)])
+    document.heading("Per corruption").table(*corruption_rows(summary, conditions, config.severities))
+    document.heading("Plots")
+    for plot in plots:
+        document.image(plot, plot.stem.replace("_", " "))
+    document.write(run_dir.path)
+    return document
