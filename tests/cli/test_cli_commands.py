@@ -1,7 +1,6 @@
 """The CLI commands end to end on tiny folder datasets, checked against independent computations."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -9,19 +8,15 @@ import torch
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from trustseg.checkpoint import Checkpoint, save_checkpoint
-from trustseg.cli import main
 from trustseg.data.base import ClassInfo
-from trustseg.models.factory import build_model
+
+from cli_helpers import run_cli as run_trustseg, save_tiny_unet
 
 CLASSES = ClassInfo(names=("zero", "one", "two"), palette=((0, 0, 0), (255, 0, 0), (0, 255, 0)))
 
 
 def run_cli(args, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["trustseg", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    assert info.value.code == 0
+    assert run_trustseg(args, monkeypatch) == 0
 
 
 @pytest.fixture()
@@ -41,11 +36,8 @@ def folder_dataset(tmp_path):
 
 @pytest.fixture()
 def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("unet", num_classes=3, base_width=4, depth=2)
     path = tmp_path / "model.pt"
-    save_checkpoint(Checkpoint({"name": "unet", "options": {"base_width": 4, "depth": 2}}, model.state_dict(), CLASSES), path)
-    return path, model.eval()
+    return path, save_tiny_unet(path)
 
 
 def reference_predictions(model, root):

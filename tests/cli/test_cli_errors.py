@@ -1,23 +1,20 @@
 """Bad input at the CLI: exit status 2 and exactly one line on stderr naming the culprit."""
 
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from trustseg.checkpoint import Checkpoint, save_checkpoint
-from trustseg.cli import main
 from trustseg.data.base import ClassInfo
 from trustseg.models.factory import build_model
 
+from cli_helpers import run_cli as run_trustseg, save_tiny_unet
+
 
 def run_cli(args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["trustseg", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    captured = capsys.readouterr()
-    return info.value.code, captured.err.strip()
+    code = run_trustseg(args, monkeypatch)
+    return code, capsys.readouterr().err.strip()
 
 
 def write_folder_dataset(root, *, mask_value=1, mask_size=(8, 8), image_bytes=None, num_images=2):
@@ -37,10 +34,8 @@ def write_folder_dataset(root, *, mask_value=1, mask_size=(8, 8), image_bytes=No
 @pytest.fixture()
 def checkpoint_path(tmp_path):
     """An untrained 3-class U-Net checkpoint."""
-    classes = ClassInfo(names=("zero", "one", "two"), palette=((0, 0, 0), (255, 0, 0), (0, 255, 0)))
-    model = build_model("unet", num_classes=3, base_width=4, depth=2)
     path = tmp_path / "model.pt"
-    save_checkpoint(Checkpoint({"name": "unet", "options": {"base_width": 4, "depth": 2}}, model.state_dict(), classes), path)
+    save_tiny_unet(path)
     return path
 
 

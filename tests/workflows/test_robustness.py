@@ -12,22 +12,18 @@ from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 import trustseg.workflows.robustness as robustness_workflow
-from trustseg.checkpoint import Checkpoint, save_checkpoint
-from trustseg.cli import main
 from trustseg.data.base import ClassInfo
-from trustseg.models.factory import build_model
 from trustseg.robustness.corruptions import corrupt
 from trustseg.robustness.dataset import condition_seed
+
+from cli_helpers import run_cli as run_trustseg, save_tiny_unet
 
 CLASSES = ClassInfo(names=("zero", "one", "two"), palette=((0, 0, 0), (255, 0, 0), (0, 255, 0)))
 H, W = 40, 48
 
 
 def run_cli(args, monkeypatch, code=0):
-    monkeypatch.setattr(sys, "argv", ["trustseg", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    assert info.value.code == code
+    assert run_trustseg(args, monkeypatch) == code
 
 
 @pytest.fixture()
@@ -51,11 +47,8 @@ def dataset_root(tmp_path):
 
 @pytest.fixture()
 def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("unet", num_classes=3, base_width=4, depth=2)
     path = tmp_path / "model.pt"
-    save_checkpoint(Checkpoint({"name": "unet", "options": {"base_width": 4, "depth": 2}}, model.state_dict(), CLASSES), path)
-    return path, model.eval()
+    return path, save_tiny_unet(path, CLASSES)
 
 
 def oracle_miou(model, root, corruption=None, severity=None):
