@@ -142,8 +142,9 @@ def write_gallery(dataset, config: CorruptConfig, path: Path) -> Path:
                 axis.set_title(columns[col], fontsize=9)
             if col == 0:
                 axis.set_ylabel(name, fontsize=8)
-    figure.suptitle(f"{dataset[config.gallery_index]['path']} ({width}x{height}), frost: {frost_source()}", fontsize=9)
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / figure_height))  # leave the top strip to the title
+    figure.suptitle(f"{dataset[config.gallery_index]['path']} ({width}x{height}), frost: {frost_source()}", fontsize=9,
+                    y=1 - 0.08 / figure_height, va="top")
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.35 / figure_height))  # leave the top strip to the title
     figure.savefig(path)
     plt.close(figure)
     return path
