@@ -2,6 +2,7 @@
 
 from trustseg.metrics.base import Accumulator, Predictions
 from trustseg.metrics.boundary import BoundaryIoU, boundary_counts, boundary_width
+from trustseg.metrics.calibration import CalibrationHistogram
 from trustseg.metrics.confusion import (
     ConfusionMatrix,
     PerImageIoU,
@@ -13,6 +14,7 @@ from trustseg.metrics.confusion import (
 __all__ = [
     "Accumulator",
     "BoundaryIoU",
+    "CalibrationHistogram",
     "ConfusionMatrix",
     "PerImageIoU",
     "Predictions",
