@@ -28,3 +28,11 @@ def save_tiny_unet(path, classes: ClassInfo = THREE_CLASSES, seed: int = 0) -> t
     model = build_model("unet", num_classes=classes.num_classes, **options)
     save_checkpoint(Checkpoint({"name": "unet", "options": options}, model.state_dict(), classes), path)
     return model.eval()
+
+
+def folder_tree(root, classes: ClassInfo = THREE_CLASSES):
+    """The empty skeleton of a ``folder:`` dataset at ``root``: images/, masks/ and classes.txt."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in classes.names))
+    return root

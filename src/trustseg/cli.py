@@ -54,6 +54,11 @@ def inference_config(mode: str, crop: Optional[str], stride: Optional[str], shor
     )
 
 
+CheckpointOption = typer.Option(..., "--checkpoint", help="Checkpoint file written by trustseg train.")
+DataOption = typer.Option(..., "--data", help=DATA_HELP)
+ValSplitOption = typer.Option(None, "--split", help="Split (default: the spec's #split, else val).")
+MaxImagesOption = typer.Option(None, "--max-images", help="Use only the first N images.")
+BatchSizeOption = typer.Option(1, "--batch-size", min=1)
 ModeOption = typer.Option("whole", "--mode", help="whole: full image (padded); slide: sliding window.")
 CropOption = typer.Option(None, "--crop", help="Sliding-window crop 'H,W' (mode slide).")
 StrideOption = typer.Option(None, "--stride", help="Sliding-window stride 'H,W' (mode slide).")
@@ -118,12 +123,12 @@ def train_command(
 
 @app.command("eval")
 def eval_command(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint file written by trustseg train."),
-    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    checkpoint: Path = CheckpointOption,
+    data: str = DataOption,
     out: Path = typer.Option(..., "--out", help="Run directory to write."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split (default: the spec's #split, else val)."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1),
-    max_images: Optional[int] = typer.Option(None, "--max-images", help="Evaluate only the first N images."),
+    split: Optional[str] = ValSplitOption,
+    batch_size: int = BatchSizeOption,
+    max_images: Optional[int] = MaxImagesOption,
     boundary_iou: bool = typer.Option(True, "--boundary-iou/--no-boundary-iou", help="Also compute Boundary IoU."),
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
@@ -154,7 +159,7 @@ def eval_command(
 
 @app.command("predict")
 def predict_command(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint file written by trustseg train."),
+    checkpoint: Path = CheckpointOption,
     input: Path = typer.Option(..., "--input", help="An image file or a folder of images."),
     out: Path = typer.Option(..., "--out", help="Run directory to write."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colour mask."),
@@ -186,15 +191,15 @@ SeveritiesOption = typer.Option("1-5", "--severities", help="Severities: 1-5, 3 
 
 @app.command("robustness")
 def robustness_command(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint file written by trustseg train."),
-    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    checkpoint: Path = CheckpointOption,
+    data: str = DataOption,
     out: Path = typer.Option(..., "--out", help="Run directory (rerunning skips conditions already in it)."),
     corruptions: str = CorruptionsOption,
     severities: str = SeveritiesOption,
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="robustness.json of a reference model: adds CE and mCE."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split (default: the spec's #split, else val)."),
-    max_images: Optional[int] = typer.Option(None, "--max-images", help="Evaluate only the first N images."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1),
+    split: Optional[str] = ValSplitOption,
+    max_images: Optional[int] = MaxImagesOption,
+    batch_size: int = BatchSizeOption,
     num_workers: int = typer.Option(0, "--workers", min=0, help="DataLoader workers that corrupt images in parallel."),
     seed: int = typer.Option(0, "--seed", help="Seed of the per-image corruption randomness."),
     boundary_iou: bool = typer.Option(False, "--boundary-iou/--no-boundary-iou", help="Also compute Boundary IoU."),
@@ -227,12 +232,12 @@ def robustness_command(
 
 @app.command("corrupt")
 def corrupt_command(
-    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    data: str = DataOption,
     out: Path = typer.Option(..., "--out", help="Folder to write OUT/<corruption>/<severity>/... (or gallery.png)."),
     corruptions: str = CorruptionsOption,
     severities: str = SeveritiesOption,
-    split: Optional[str] = typer.Option(None, "--split", help="Split (default: the spec's #split, else val)."),
-    max_images: Optional[int] = typer.Option(None, "--max-images", help="Corrupt only the first N images."),
+    split: Optional[str] = ValSplitOption,
+    max_images: Optional[int] = MaxImagesOption,
     seed: int = typer.Option(0, "--seed", help="Seed of the per-image corruption randomness."),
     gallery: bool = typer.Option(False, "--gallery", help="Write gallery.png (one image, corruption x severity) instead."),
     gallery_index: int = typer.Option(0, "--gallery-index", min=0, help="Which image the gallery shows."),
@@ -252,7 +257,7 @@ def corrupt_command(
 
 @app.command("info")
 def info_command(
-    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    data: str = DataOption,
     out: Path = typer.Option(Path("runs/info"), "--out", help="Run directory to write."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to count (default: the spec's, else train)."),
     progress: bool = ProgressOption,
@@ -290,7 +295,7 @@ def bench_metrics_command(
 def bench_model_command(
     model: str = typer.Option("vit_s16", "--model", help="vit_ti16 | vit_s16 | vit_b16 | vit_s14 | vit_b14 | segformer_b0..b2 | unet"),
     size: str = typer.Option("512", "--size", help="Input size 'S' or 'H,W'."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1),
+    batch_size: int = BatchSizeOption,
     runs: int = typer.Option(10, "--runs", min=1, help="Timed runs per dtype (after warm-up)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Append a timm-schema CSV row here."),
 ) -> None:

@@ -10,7 +10,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from trustseg.data.base import ClassInfo
 
-from cli_helpers import run_cli as run_trustseg, save_tiny_unet
+from cli_helpers import folder_tree, run_cli as run_trustseg, save_tiny_unet
 
 CLASSES = ClassInfo(names=("zero", "one", "two"), palette=((0, 0, 0), (255, 0, 0), (0, 255, 0)))
 
@@ -23,9 +23,7 @@ def run_cli(args, monkeypatch):
 def folder_dataset(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "data"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    (root / "classes.txt").write_text("zero\none\ntwo\n")
+    folder_tree(root)
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
         mask = rng.integers(0, 3, (20, 28)).astype(np.uint8)

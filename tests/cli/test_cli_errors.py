@@ -9,7 +9,7 @@ from trustseg.checkpoint import Checkpoint, save_checkpoint
 from trustseg.data.base import ClassInfo
 from trustseg.models.factory import build_model
 
-from cli_helpers import run_cli as run_trustseg, save_tiny_unet
+from cli_helpers import folder_tree, run_cli as run_trustseg, save_tiny_unet
 
 
 def run_cli(args, monkeypatch, capsys):
@@ -18,9 +18,7 @@ def run_cli(args, monkeypatch, capsys):
 
 
 def write_folder_dataset(root, *, mask_value=1, mask_size=(8, 8), image_bytes=None, num_images=2):
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    (root / "classes.txt").write_text("zero\none\ntwo\n")
+    folder_tree(root)
     for i in range(num_images):
         image_path = root / "images" / f"im{i}.png"
         if image_bytes is None:

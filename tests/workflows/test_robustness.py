@@ -16,7 +16,7 @@ from trustseg.data.base import ClassInfo
 from trustseg.robustness.corruptions import corrupt
 from trustseg.robustness.dataset import condition_seed
 
-from cli_helpers import run_cli as run_trustseg, save_tiny_unet
+from cli_helpers import folder_tree, run_cli as run_trustseg, save_tiny_unet
 
 CLASSES = ClassInfo(names=("zero", "one", "two"), palette=((0, 0, 0), (255, 0, 0), (0, 255, 0)))
 H, W = 40, 48
@@ -31,9 +31,7 @@ def dataset_root(tmp_path):
     """A folder dataset whose images carry their labels' colours plus texture, so a model can do well."""
     rng = np.random.default_rng(0)
     root = tmp_path / "data"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    (root / "classes.txt").write_text("zero\none\ntwo\n")
+    folder_tree(root)
     for i in range(3):
         mask = np.zeros((H, W), np.uint8)
         mask[:, W // 3:] = 1

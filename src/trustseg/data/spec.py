@@ -90,6 +90,11 @@ def _check_options(spec: str, factory: Callable[..., Any], options: dict[str, An
         raise UserError(f"data spec {spec!r}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
 
 
+def resolve_split(spec: str, split: str | None, default: str) -> str:
+    """The split a command reads: ``split`` when given, else the spec's ``#split=``, else ``default``."""
+    return split or parse_spec(spec).options.get("split", default)
+
+
 def load_dataset(spec: str, split: str | None = None, **overrides: Any) -> SegmentationDataset:
     """Build the dataset a spec names, e.g. ``load_dataset("camvid:/data/camvid", split="val")``.
 

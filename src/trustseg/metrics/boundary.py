@@ -37,7 +37,7 @@ def boundary_width(height: int, width: int, dilation_ratio: float = 0.02) -> int
     return max(1, int(round(dilation_ratio * math.hypot(height, width))))
 
 
-def _sliding_max(x: Tensor, window: int, dim: int) -> Tensor:
+def sliding_max(x: Tensor, window: int, dim: int) -> Tensor:
     """Max over every length-`window` run along `dim` (output shorter by window - 1)."""
     span = 1
     while 2 * span <= window:  # invariant: x[i] = max of the input's [i, i + span)
@@ -61,7 +61,7 @@ def label_boundaries(labels: Tensor, d: int) -> Tensor:
     # 255 is no label: the border padding raises every window max that reaches it, never the min
     padded = torch.nn.functional.pad(labels, (d, d, d, d), value=255)
     both = torch.stack((padded, 255 - padded))  # max of 255 - x gives 255 - min of x in the same pass
-    both = _sliding_max(_sliding_max(both, 2 * d + 1, -1), 2 * d + 1, -2)
+    both = sliding_max(sliding_max(both, 2 * d + 1, -1), 2 * d + 1, -2)
     window_max, window_min = both[0], 255 - both[1]
     return window_max != window_min
 

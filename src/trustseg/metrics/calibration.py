@@ -50,7 +50,7 @@ from torch import Tensor
 
 from trustseg.errors import UserError
 from trustseg.metrics.base import Accumulator, Predictions, invalid_labels_error
-from trustseg.metrics.boundary import _sliding_max
+from trustseg.metrics.boundary import sliding_max
 
 NLL_MIN_PROB = 1e-12
 # Pixel regions, used as bincount offsets: interior, boundary band, ignored (dropped).
@@ -84,7 +84,7 @@ def class_edge_band(target: Tensor, ignored: Tensor, num_classes: int, width: in
     down = torch.where(ignored, 0, K - t).to(dtype)
     both = torch.nn.functional.pad(torch.stack((up, down)), (width, width, width, width))
     window = 2 * width + 1
-    both = _sliding_max(_sliding_max(both, window, -1), window, -2)
+    both = sliding_max(sliding_max(both, window, -1), window, -2)
     mixed = both[0].to(torch.int32) + both[1].to(torch.int32) != K + 1
     return mixed & ~ignored
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from trustseg.data.datasets import FileDataset
 from trustseg.data.readers import read_image, read_mask_array
-from trustseg.data.spec import load_dataset, parse_spec
+from trustseg.data.spec import load_dataset, parse_spec, resolve_split
 from trustseg.errors import UserError
 from trustseg.progress import track
 from trustseg.robustness.corruptions import CORRUPTIONS, DISPLACEMENTS, SEVERITIES, corrupt, frost_source
@@ -52,7 +52,7 @@ class CorruptResult:
 
 
 def run_corrupt(config: CorruptConfig) -> CorruptResult:
-    split = config.split or parse_spec(config.data).options.get("split", "val")
+    split = resolve_split(config.data, config.split, "val")
     dataset = load_dataset(config.data, split=split)
     run_dir = RunDir(config.out)
     run_dir.write_config({"command": "corrupt", **vars(config), "frost_source": frost_source()})
@@ -63,11 +63,15 @@ def run_corrupt(config: CorruptConfig) -> CorruptResult:
                         f"corruptions of generated data")
     root = Path(parse_spec(config.data).path).expanduser()
     pairs = dataset.pairs[: len(first_images(dataset, config.max_images))]
+    metadata = _metadata_files(root)
     written = []
     conditions = [(name, severity) for name in config.corruptions for severity in config.severities]
     for name, severity in conditions:
         target = run_dir.path / name / str(severity)
-        _copy_metadata(root, target)
+        for path in metadata:
+            destination = target / path.relative_to(root)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, destination)
         for index, (image_path, mask_path) in track(list(enumerate(pairs)), total=len(pairs),
                                                     description=f"{name}/{severity}", enabled=config.progress):
             written.append(_write_pair(root, target, image_path, mask_path, name, severity,
@@ -75,12 +79,10 @@ def run_corrupt(config: CorruptConfig) -> CorruptResult:
     return CorruptResult(run_dir.path, written)
 
 
-def _copy_metadata(root: Path, target: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file() and path.suffix.lower() in _METADATA_SUFFIXES and path.stat().st_size < _MAX_METADATA_BYTES:
-            destination = target / path.relative_to(root)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, destination)
+def _metadata_files(root: Path) -> list[Path]:
+    """The dataset's listing and class files, found with one walk of its tree (not one per condition)."""
+    return [path for path in root.rglob("*") if path.suffix.lower() in _METADATA_SUFFIXES and path.is_file()
+            and path.stat().st_size < _MAX_METADATA_BYTES]
 
 
 def _write_pair(root: Path, target: Path, image_path: Path, mask_path: Path, name: str, severity: int,

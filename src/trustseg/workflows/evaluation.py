@@ -10,7 +10,7 @@ from torch.utils.data import Subset
 
 from trustseg.checkpoint import Checkpoint, load_checkpoint
 from trustseg.data.base import ClassInfo, SegmentationDataset
-from trustseg.data.spec import load_dataset, parse_spec
+from trustseg.data.spec import load_dataset, resolve_split
 from trustseg.errors import UserError
 from trustseg.evaluate import evaluate
 from trustseg.inference import InferenceConfig, predictor_from_checkpoint
@@ -71,7 +71,7 @@ def default_accumulators(classes: ClassInfo, *, boundary_iou: bool = True) -> li
 
 def run_eval(config: EvalConfig) -> EvalResult:
     checkpoint = load_checkpoint(config.checkpoint)
-    dataset = first_images(load_dataset(config.data, split=config.split or parse_spec(config.data).options.get("split", "val")), config.max_images)
+    dataset = first_images(load_dataset(config.data, split=resolve_split(config.data, config.split, "val")), config.max_images)
     check_same_classes(checkpoint, dataset, config.data)
     run_dir = RunDir(config.out)
     run_dir.write_config({"command": "eval", **vars(config)})

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from trustseg.data.base import ClassInfo
-from trustseg.data.spec import load_dataset, parse_spec
+from trustseg.data.spec import load_dataset, resolve_split
 from trustseg.errors import UserError
 from trustseg.progress import track
 from trustseg.report.plots import bar_plot
@@ -64,7 +64,7 @@ def class_pixel_counts(dataset, *, progress: bool) -> tuple[list[int], int]:
 
 
 def run_info(config: InfoConfig) -> InfoResult:
-    split = config.split or parse_spec(config.data).options.get("split", "train")
+    split = resolve_split(config.data, config.split, "train")
     dataset = load_dataset(config.data, split=split)
     run_dir = RunDir(config.out)
     run_dir.write_config({"command": "info", **vars(config)})

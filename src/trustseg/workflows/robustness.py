@@ -15,7 +15,7 @@ from typing import Any
 
 from trustseg.checkpoint import load_checkpoint
 from trustseg.data.base import ClassInfo
-from trustseg.data.spec import load_dataset, parse_spec
+from trustseg.data.spec import load_dataset, resolve_split
 from trustseg.distributed import init_from_environment, is_main_process
 from trustseg.errors import UserError
 from trustseg.evaluate import evaluate
@@ -90,7 +90,7 @@ def _previous_conditions(run_dir: RunDir, setup: dict[str, Any]) -> dict[str, di
 def run_robustness(config: RobustnessConfig) -> RobustnessResult:
     init_from_environment()
     checkpoint = load_checkpoint(config.checkpoint)
-    split = config.split or parse_spec(config.data).options.get("split", "val")
+    split = resolve_split(config.data, config.split, "val")
     dataset = first_images(load_dataset(config.data, split=split), config.max_images)
     check_same_classes(checkpoint, dataset, config.data)
     classes = checkpoint.classes
