@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -31,7 +32,15 @@ def init_from_environment() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    # Leave the group while the interpreter is still whole: a gloo group torn down during finalisation
+    # can abort the process ("terminate called without an active exception", pytorch/pytorch#190489).
+    atexit.register(_leave)
     return True
+
+
+def _leave() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def shard_indices(length: int) -> range:
