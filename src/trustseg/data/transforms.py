@@ -53,9 +53,13 @@ def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
     height, width = mask.shape[-2:]
     if (height, width) == tuple(size):
         return mask
-    rows = ((torch.arange(size[0], dtype=torch.float64) + 0.5) * (height / size[0])).long().clamp_(max=height - 1)
-    cols = ((torch.arange(size[1], dtype=torch.float64) + 0.5) * (width / size[1])).long().clamp_(max=width - 1)
-    return mask.index_select(-2, rows).index_select(-1, cols)
+    return mask.index_select(-2, _centre_sources(height, size[0])).index_select(-1, _centre_sources(width, size[1]))
+
+
+def _centre_sources(length: int, out_length: int) -> Tensor:
+    """Source index under each output centre, floor((i + 1/2) * length / out_length), in exact integers
+    (float rounding would pick either neighbour when a centre lands exactly on a pixel edge)."""
+    return (2 * torch.arange(out_length) + 1) * length // (2 * out_length)
 
 
 def pad_bottom_right(image: Tensor, mask: Tensor | None, size: tuple[int, int],
