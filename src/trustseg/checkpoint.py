@@ -1,7 +1,8 @@
 """One-file checkpoints: everything `trustseg eval --checkpoint F` needs, written atomically.
 
 A checkpoint holds the model recipe (builder name + options), its weights, the class metadata, the
-input normalisation, the training config and optional training state (optimizer, step) for resuming.
+input normalisation, the training config, optional training state (optimizer, step) for resuming and
+an optional post-hoc calibrator that every prediction from it passes through.
 Files hold only tensors and plain Python containers, so they load with ``weights_only=True``.
 """
 
@@ -34,6 +35,8 @@ class Checkpoint:
     std: tuple[float, float, float] = IMAGENET_STD
     train_config: dict[str, Any] = field(default_factory=dict)
     training_state: dict[str, Any] = field(default_factory=dict)
+    # a fitted post-hoc calibrator that eval/predict apply: {"method": name, "state_dict": {...}}
+    calibrator: dict[str, Any] | None = None
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -49,6 +52,7 @@ class Checkpoint:
             "std": list(self.std),
             "train_config": self.train_config,
             "training_state": self.training_state,
+            "calibrator": self.calibrator,
         }
 
     @classmethod
@@ -67,6 +71,7 @@ class Checkpoint:
                 std=tuple(payload["std"]),
                 train_config=dict(payload.get("train_config", {})),
                 training_state=dict(payload.get("training_state", {})),
+                calibrator=payload.get("calibrator"),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise UserError(f"{source}: not a trustseg checkpoint (missing or bad field {error})") from None

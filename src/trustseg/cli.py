@@ -163,6 +163,11 @@ def predict_command(
     input: Path = typer.Option(..., "--input", help="An image file or a folder of images."),
     out: Path = typer.Option(..., "--out", help="Run directory to write."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colour mask."),
+    uncertainty: Optional[str] = typer.Option(
+        None, "--uncertainty", help="entropy | msp | margin | mc-dropout: also write uncertainty/*.npy and *.png."
+    ),
+    mc_samples: int = typer.Option(8, "--mc-samples", help="Stochastic passes of --uncertainty mc-dropout."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the MC-dropout masks."),
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
@@ -170,7 +175,7 @@ def predict_command(
     bf16: bool = Bf16Option,
     progress: bool = ProgressOption,
 ) -> None:
-    """Predict label maps, colour masks and overlays."""
+    """Predict label maps, colour masks, overlays and (optionally) per-pixel uncertainty maps."""
     from trustseg.workflows.prediction import PredictConfig, run_predict
 
     result = run_predict(
@@ -180,10 +185,14 @@ def predict_command(
             out=str(out),
             inference=inference_config(mode, crop, stride, short_side, bf16),
             alpha=alpha,
+            uncertainty=uncertainty,
+            mc_samples=mc_samples,
+            seed=seed,
             progress=progress,
         )
     )
-    console.print(f"{len(result.outputs)} image(s) -> labels/, masks/, overlays/ in {result.run_dir}")
+    folders = "labels/, masks/, overlays/" + (", uncertainty/" if uncertainty else "")
+    console.print(f"{len(result.outputs)} image(s) -> {folders} in {result.run_dir}")
 
 CorruptionsOption = typer.Option("all", "--corruptions", help="all | common | noise | blur | weather | digital | extra | NAME,NAME,...")
 SeveritiesOption = typer.Option("1-5", "--severities", help="Severities: 1-5, 3 or 1,3,5.")
@@ -253,6 +262,55 @@ def corrupt_command(
     ))
     what = "gallery" if gallery else f"{len(result.written)} corrupted images"
     console.print(f"{what} written under {result.run_dir}")
+
+
+@app.command("calibrate")
+def calibrate_command(
+    checkpoint: Path = CheckpointOption,
+    fit_data: str = typer.Option(..., "--fit-data", help="Held-out labelled data the calibrators are fitted on. " + DATA_HELP),
+    data: str = typer.Option(..., "--data", help="Data the calibrators are evaluated on (disjoint from --fit-data). " + DATA_HELP),
+    out: Path = typer.Option(..., "--out", help="Run directory."),
+    method: str = typer.Option("all", "--method", help="all, or comma-separated: ts, vs, vs_ti, ms, ms_ti, dirichlet, "
+                               "ccaffine, ccaffine_argmax, lts, lts_ti, ibts, ibts_ti."),
+    corruptions: str = typer.Option("", "--corruptions", help="Also evaluate under these corruptions (names, a family, common or all)."),
+    severities: str = typer.Option("3", "--severities", help="Severities of --corruptions, e.g. 3 or 1-5."),
+    fit_split: Optional[str] = typer.Option(None, "--fit-split", help="Split of --fit-data (default: the spec's #split, else val)."),
+    split: Optional[str] = ValSplitOption,
+    max_images: Optional[int] = MaxImagesOption,
+    max_pixels: int = typer.Option(1_000_000, "--max-pixels", min=1, help="Labelled pixels subsampled to fit pixel-wise methods."),
+    max_maps: int = typer.Option(64, "--max-maps", min=1, help="Fit images kept whole for LTS/IBTS."),
+    epochs: int = typer.Option(20, "--epochs", min=1, help="Passes over the maps when fitting LTS/IBTS."),
+    bins: int = typer.Option(15, "--bins", min=1, help="Equal-width confidence bins of ECE/MCE."),
+    save: str = typer.Option("best", "--save", help="Method written as calibrated checkpoint: best (lowest clean ECE), a name, or none."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fit subsample and of the corruptions."),
+    mode: str = ModeOption,
+    crop: Optional[str] = CropOption,
+    stride: Optional[str] = StrideOption,
+    short_side: Optional[int] = ShortSideOption,
+    bf16: bool = Bf16Option,
+    progress: bool = ProgressOption,
+) -> None:
+    """Fit post-hoc calibrators, compare them on clean and corrupted data, write a calibrated checkpoint."""
+    from trustseg.distributed import is_main_process
+    from trustseg.report.tables import rich_table
+    from trustseg.robustness.corruptions import parse_corruptions, parse_severities
+    from trustseg.workflows.calibration import COMPACT, CalibrateConfig, method_rows, parse_methods, run_calibrate
+
+    config = CalibrateConfig(
+        checkpoint=str(checkpoint), fit_data=fit_data, data=data, out=str(out), methods=parse_methods(method),
+        fit_split=fit_split, split=split, corruptions=parse_corruptions(corruptions) if corruptions.strip() else (),
+        severities=parse_severities(severities), max_images=max_images, max_pixels=max_pixels, max_maps=max_maps,
+        epochs=epochs, num_bins=bins, save=save, seed=seed,
+        inference=inference_config(mode, crop, stride, short_side, bf16), progress=progress,
+    )
+    result = run_calibrate(config)
+    if is_main_process():
+        for key, results in result.conditions.items():
+            console.print(rich_table(*method_rows(result.methods, results, COMPACT, properties=False),
+                                     title=f"calibration on {key} (%; all columns in report.md)"))
+        if result.saved is not None:
+            console.print(f"calibrated checkpoint: {result.saved}")
+        console.print(f"run directory: {result.run_dir}")
 
 
 @app.command("info")

@@ -7,7 +7,7 @@ Under torchrun each process evaluates a strided shard and the accumulators are s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,9 +24,9 @@ Batch = dict[str, Any]
 
 
 def evaluate(
-    predictor: Callable[[torch.Tensor], torch.Tensor],
+    predictor: Callable[[torch.Tensor], Any],
     dataset: SegmentationDataset,
-    accumulators: Sequence[Any],
+    accumulators: Sequence[Any] | Mapping[str, Sequence[Any]],
     *,
     batch_size: int = 1,
     batch_transform: Callable[[Batch], Batch] | None = None,
@@ -38,18 +38,33 @@ def evaluate(
 
     `batch_transform` changes a collated batch before prediction (e.g. corrupts images on the fly).
     Returned dict: the accumulators' flat keys, with their ``per_class`` tables merged.
+
+    Several models' outputs can share one pass over the data (e.g. every calibrator of one base
+    model): `accumulators` is then a mapping name -> accumulators, the predictor returns a mapping
+    name -> logits, and the result maps each name to its merged metrics.
     """
     if len(dataset) == 0:
         raise UserError("cannot evaluate on an empty dataset")
+    named = isinstance(accumulators, Mapping)
+    groups = accumulators if named else {"": accumulators}
     shard = Subset(dataset, list(shard_indices(len(dataset))))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     with torch.inference_mode():
         for batch in track(loader, total=len(loader), description=description, enabled=progress):
             if batch_transform is not None:
                 batch = batch_transform(batch)
-            predictions = Predictions(predictor(batch["image"]))
-            for accumulator in accumulators:
-                accumulator.update(predictions, batch["mask"])
+            outputs = predictor(batch["image"])
+            outputs = outputs if named else {"": outputs}
+            for name, group in groups.items():
+                predictions = Predictions(outputs[name])
+                for accumulator in group:
+                    accumulator.update(predictions, batch["mask"])
+    results = {name: _merged(group) for name, group in groups.items()}
+    return results if named else results[""]
+
+
+def _merged(accumulators: Sequence[Any]) -> dict[str, Any]:
+    """Sum the accumulators over processes and merge their results into one flat dict."""
     results: dict[str, Any] = {"per_class": {}}
     for accumulator in accumulators:
         accumulator.all_reduce()

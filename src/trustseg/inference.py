@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trustseg.calibration.calibrators import build_calibrator
 from trustseg.checkpoint import Checkpoint
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
@@ -89,7 +90,10 @@ def sliding_window_logits(
 
 
 class Predictor(nn.Module):
-    """images uint8 or float in [0, 255], (B, 3, H, W) -> logits float32 (B, K, H, W)."""
+    """images uint8 or float in [0, 255], (B, 3, H, W) -> logits float32 (B, K, H, W).
+
+    With a `calibrator` the logits are the calibrated ones (it sees the logits and the images).
+    """
 
     def __init__(
         self,
@@ -97,10 +101,12 @@ class Predictor(nn.Module):
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         config: InferenceConfig = InferenceConfig(),
+        calibrator: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.config = config
+        self.calibrator = calibrator
         self.divisor = int(getattr(model, "size_divisor", 1))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -126,7 +132,7 @@ class Predictor(nn.Module):
         logits = logits.float()
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits
+        return logits if self.calibrator is None else self.calibrator(logits, images)
 
 
 def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
@@ -142,5 +148,18 @@ def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
     return model.eval()
 
 
-def predictor_from_checkpoint(checkpoint: Checkpoint, config: InferenceConfig = InferenceConfig()) -> Predictor:
-    return Predictor(model_from_checkpoint(checkpoint), checkpoint.mean, checkpoint.std, config).eval()
+def calibrator_from_checkpoint(checkpoint: Checkpoint) -> nn.Module | None:
+    """The checkpoint's fitted calibrator, or None."""
+    if checkpoint.calibrator is None:
+        return None
+    calibrator = build_calibrator(checkpoint.calibrator["method"], checkpoint.classes.num_classes)
+    calibrator.load_state_dict(checkpoint.calibrator["state_dict"])
+    return calibrator.eval().requires_grad_(False)
+
+
+def predictor_from_checkpoint(
+    checkpoint: Checkpoint, config: InferenceConfig = InferenceConfig(), *, calibrated: bool = True
+) -> Predictor:
+    """The checkpoint's model behind `config`'s inference, with its calibrator unless `calibrated` is False."""
+    calibrator = calibrator_from_checkpoint(checkpoint) if calibrated else None
+    return Predictor(model_from_checkpoint(checkpoint), checkpoint.mean, checkpoint.std, config, calibrator).eval()

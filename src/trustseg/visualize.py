@@ -1,4 +1,4 @@
-"""Colour masks and overlays for looking at predictions (uint8 arrays, saved as PNG)."""
+"""Colour masks, overlays and heatmaps for looking at predictions (uint8 arrays, saved as PNG)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ def overlay(image: torch.Tensor, colours: np.ndarray, alpha: float = 0.5) -> np.
     """Blend an image uint8 (3, H, W) with a colour mask (H, W, 3)."""
     rgb = image.detach().cpu().permute(1, 2, 0).numpy().astype(np.float32)
     return (rgb * (1 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
+
+
+def heatmap(values: np.ndarray, colormap: str = "inferno") -> np.ndarray:
+    """Values in [0, 1] (H, W) -> RGB uint8 (H, W, 3) through a matplotlib colormap (0 dark, 1 bright)."""
+    from matplotlib import colormaps  # lazy: matplotlib takes ~0.5 s to import
+
+    return colormaps[colormap](np.clip(values, 0, 1), bytes=True)[..., :3]
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:

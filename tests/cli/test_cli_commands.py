@@ -79,6 +79,19 @@ def test_predict_writes_labels_masks_overlays(tmp_path, folder_dataset, checkpoi
         assert np.asarray(Image.open(out / "overlays" / f"im{i}.png")).shape == (20, 28, 3)
 
 
+def test_predict_writes_uncertainty_maps(tmp_path, folder_dataset, checkpoint, monkeypatch):
+    path, _ = checkpoint
+    out = tmp_path / "pred"
+    images = folder_dataset / "images"
+    run_cli(["predict", "--checkpoint", str(path), "--input", str(images), "--out", str(out), "--uncertainty", "entropy",
+             "--no-progress"], monkeypatch)
+    for i in range(3):
+        values = np.load(out / "uncertainty" / f"im{i}.npy")
+        assert values.dtype == np.float32 and values.shape == (20, 28)
+        assert 0 <= values.min() and values.max() <= 1
+        assert np.asarray(Image.open(out / "uncertainty" / f"im{i}.png")).shape == (20, 28, 3)
+
+
 def test_info_counts_pixels(tmp_path, folder_dataset, monkeypatch):
     out = tmp_path / "info"
     run_cli(["info", "--data", f"folder:{folder_dataset}", "--out", str(out), "--no-progress"], monkeypatch)

@@ -111,6 +111,25 @@ def test_missing_predict_input(tmp_path, checkpoint_path, monkeypatch, capsys):
     assert_one_line_error(code, err, "none")
 
 
+@pytest.mark.parametrize(
+    "options,needles",
+    [
+        (["--uncertainty", "variance"], ["--uncertainty 'variance'", "mc-dropout"]),
+        (["--mc-samples", "0"], ["--mc-samples 0"]),
+        (["--uncertainty", "mc-dropout"], ["no dropout", "entropy|msp|margin"]),  # the U-Net has no dropout
+    ],
+)
+def test_bad_predict_uncertainty(tmp_path, checkpoint_path, monkeypatch, capsys, options, needles):
+    root = write_folder_dataset(tmp_path / "d")
+    code, err = run_cli(
+        ["predict", "--checkpoint", str(checkpoint_path), "--input", str(root / "images"), "--out", str(tmp_path / "o"),
+         *options],
+        monkeypatch,
+        capsys,
+    )
+    assert_one_line_error(code, err, *needles)
+
+
 def test_bad_crop_argument(tmp_path, checkpoint_path, monkeypatch, capsys):
     root = write_folder_dataset(tmp_path / "d")
     code, err = run_cli(

@@ -60,8 +60,23 @@ def test_load_dataset_options_reach_the_layout(folder_root):
 
 
 def test_unknown_option_lists_valid_ones(camvid_root):
-    with pytest.raises(UserError, match=r"unknown option\(s\) colour; valid: cache, split"):
+    with pytest.raises(UserError, match=r"unknown option\(s\) colour; valid: cache, images, split"):
         load_dataset(f"camvid:{camvid_root}#colour=red")
+
+
+def test_images_option_slices_the_sorted_samples(camvid_root):
+    whole = load_dataset(f"camvid:{camvid_root}")
+    first, rest = load_dataset(f"camvid:{camvid_root}#images=0:1"), load_dataset(f"camvid:{camvid_root}#images=1:")
+    assert [s["path"] for s in (*first, *rest)] == [s["path"] for s in whole]
+    assert first.classes == whole.classes and len(rest) == len(whole) - 1
+    assert len(load_dataset(f"camvid:{camvid_root}#images=:-1")) == len(whole) - 1
+
+
+@pytest.mark.parametrize("value, message", [("5", "expected START:STOP"), ("a:b", "expected START:STOP"),
+                                            ("7:", "selects none of the 3 images")])
+def test_bad_images_option(camvid_root, value, message):
+    with pytest.raises(UserError, match=message):
+        load_dataset(f"camvid:{camvid_root}#images={value}")
 
 
 def test_missing_path_is_a_user_error(tmp_path):
@@ -83,7 +98,7 @@ def test_synthetic_dispatch_passes_split_and_converted_options(monkeypatch):
     load_dataset("synthetic", num_images=4)
     assert calls == [{"split": "val", "num_images": 32, "noise": 0.25},
                      {"split": "train", "num_images": 4, "noise": 0.1}]
-    with pytest.raises(UserError, match=r"unknown option\(s\) size; valid: noise, num_images, split"):
+    with pytest.raises(UserError, match=r"unknown option\(s\) size; valid: images, noise, num_images, split"):
         load_dataset("synthetic#size=3")
 
 

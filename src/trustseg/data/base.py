@@ -7,10 +7,12 @@ their on-disk label conventions (CamVid's 11, ADE20K's 0, Cityscapes' label ids)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypedDict
 
 import torch
+from torch.utils.data import Subset
 
 IGNORE_INDEX = 255
 
@@ -46,3 +48,10 @@ class SegmentationDataset(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> Sample: ...
+
+
+def subset(dataset: SegmentationDataset, indices: Sequence[int]) -> SegmentationDataset:
+    """The samples at `indices`, keeping the class metadata (torch's Subset drops it)."""
+    part = Subset(dataset, indices)
+    part.classes = dataset.classes
+    return part

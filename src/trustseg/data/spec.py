@@ -3,6 +3,9 @@
 Examples: ``camvid:/data/camvid#split=val``, ``folder:~/my_data#num_classes=5,cache=true``,
 ``synthetic#split=val,num_images=32``. Option values are converted: ``true``/``false`` to bool,
 integers to int, other numbers to float, anything else stays a string.
+
+Every dataset also takes ``images=START:STOP``, a Python-style slice of its (sorted) samples, e.g.
+``camvid:/data/camvid#split=val,images=0:50`` and ``...,images=50:`` for two disjoint halves.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from trustseg.data.base import SegmentationDataset
+from trustseg.data.base import SegmentationDataset, subset
 from trustseg.data.datasets import LAYOUTS
 from trustseg.errors import UserError
 
@@ -82,9 +85,9 @@ def _check_options(spec: str, factory: Callable[..., Any], options: dict[str, An
     parameters = inspect.signature(factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
-    valid = sorted(n for n, p in parameters.items()
-                   if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-                   and n != "root")
+    valid = sorted(["images", *(n for n, p in parameters.items()
+                                if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                and n != "root")])
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise UserError(f"data spec {spec!r}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
@@ -104,12 +107,31 @@ def load_dataset(spec: str, split: str | None = None, **overrides: Any) -> Segme
     parsed = parse_spec(spec)
     options = {**parsed.options, **overrides}
     options["split"] = split if split is not None else options.get("split", "train")
+    images = options.pop("images", None)
     if parsed.name == "synthetic":
         # lazy: the synthetic generator is only imported when asked for
         from trustseg.data.synthetic import SyntheticDataset
 
-        _check_options(spec, SyntheticDataset, options)
-        return SyntheticDataset(**options)
-    factory = LAYOUTS[parsed.name]
-    _check_options(spec, factory, options)
-    return factory(parsed.path, **options)
+        factory = SyntheticDataset
+        _check_options(spec, factory, options)
+        dataset = factory(**options)
+    else:
+        factory = LAYOUTS[parsed.name]
+        _check_options(spec, factory, options)
+        dataset = factory(parsed.path, **options)
+    return dataset if images is None else _select_images(spec, dataset, images)
+
+
+def _select_images(spec: str, dataset: SegmentationDataset, value: Any) -> SegmentationDataset:
+    """The ``images=START:STOP`` slice of `dataset`; an empty selection is an error."""
+    start, colon, stop = str(value).partition(":")
+    try:
+        selected = range(len(dataset))[slice(int(start) if start.strip() else None,
+                                             int(stop) if stop.strip() else None)]
+    except ValueError:
+        selected = None
+    if not colon or selected is None:
+        raise UserError(f"data spec {spec!r}: images={value!r}; expected START:STOP, e.g. images=0:50")
+    if not selected:
+        raise UserError(f"data spec {spec!r}: images={value} selects none of the {len(dataset)} images")
+    return subset(dataset, selected)

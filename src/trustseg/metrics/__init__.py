@@ -10,6 +10,7 @@ from trustseg.metrics.confusion import (
     metrics_from_confusion,
     per_image_iou,
 )
+from trustseg.metrics.uncertainty import UncertaintyHistogram, error_auroc, risk_coverage, uncertainty_bin_edges
 
 __all__ = [
     "Accumulator",
@@ -18,9 +19,13 @@ __all__ = [
     "ConfusionMatrix",
     "PerImageIoU",
     "Predictions",
+    "UncertaintyHistogram",
     "boundary_counts",
     "boundary_width",
     "confusion_matrix",
+    "error_auroc",
     "metrics_from_confusion",
     "per_image_iou",
+    "risk_coverage",
+    "uncertainty_bin_edges",
 ]

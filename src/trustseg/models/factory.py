@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from importlib import import_module
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -18,13 +18,22 @@ BUILDERS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
-    """Model whose forward maps normalised images (B, 3, H, W) to logits (B, K, H, W)."""
+def _builder(name: str) -> Callable[..., nn.Module]:
     if name not in BUILDERS:
         raise UserError(f"unknown model {name!r}; expected one of {', '.join(BUILDERS)}")
     module, builder_name = BUILDERS[name]
-    builder = getattr(import_module(module), builder_name)
-    accepted = set(inspect.signature(builder).parameters) - {"num_classes"}
+    return getattr(import_module(module), builder_name)
+
+
+def model_options(name: str) -> list[str]:
+    """The keyword options model `name` accepts besides num_classes, in the builder's order."""
+    return [option for option in inspect.signature(_builder(name)).parameters if option != "num_classes"]
+
+
+def build_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
+    """Model whose forward maps normalised images (B, 3, H, W) to logits (B, K, H, W)."""
+    accepted = set(model_options(name))
+    builder = _builder(name)
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise UserError(f"model {name!r}: unknown option(s) {unknown}; accepted: {sorted(accepted)}")

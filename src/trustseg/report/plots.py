@@ -91,3 +91,34 @@ def heatmap(
     figure.savefig(path)
     plt.close(figure)
     return Path(path)
+
+
+def reliability_diagrams(panels: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, *, title: str) -> Path:
+    """One reliability diagram per ``name: reliability`` (CalibrationHistogram's ``reliability["all"]``
+    with ``lower``/``upper`` bin edges): accuracy per confidence bin against the diagonal, gaps shaded,
+    the share of pixels per bin as a thin bar underneath."""
+    import numpy as np
+
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.0 * rows), dpi=110, squeeze=False)
+    for axes, (name, data) in zip(grid.flat, panels.items()):
+        lower, upper = np.array(data["lower"][:-1]), np.array(data["upper"][:-1])  # the last bin is {1.0}
+        accuracy = np.nan_to_num(np.array(data["accuracy"][:-1], dtype=float))
+        confidence = np.array(data["confidence"][:-1], dtype=float)
+        share = np.array(data["count"][:-1], dtype=float) / max(sum(data["count"]), 1)
+        width, middle = upper - lower, (lower + upper) / 2
+        axes.bar(middle, accuracy, width=width, color="#4c72b0", edgecolor="black", linewidth=0.4, label="accuracy")
+        axes.bar(middle, np.nan_to_num(confidence) - accuracy, bottom=accuracy, width=width, color="#dd8452",
+                 alpha=0.45, edgecolor="#dd8452", linewidth=0.4, label="gap to confidence")
+        axes.bar(middle, 0.25 * share / max(share.max(), 1e-12), width=0.6 * width, color="black", alpha=0.35)
+        axes.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=0.8)
+        axes.set(xlim=(0, 1), ylim=(0, 1), title=name, xlabel="confidence", ylabel="accuracy")
+    for axes in list(grid.flat)[len(panels):]:
+        axes.axis("off")
+    grid.flat[0].legend(fontsize=7, loc="upper left")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return Path(path)

@@ -6,10 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Subset
-
 from trustseg.checkpoint import Checkpoint, load_checkpoint
-from trustseg.data.base import ClassInfo, SegmentationDataset
+from trustseg.data.base import ClassInfo, SegmentationDataset, subset
 from trustseg.data.spec import load_dataset, resolve_split
 from trustseg.errors import UserError
 from trustseg.evaluate import evaluate
@@ -53,9 +51,7 @@ def first_images(dataset: SegmentationDataset, max_images: int | None) -> Segmen
         return dataset
     if max_images < 1:
         raise UserError(f"--max-images must be >= 1, got {max_images}")
-    subset = Subset(dataset, range(max_images))
-    subset.classes = dataset.classes
-    return subset
+    return subset(dataset, range(max_images))
 
 
 def default_accumulators(classes: ClassInfo, *, boundary_iou: bool = True) -> list[Any]:

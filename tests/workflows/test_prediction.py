@@ -1,0 +1,115 @@
+"""`run_predict` with uncertainty maps: values against the softmax computed by hand, MC dropout seeded."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from matplotlib import colormaps
+from PIL import Image
+
+from trustseg.checkpoint import Checkpoint, save_checkpoint
+from trustseg.errors import UserError
+from trustseg.models.factory import build_model
+from trustseg.workflows.prediction import PredictConfig, run_predict
+
+from cli_helpers import THREE_CLASSES, save_tiny_unet
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@pytest.fixture()
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def reference_probs(model, path):
+    """Softmax (K, H, W) float64 by hand: normalise, run (20 x 28 needs no padding for divisor 4)."""
+    image = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        return model((image.float() / 255 - MEAN) / STD)[0].softmax(0).double().numpy()
+
+
+def hand_entropy(p):
+    return -(p * np.log(p)).sum(0) / math.log(len(p))
+
+
+HAND = {
+    "entropy": hand_entropy,
+    "msp": lambda p: 1 - p.max(0),
+    "margin": lambda p: 1 - (np.sort(p, 0)[-1] - np.sort(p, 0)[-2]),
+}
+
+
+def predict(images, out, checkpoint, **options):
+    return run_predict(PredictConfig(checkpoint=str(checkpoint), input=str(images), out=str(out), progress=False, **options))
+
+
+@pytest.mark.parametrize("method", sorted(HAND))
+def test_softmax_maps_match_the_formulas_and_the_heatmaps_show_them(tmp_path, images, method):
+    model = save_tiny_unet(tmp_path / "unet.pt")
+    result = predict(images, tmp_path / "out", tmp_path / "unet.pt", uncertainty=method)
+    for i, outputs in enumerate(result.outputs):
+        values = np.load(outputs["uncertainty"])
+        assert values.dtype == np.float32 and values.shape == (20, 28)
+        np.testing.assert_allclose(values, HAND[method](reference_probs(model, images / f"im{i}.png")), atol=1e-6)
+        heat = np.asarray(Image.open(tmp_path / "out" / "uncertainty" / f"im{i}.png"))
+        assert np.array_equal(heat, colormaps["inferno"](values, bytes=True)[..., :3])
+
+
+def save_segformer(path, **rates):
+    torch.manual_seed(0)
+    options = {"decoder_dim": 16, **rates}
+    model = build_model("segformer", num_classes=3, **options)
+    save_checkpoint(Checkpoint({"name": "segformer", "options": options}, model.state_dict(), THREE_CLASSES), path)
+
+
+def test_mc_dropout_map_is_seeded_and_leaves_the_labels_alone(tmp_path, images):
+    save_segformer(tmp_path / "seg.pt")
+
+    def run(name, **options):
+        outputs = predict(images / "im0.png", tmp_path / name, tmp_path / "seg.pt", **options).outputs[0]
+        labels = np.asarray(Image.open(outputs["labels"]))
+        return labels, np.load(outputs["uncertainty"]) if "uncertainty" in outputs else None
+
+    labels, _ = run("plain")
+    mc_labels, first = run("a", uncertainty="mc-dropout", mc_samples=3, seed=0)
+    _, again = run("b", uncertainty="mc-dropout", mc_samples=3, seed=0)
+    _, other = run("c", uncertainty="mc-dropout", mc_samples=3, seed=1)
+    assert np.array_equal(labels, mc_labels)
+    assert first.shape == (20, 28) and first.dtype == np.float32
+    assert 0 < first.min() and first.max() <= 1
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+@pytest.mark.parametrize(
+    "model,fix",
+    [
+        ("unet", "model 'unet' has no dropout option; use --uncertainty entropy|msp|margin instead"),
+        ("segformer", "e.g. --set model.options.drop_path_rate=0.1 (segformer options: drop_path_rate, dropout)"),
+    ],
+)
+def test_mc_dropout_without_dropout_fails_before_writing(tmp_path, images, model, fix):
+    path = tmp_path / "model.pt"
+    save_tiny_unet(path) if model == "unet" else save_segformer(path, dropout=0.0, drop_path_rate=0.0)
+    with pytest.raises(UserError, match="MC dropout needs dropout") as info:
+        predict(images, tmp_path / "out", path, uncertainty="mc-dropout")
+    assert str(info.value).endswith(fix)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [({"uncertainty": "variance"}, "--uncertainty 'variance': expected one of entropy, msp, margin, mc-dropout"),
+     ({"mc_samples": 0}, "--mc-samples 0: expected an integer >= 1")],
+)
+def test_bad_uncertainty_options_are_refused(options, message):
+    with pytest.raises(UserError, match=message):
+        PredictConfig(checkpoint="m.pt", input="in", out="out", **options)
