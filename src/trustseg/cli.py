@@ -68,10 +68,13 @@ ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progr
 
 
 def print_eval_tables(metrics: dict, class_names) -> None:
-    from trustseg.report.tables import per_class_rows, rich_table, summary_rows
+    from trustseg.report.tables import calibration_rows, per_class_rows, rich_table, summary_rows
 
     console.print(rich_table(*per_class_rows(metrics, class_names), title="per class (%)"))
     console.print(rich_table(*summary_rows(metrics), title="summary (%)"))
+    calibration = calibration_rows(metrics)
+    if calibration[0]:
+        console.print(rich_table(*calibration, title="calibration and error detection (%; NLL, Brier raw)"))
 
 
 @app.command("demo")
@@ -130,6 +133,10 @@ def eval_command(
     batch_size: int = BatchSizeOption,
     max_images: Optional[int] = MaxImagesOption,
     boundary_iou: bool = typer.Option(True, "--boundary-iou/--no-boundary-iou", help="Also compute Boundary IoU."),
+    calibration: bool = typer.Option(True, "--calibration/--no-calibration",
+                                     help="Also compute ECE, MCE, aECE, cwECE, NLL, Brier (all pixels and boundary band)."),
+    uncertainty: str = typer.Option("msp", "--uncertainty", help="Uncertainty measures scored as error detectors "
+                                    "(AUROC, AURC): comma-separated msp, entropy, margin, or none."),
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
@@ -137,8 +144,8 @@ def eval_command(
     bf16: bool = Bf16Option,
     progress: bool = ProgressOption,
 ) -> None:
-    """Evaluate a checkpoint: mIoU, mAcc, aAcc, mDice, fwIoU, Boundary IoU, per-class table."""
-    from trustseg.workflows.evaluation import EvalConfig, run_eval
+    """Evaluate a checkpoint: mIoU, mAcc, aAcc, mDice, fwIoU, Boundary IoU, calibration, error detection."""
+    from trustseg.workflows.evaluation import EvalConfig, parse_measures, run_eval
 
     result = run_eval(
         EvalConfig(
@@ -150,6 +157,8 @@ def eval_command(
             max_images=max_images,
             inference=inference_config(mode, crop, stride, short_side, bf16),
             boundary_iou=boundary_iou,
+            calibration=calibration,
+            uncertainty=parse_measures(uncertainty),
             progress=progress,
         )
     )
@@ -212,6 +221,8 @@ def robustness_command(
     num_workers: int = typer.Option(0, "--workers", min=0, help="DataLoader workers that corrupt images in parallel."),
     seed: int = typer.Option(0, "--seed", help="Seed of the per-image corruption randomness."),
     boundary_iou: bool = typer.Option(False, "--boundary-iou/--no-boundary-iou", help="Also compute Boundary IoU."),
+    calibration: bool = typer.Option(True, "--calibration/--no-calibration",
+                                     help="Also compute calibration metrics and msp error detection per condition."),
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
@@ -229,7 +240,7 @@ def robustness_command(
         checkpoint=str(checkpoint), data=data, out=str(out), corruptions=parse_corruptions(corruptions),
         severities=parse_severities(severities), split=split, baseline=None if baseline is None else str(baseline),
         max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, boundary_iou=boundary_iou,
-        inference=inference_config(mode, crop, stride, short_side, bf16), progress=progress,
+        calibration=calibration, inference=inference_config(mode, crop, stride, short_side, bf16), progress=progress,
     )
     result = run_robustness(config)
     if is_main_process():
@@ -347,6 +358,25 @@ def bench_metrics_command(
 
     result = bench_metrics(num_images=num_images, height=height, width=width, num_classes=num_classes, seed=seed)
     typer.echo(format_metrics_bench(result))
+
+
+@bench_app.command("calibration")
+def bench_calibration_command(
+    num_images: int = typer.Option(8, "--num-images", min=1),
+    size: str = typer.Option("512,1024", "--size", help="Image size 'H,W'."),
+    num_classes: int = typer.Option(19, "--num-classes", min=1),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed passes over the stream (after 2 warm-up batches)."),
+    model: str = typer.Option("segformer_b0", "--model", help="Model of the evaluation pass (a bench model name)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads (default: torch's)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Our CalibrationHistogram vs torchmetrics MulticlassCalibrationError, and its share of an eval pass."""
+    from trustseg.bench.calibration import bench_calibration, format_calibration_bench
+
+    height, width = parse_pair(size, "--size")
+    result = bench_calibration(num_images=num_images, height=height, width=width, num_classes=num_classes,
+                               repeats=repeats, seed=seed, model=model, threads=threads)
+    typer.echo(format_calibration_bench(result))
 
 
 @bench_app.command("model")

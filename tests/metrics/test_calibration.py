@@ -10,18 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchmetrics.classification import MulticlassCalibrationError
 
+import trustseg.metrics.calibration as calibration
 from trustseg.errors import UserError
 from trustseg.metrics import CalibrationHistogram, Predictions
+from trustseg.metrics.calibration import bin_index, class_edge_band
 
 IGNORE = 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; the shared 2-core machine makes OpenMP barriers slow
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobby(seed, batch, height, width, K, *, ignore_fraction=0.15, scale=3.0, confident=0.0):
@@ -145,9 +142,13 @@ def assert_close(a, b, tol=1e-6):
     assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tol, (a, b)
 
 
-def test_matches_torchmetrics_and_naive_reference():
+# (pixels per step of the update, confidence boost): one step per image and every pixel's K-vector
+# masked; then steps of 7 pixels, some few enough uncertain pixels for their K-vectors to be gathered.
+@pytest.mark.parametrize("pixels, confident", [(calibration._PIXELS, 0.0), (7, 4.0)])
+def test_matches_torchmetrics_and_naive_reference(monkeypatch, pixels, confident):
+    monkeypatch.setattr(calibration, "_PIXELS", pixels)
     K, width = 5, 2
-    logits, target = blobby(0, 3, 13, 17, K)
+    logits, target = blobby(0, 3, 13, 17, K, confident=confident)
     metric = CalibrationHistogram(K, boundary_width=width)
     metric.update(logits[:2], target[:2])
     metric.update(logits[2:], target[2:])
@@ -180,6 +181,29 @@ def test_matches_torchmetrics_and_naive_reference():
         assert abs(got[f"aECE{suffix}"] - ref[f"aECE_exact{suffix}"]) <= bound + 1e-9
     assert got["reliability"]["lower"][0] == 0.0 and got["reliability"]["upper"][-1] == 1.0
     assert 0 < got["boundary_fraction"] < 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_bins", [1, 2, 3, 7, 10, 15, 19, 20, 100, 1000])
+def test_bin_index_is_torchmetrics_bucketize_around_every_edge(num_bins, dtype):
+    """The fast path agrees with bucketize on every float within 256 ulps of every edge; elsewhere
+    both are monotone and constant between those neighbourhoods, so they agree on every float."""
+    edges = torch.linspace(0, 1, num_bins + 1, dtype=dtype)
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    x = (edges.view(bits)[:, None] + torch.arange(-256, 257, dtype=bits)).view(dtype).flatten()
+    x = torch.cat((x[(x >= 0) & (x <= 1)], torch.rand(10_000, dtype=dtype, generator=torch.Generator().manual_seed(0))))
+    assert torch.equal(bin_index(x, num_bins), torch.bucketize(x, edges, right=True) - 1)
+
+
+@pytest.mark.parametrize("num_classes", [254, 255, 400])
+def test_band_depends_only_on_which_labels_differ(num_classes):
+    """Relabelling the classes injectively (into the uint8 and int32 ranges) keeps the band."""
+    _, target = blobby(4, 2, 12, 15, 3)
+    ignored = target == IGNORE
+    expected = torch.from_numpy(brute_band(target.numpy(), 3, 2))
+    relabelled = torch.where(ignored, -1, target * (num_classes // 3) + num_classes % 3)
+    assert torch.equal(class_edge_band(relabelled, ignored, num_classes, 2), expected)
+    assert torch.equal(class_edge_band(target, ignored, 3, 2), expected)
 
 
 @pytest.mark.parametrize("fine_bins", [20, 200, 5000])

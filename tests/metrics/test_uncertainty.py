@@ -19,12 +19,7 @@ from trustseg.uncertainty import UNCERTAINTY
 IGNORE = 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; the shared 2-core machine makes OpenMP barriers slow
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------

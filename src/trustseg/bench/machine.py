@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import platform
+from typing import Any
+
+import torch
 
 
 def cpu_name() -> str:
@@ -14,3 +18,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, torch version and its intra-op threads, and today's date."""
+    return {
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": datetime.date.today().isoformat(),
+    }

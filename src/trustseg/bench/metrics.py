@@ -12,7 +12,6 @@ them equal.
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 import statistics
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trustseg.bench.memory import peak_tensor_bytes
-from trustseg.bench.machine import cpu_name
+from trustseg.bench.machine import machine_info
 from trustseg.errors import UserError
 from trustseg.metrics.confusion import ConfusionMatrix
 
@@ -92,23 +91,30 @@ def _cycled_batches(pred: Tensor, target: Tensor, num_images: int, batch_size: i
 
 
 def _time_interleaved(
-    metrics: dict[str, Any], batches: list[tuple[Tensor, Tensor]], repeats: int, check: Callable[[], None]
+    metrics: dict[str, Any],
+    batches: list[tuple[Tensor, Tensor]],
+    repeats: int,
+    check: Callable[[], None],
+    prepare: Callable[[Tensor, Tensor], tuple[Any, ...]] = lambda pred, target: (pred, target),
 ) -> dict[str, list[float]]:
     """ms per image of every (metric, batch) update over `repeats` full passes, the metrics alternating
-    batch by batch; `check()` runs after each pass."""
-    for pred, target in batches[:_WARMUP_BATCHES]:
+    batch by batch; `check()` runs after each pass. Each update gets `prepare(*batch)`, made once per
+    batch and pass, untimed (default: the batch itself)."""
+    for batch in batches[:_WARMUP_BATCHES]:
+        args = prepare(*batch)
         for metric in metrics.values():
-            metric.update(pred, target)
+            metric.update(*args)
     ms_per_image: dict[str, list[float]] = {name: [] for name in metrics}
     for repeat in range(repeats):
         for metric in metrics.values():
             metric.reset()
-        for i, (pred, target) in enumerate(batches):
+        for i, batch in enumerate(batches):
+            args = prepare(*batch)
             names = list(metrics) if (i + repeat) % 2 == 0 else list(reversed(metrics))
             for name in names:
                 start = time.perf_counter()
-                metrics[name].update(pred, target)
-                ms_per_image[name].append((time.perf_counter() - start) * 1e3 / len(pred))
+                metrics[name].update(*args)
+                ms_per_image[name].append((time.perf_counter() - start) * 1e3 / len(batch[1]))
         check()
     return ms_per_image
 
@@ -159,14 +165,7 @@ def bench_metrics(
             "seed": seed,
             "pool_images": pool_images,
         },
-        "machine": {
-            "cpu": cpu_name(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "torchmetrics": _torchmetrics_version(),
-            "date": datetime.date.today().isoformat(),
-            "load_average_1min": load,
-        },
+        "machine": {**machine_info(), "torchmetrics": _torchmetrics_version(), "load_average_1min": load},
         "mIoU": miou,
         "mIoU_torchmetrics": miou_tm,
     }

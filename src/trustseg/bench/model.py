@@ -62,6 +62,16 @@ def build_bench_model(model: str, num_classes: int = 19) -> nn.Module:
     return build_model(builder, num_classes=num_classes, **options).eval()
 
 
+def check_input_size(net: nn.Module, model: str, height: int, width: int, command: str) -> None:
+    """Raise `UserError`, naming the padded size, unless H and W are multiples of the model's size divisor."""
+    divisor = int(getattr(net, "size_divisor", 1))
+    if height % divisor or width % divisor:
+        ph, pw = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
+        raise UserError(
+            f"{command}: {model} needs sizes divisible by {divisor}; use {ph}x{pw} instead of {height}x{width}"
+        )
+
+
 def bench_model(
     model: str = "vit_s16",
     *,
@@ -95,12 +105,7 @@ def bench_model(
     height, width = _parse_size(size)
     _check_args(batch_size, num_classes, dtypes, warmup, runs, threads, mm_size, mm_reps)
     net = build_bench_model(model, num_classes)
-    divisor = int(getattr(net, "size_divisor", 1))
-    if height % divisor or width % divisor:
-        ph, pw = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
-        raise UserError(
-            f"bench model: {model} needs sizes divisible by {divisor}; use {ph}x{pw} instead of {height}x{width}"
-        )
+    check_input_size(net, model, height, width, "bench model")
 
     saved_threads = torch.get_num_threads()
     if threads is not None:

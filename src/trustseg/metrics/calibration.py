@@ -38,6 +38,15 @@ argmax == target):
 
 All values are fractions (NaN where no pixel counts); ``reliability`` holds per-bin count, mean
 confidence and accuracy (NaN for an empty bin) for all labelled pixels and for the band.
+
+**Cost.** `update` reads the batch's shared softmax and never bins all K x N probabilities: every
+histogram comes from one joint histogram (region, class, bin, kind) of a few entries per pixel (its
+top class, its target class, and, where the top probability leaves room for another class to reach
+bin 1, each class with p_k >= 1/M), and class-wise bin 0 is what bins 1..M leave of each class's
+column sum. On the CPU images go one at a time and pixels 32768 at a time, so that temporaries stay
+in cache (a fresh (K, H, W) temporary costs more in page faults than its arithmetic). Every sum over
+pixels is float64. At 512x1024 and K = 19 an update costs a tenth to an eighth of a SegFormer-B0
+forward on a 2-core CPU (`trustseg bench calibration`, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -53,16 +62,32 @@ from trustseg.metrics.base import Accumulator, Predictions, invalid_labels_error
 from trustseg.metrics.boundary import sliding_max
 
 NLL_MIN_PROB = 1e-12
-# Pixel regions, used as bincount offsets: interior, boundary band, ignored (dropped).
+# Pixel regions, used as histogram offsets: interior, boundary band, ignored (dropped).
 _REGIONS = 3
 # Slack over float32 softmax rounding (the K probabilities sum to 1 within ~K ulp) in the
 # "top probability > 1 - first edge puts every other class in bin 0" shortcut.
 _TOP_MARGIN = 1e-3
+# Kinds of entries in the joint histogram (see `_pixel_sums`): a top entry's kind is 2 * (its pixel's
+# K-vector is entered too) + (the prediction is right); then K-vector entries and target entries.
+_VECTOR_TOP, _VECTOR, _TARGET, _KINDS = 2, 4, 5, 6
+# Pixels per step of `CalibrationHistogram._update_image` on the CPU.
+_PIXELS = 32768
 
 
-def _bin_index(x: Tensor, edges: Tensor) -> Tensor:
-    """Equal-width bin of each value in [0, 1]: b with edges[b] <= x < edges[b+1], and M for x = 1."""
-    return torch.bucketize(x, edges, right=True).sub_(1)
+def bin_index(x: Tensor, num_bins: int) -> Tensor:
+    """torchmetrics' bin of each value in [0, 1], int64: ``bucketize(x, linspace(0, 1, M+1), right=True) - 1``.
+
+    bucketize's binary search costs ~20 ns a value on CPU, trunc(M x) ~1 ns. They differ only where
+    M x lies within rounding of an integer (the linspace edges and the product are each rounded, to
+    either side, by a few ulps of M), so only the values with M x within M * 2^-16 of an integer,
+    a margin 100x wider, are bucketized. Tests compare every float within 256 ulps of every edge.
+    """
+    scaled = x * num_bins
+    index = scaled.long()
+    near = ((scaled - scaled.round()).abs_() < num_bins * 2.0**-16).nonzero(as_tuple=True)
+    edges = torch.linspace(0, 1, num_bins + 1, dtype=x.dtype, device=x.device)
+    index[near] = torch.bucketize(x[near], edges, right=True) - 1
+    return index
 
 
 def _fine_index(x: Tensor, fine_bins: int) -> Tensor:
@@ -78,20 +103,103 @@ def class_edge_band(target: Tensor, ignored: Tensor, num_classes: int, width: in
     padding being 0, so neither counts as an edge; the window is mixed iff max label != min label.
     """
     K = num_classes
-    dtype = torch.uint8 if K <= 255 else torch.int32
+    dtype = torch.uint8 if K < 255 else torch.int32  # K + 1 must fit
     t = target.to(dtype)
-    up = torch.where(ignored, 0, t + 1).to(dtype)
-    down = torch.where(ignored, 0, K - t).to(dtype)
-    both = torch.nn.functional.pad(torch.stack((up, down)), (width, width, width, width))
+    both = torch.stack(((t + 1).masked_fill_(ignored, 0), (K - t).masked_fill_(ignored, 0)))
+    both = torch.nn.functional.pad(both, (width, width, width, width))
     window = 2 * width + 1
     both = sliding_max(sliding_max(both, window, -1), window, -2)
-    mixed = both[0].to(torch.int32) + both[1].to(torch.int32) != K + 1
-    return mixed & ~ignored
+    return (both[0] != (K + 1) - both[1]) & ~ignored
+
+
+def _moments(probs: Tensor, region: Tensor) -> tuple[Tensor, Tensor]:
+    """Column sums sum p_k for regions 0 and 1 (2, K), and sums of sum_k p_k^2 for each region (3,), float64.
+
+    probs (K, n), region (n,) in {0, 1, 2}. The column sums are a masked matmul in float64: a float32
+    one adds its n terms in sequence (2e-7 off in relative terms at n = 32768, 6e-6 at 512x1024,
+    which put cwECE 4e-6 off; TF32 would be far worse), and float64 costs ~2 ms more an image. The
+    squares are summed over K per pixel, then over pixels in float64.
+    """
+    masks = torch.stack((region == 0, region == 1)).double()
+    squares = torch.bincount(region, (probs * probs).sum(0).double(), minlength=_REGIONS)
+    return masks @ probs.T.double(), squares
+
+
+def _vector_entries(probs: Tensor, pixels: Tensor, first_edge: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(pixel, class, p_k) of every p_k >= the first bin edge of the pixels flagged in `pixels` (n,) bool.
+
+    probs (K, n). While under half of the pixels are flagged, gathering their K-vectors first is
+    cheaper than masking all K x n probabilities.
+    """
+    if int(pixels.sum()) * 2 < pixels.numel():
+        at = pixels.nonzero().squeeze(1)
+        vectors = probs.index_select(1, at)
+        cls, j = (vectors >= first_edge).nonzero().unbind(1)
+        return at[j], cls, vectors[cls, j]
+    cls, pixel = ((probs >= first_edge) & pixels).nonzero().unbind(1)
+    return pixel, cls, probs[cls, pixel]
+
+
+def _pixel_sums(
+    probs: Tensor, pred: Tensor, labels: Tensor, region: Tensor, num_bins: int, fine_bins: int
+) -> tuple[Tensor, ...]:
+    """The raw sums of a run of pixels: probs (K, n), pred, labels, region (n,) int64 (2 = ignored).
+
+    Returns, per region: the joint histogram's count and probability sum (3, K, M+1, kinds), the fine
+    top-label histogram's count and confidence sum (3, F+1, 2 = wrong, right), the column sums
+    (2, K), the sums of squares and the NLL sums (3,).
+
+    The joint histogram (one count and one weighted bincount) holds every entry that a histogram
+    needs: each pixel's top class (its confidence) and target class, and, for a pixel whose top
+    probability leaves room for another class to reach bin 1, every class with p_k >= the first
+    edge, its top class included; that pixel's top entry is flagged, for the class-wise sums to
+    count it once. Class-wise bin 0 is then what bins 1..M leave of each region's pixel count and
+    column sum.
+    """
+    K, M, F, R = probs.shape[0], num_bins, fine_bins, _REGIONS
+    conf = probs.amax(0)  # = the probability of `pred`, whose softmax numerator exp(0) = 1 is the largest
+    p_target = probs.gather(0, labels.unsqueeze(0)).squeeze(0)
+    correct = pred == labels
+    first_edge = torch.linspace(0, 1, M + 1, dtype=probs.dtype, device=probs.device)[1]
+    vector = conf <= 1 - first_edge + _TOP_MARGIN
+    pixel, cls, prob = _vector_entries(probs, vector, first_edge)
+    # joint index = ((region * K + class) * (M + 1) + bin) * kinds + kind; top, vector, target entries
+    stride, region_row = (M + 1) * _KINDS, region * K
+    keys = torch.cat(
+        (
+            (region_row + pred).mul_(stride).add_(correct).add_(vector, alpha=_VECTOR_TOP),
+            (region[pixel] * K + cls).mul_(stride).add_(_VECTOR),
+            (region_row + labels).mul_(stride).add_(_TARGET),
+        )
+    )
+    values = torch.cat((conf, prob, p_target))
+    index = bin_index(values, M).mul_(_KINDS).add_(keys)
+    weights = values.double()
+    size, shape = R * K * stride, (R, K, M + 1, _KINDS)
+    count = torch.bincount(index, minlength=size).view(shape)
+    total = torch.bincount(index, weights, minlength=size).view(shape)
+
+    fine = _fine_index(conf, F).add_(region, alpha=F + 1).mul_(2).add_(correct)
+    fine_count = torch.bincount(fine, minlength=R * (F + 1) * 2).view(R, F + 1, 2)
+    fine_conf = torch.bincount(fine, weights[: len(conf)], minlength=R * (F + 1) * 2).view(R, F + 1, 2)
+    nll = torch.bincount(region, weights[-len(labels) :].clamp(min=NLL_MIN_PROB).log_().neg_(), minlength=R)
+    return (count, total, fine_count, fine_conf, *_moments(probs, region), nll)
 
 
 def _ece(correct: Tensor, conf: Tensor, count: Tensor) -> Tensor:
     """sum_b |sum correct - sum conf| / N over the last dim (float64), NaN where N = 0."""
     return (correct.double() - conf).abs().sum(-1) / count.sum(-1).double()
+
+
+def _image_ece(count: Tensor, conf: Tensor, correct: Tensor) -> Tensor:
+    """One image's (2, 3) float64 per region kind (all, band): 1, its ECE and ECE^2, or zeros if no pixel counts.
+
+    count, conf, correct: (2, M+1) top-label histograms of the interior and the band.
+    """
+    count, conf, correct = (torch.stack((h.sum(0), h[1])) for h in (count, conf, correct))
+    valid = count.sum(-1) > 0
+    ece = torch.where(valid, _ece(correct, conf, count), 0.0)
+    return torch.stack((valid.double(), ece, ece.square()), 1)
 
 
 def _adaptive_ece(count: Tensor, conf: Tensor, correct: Tensor, groups: int) -> float:
@@ -107,10 +215,10 @@ def _adaptive_ece(count: Tensor, conf: Tensor, correct: Tensor, groups: int) -> 
 class CalibrationHistogram(Accumulator):
     """Calibration of the softmax probabilities over all labelled pixels and a class-boundary band.
 
-    See the module docstring for the definitions. Reads the batch's shared `Predictions.probs` (so it
-    needs logits; hard predictions raise `UserError`). State, float64 sums and int64 counts: for two
-    regions (interior, band), top-label histograms of M+1 and F+1 bins, K class-wise histograms of
-    M+1 bins, NLL and Brier sums, and per-image ECE sums and sums of squares.
+    See the module docstring for the definitions and the cost. Reads the batch's shared
+    `Predictions.probs` (so it needs logits; hard predictions raise `UserError`). State, float64 sums
+    and int64 counts: for two regions (interior, band), top-label histograms of M+1 and F+1 bins, K
+    class-wise histograms of M+1 bins, NLL and Brier sums, and per-image ECE sums and sums of squares.
 
     >>> metric = CalibrationHistogram(num_classes=2)
     >>> metric.update(torch.tensor([[[[2.0]], [[0.0]]]]), torch.tensor([[[0]]]))
@@ -171,103 +279,58 @@ class CalibrationHistogram(Accumulator):
         probs = preds.probs  # raises UserError for hard predictions
         if target.numel() == 0:
             return
-        K, M, F, R = self.num_classes, self.num_bins + 1, self.fine_bins + 1, _REGIONS
-        B = target.shape[0]
+        K = self.num_classes
         lo, hi = (int(v) for v in torch.aminmax(target))
         if lo < 0 or hi >= K:
-            ignored = target == self.ignore_index
-            if bool((((target < 0) | (target >= K)) & ~ignored).any()):
+            if bool((((target < 0) | (target >= K)) & (target != self.ignore_index)).any()):
                 raise invalid_labels_error(target, K, self.ignore_index)
-            labels = torch.where(ignored, 0, target).long()
-        else:
-            ignored = torch.zeros(target.shape, dtype=torch.bool, device=target.device)
-            labels = target.long()
-        band = class_edge_band(labels, ignored, K, self.boundary_width)
-        region = torch.where(ignored, 2, band.long())  # (B, H, W) in {0, 1, 2}
-        edges = torch.linspace(0, 1, self.num_bins + 1, dtype=probs.dtype, device=probs.device)
+        flat = probs.reshape(target.shape[0], K, -1)
+        # One image at a time: glibc maps allocations over 32 MB (a batch's int64 label map at 8 x
+        # 512x1024) afresh each time, page fault by page fault, and reuses smaller ones.
+        for image in range(target.shape[0]):
+            labels = target[image : image + 1]
+            ignored = labels == self.ignore_index
+            region = torch.where(ignored, 2, class_edge_band(labels, ignored, K, self.boundary_width))
+            labels = torch.where(ignored, 0, labels).long()
+            self._update_image(flat[image], preds.pred[image].flatten(), labels.flatten(), region.flatten())
 
-        # top-label: one bincount per sum, per image and region, over pixels (not classes)
-        pred = preds.pred
-        conf = probs.gather(1, pred.unsqueeze(1)).squeeze(1)
-        correct = (pred == labels) & ~ignored
-        conf64 = conf.double().flatten()
-        image = torch.arange(B, device=target.device).view(B, 1, 1) * R
-        idx = (_bin_index(conf, edges) + (region + image) * M).flatten()
-        size = B * R * M
-        per_image = [
-            torch.bincount(idx, minlength=size),
-            torch.bincount(idx, weights=conf64, minlength=size),
-            torch.bincount(idx, weights=correct.flatten().double(), minlength=size),
-        ]
-        count, conf_sum, correct_sum = (h.view(B, R, M)[:, :2] for h in per_image)
-        self._accumulate("count", count.sum(0))
-        self._accumulate("conf", conf_sum.sum(0))
-        self._accumulate("correct", correct_sum.sum(0).round().long())
-        self._accumulate_image_ece(count, conf_sum, correct_sum)
+    def _update_image(self, probs: Tensor, pred: Tensor, labels: Tensor, region: Tensor) -> None:
+        """Add one image: probs (K, N), and per pixel pred and labels, region (N,) int64 (2 = ignored).
 
-        region_flat = region.flatten()
-        fine = (_fine_index(conf, self.fine_bins) + region * F).flatten()
-        self._accumulate("fine_count", torch.bincount(fine, minlength=R * F).view(R, F)[:2])
-        self._accumulate(
-            "fine_conf",
-            torch.bincount(fine, weights=conf64, minlength=R * F).view(R, F)[:2],
+        Its raw sums (`_pixel_sums`) are taken `_PIXELS` pixels at a time on the CPU, so that the
+        per-pixel temporaries stay in cache, and in one step on an accelerator, where every step
+        costs ~100 kernel launches and a few synchronisations; every state is derived from them.
+        """
+        step = _PIXELS if probs.device.type == "cpu" else probs.shape[1]
+        steps = (
+            _pixel_sums(probs[:, at : at + step], pred[at : at + step], labels[at : at + step],
+                        region[at : at + step], self.num_bins, self.fine_bins)
+            for at in range(0, probs.shape[1], step)
         )
-        fine_correct = torch.bincount(fine, weights=correct.flatten().double(), minlength=R * F)
-        self._accumulate("fine_correct", fine_correct.view(R, F)[:2].round().long())
+        count, total, fine_count, fine_conf, columns, squares, nll = (sum(parts)[:2] for parts in zip(*steps))
 
-        # class-wise. A pixel whose top probability exceeds 1 - (first edge) has every other class in
-        # bin 0, so only uncertain pixels are binned class by class (a gather of their K-vectors); for
-        # the rest the top class reuses `conf` and bin 0 of the others is the remainder of the column
-        # sums. No (B, K, H, W) temporary; exact up to float32 rounding of the column sums.
-        HW = conf[0].numel()
-        flat = probs.reshape(B, K, HW)
-        onehot = torch.nn.functional.one_hot(region.reshape(B, HW), R).to(probs.dtype)
-        column = torch.bmm(flat, onehot).sum(0).double().T  # (R, K): sum of p_k per region
-        uncertain = conf < 1 - edges[1] + _TOP_MARGIN
-        where = uncertain.reshape(B, HW).nonzero()  # (n, 2): image, pixel
-        vectors = flat[where[:, 0], :, where[:, 1]]  # (n, K)
-        u_region = region.reshape(B, HW)[where[:, 0], where[:, 1]]
-        u_idx = (
-            _bin_index(vectors, edges) + (torch.arange(K, device=probs.device) + u_region[:, None] * K) * M
-        ).flatten()
-        size = (R + 1) * K * M  # a fourth region slot receives the uncertain pixels' top class below
-        class_count = torch.bincount(u_idx, minlength=size)
-        class_prob = torch.bincount(u_idx, weights=vectors.double().flatten(), minlength=size)
-        t_region = torch.where(uncertain, R, region)
-        t_idx = (_bin_index(conf, edges) + (pred + t_region * K) * M).flatten()
-        top_count = torch.bincount(t_idx, minlength=size).view(R + 1, K, M)[:R]
-        top_prob = torch.bincount(t_idx, weights=conf64, minlength=size).view(R + 1, K, M)[:R]
-        class_count = class_count.view(R + 1, K, M)[:R] + top_count
-        class_prob = class_prob.view(R + 1, K, M)[:R] + top_prob
-        certain = torch.bincount(t_region.flatten(), minlength=R + 1)[:R]  # confident pixels per region
-        class_count[:, :, 0] += certain[:, None] - top_count.sum(-1)
-        class_prob[:, :, 0] += column - class_prob.sum(-1)
-        p_target = probs.gather(1, labels.unsqueeze(1)).squeeze(1)
-        hits_idx = (_bin_index(p_target, edges) + region * M + labels * (R * M)).flatten()
-        hits = torch.bincount(hits_idx, minlength=K * R * M).view(K, R, M).transpose(0, 1)
-        self._accumulate("class_count", class_count[:2])
-        self._accumulate("class_prob", class_prob[:2])
-        self._accumulate("class_hits", hits[:2])
-        squares = torch.einsum("bkn,bkn->bn", flat, flat)
+        top_count = count[..., :_VECTOR].unflatten(-1, (2, 2))  # (2, K, M + 1, vector, right)
+        top_total = total[..., :_VECTOR].unflatten(-1, (2, 2))
+        top_label = top_count.sum((1, 3))  # (2, M + 1, right)
+        top_conf = top_total.sum((1, 3, 4))
+        self._accumulate("count", top_label.sum(-1))
+        self._accumulate("conf", top_conf)
+        self._accumulate("correct", top_label[..., 1])
+        self._accumulate("image_ece", _image_ece(top_label.sum(-1), top_conf, top_label[..., 1]))
+        self._accumulate("fine_count", fine_count.sum(-1))
+        self._accumulate("fine_conf", fine_conf.sum(-1))
+        self._accumulate("fine_correct", fine_count[..., 1])
 
-        p_target64 = p_target.double().flatten()
-        nll = -p_target64.clamp(min=NLL_MIN_PROB).log()
-        brier = squares.double().flatten() - 2 * p_target64 + 1
-        self._accumulate("nll", torch.bincount(region_flat, weights=nll, minlength=R)[:2])
-        self._accumulate("brier", torch.bincount(region_flat, weights=brier, minlength=R)[:2])
-
-    def _accumulate_image_ece(self, count: Tensor, conf: Tensor, correct: Tensor) -> None:
-        """Per-image ECE (B,) for all labelled pixels and for the band, added as count, sum, sum of squares."""
-        sums = []
-        for c, s, a in (
-            (count.sum(1), conf.sum(1), correct.sum(1)),
-            (count[:, 1], conf[:, 1], correct[:, 1]),
-        ):
-            ece = _ece(a, s, c)
-            valid = c.sum(-1) > 0
-            ece = ece[valid]
-            sums.append(torch.stack((valid.sum().double(), ece.sum(), ece.square().sum())))
-        self._accumulate("image_ece", torch.stack(sums))
+        pixels = count[..., _TARGET].sum((1, 2))  # labelled pixels per region: one target entry each
+        class_count = top_count[..., 0, :].sum(-1) + count[..., _VECTOR]
+        class_prob = top_total[..., 0, :].sum(-1) + total[..., _VECTOR]
+        class_count[..., 0] = pixels[:, None] - class_count[..., 1:].sum(-1)
+        class_prob[..., 0] = columns - class_prob[..., 1:].sum(-1)
+        self._accumulate("class_count", class_count)
+        self._accumulate("class_prob", class_prob)
+        self._accumulate("class_hits", count[..., _TARGET])
+        self._accumulate("nll", nll)
+        self._accumulate("brier", squares - 2 * total[..., _TARGET].sum((1, 2)) + pixels)
 
     def compute(self) -> dict[str, Any]:
         s = self._states

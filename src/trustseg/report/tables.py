@@ -9,6 +9,10 @@ from typing import Any
 from rich.table import Table
 
 SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mDice", "fwIoU", "mBIoU", "mIoU_img")
+# calibration (fractions except NLL and Brier) and error detection by uncertainty (prefixes + measure)
+CALIBRATION_KEYS = ("ECE", "MCE", "aECE", "cwECE", "ECE_boundary", "NLL", "Brier")
+UNCERTAINTY_PREFIXES = ("AUROC_", "AURC_", "EAURC_")
+UNSCALED = ("NLL", "Brier")
 PER_CLASS_KEYS = ("IoU", "Acc", "Dice", "BIoU")
 
 
@@ -22,6 +26,13 @@ def percent(value: Any) -> str:
 def summary_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     keys = [k for k in SUMMARY_KEYS if k in metrics]
     return keys, [[percent(metrics[k]) for k in keys]]
+
+
+def calibration_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Calibration and uncertainty keys present in `metrics`; empty when there are none."""
+    keys = [k for k in CALIBRATION_KEYS if k in metrics]
+    keys += [k for k in metrics if k.startswith(UNCERTAINTY_PREFIXES)]
+    return keys, [[f"{metrics[k]:.4f}" if k in UNSCALED else percent(metrics[k]) for k in keys]] if keys else []
 
 
 def per_class_rows(metrics: dict[str, Any], class_names: Sequence[str]) -> tuple[list[str], list[list[str]]]:
@@ -48,6 +59,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def metrics_markdown(metrics: dict[str, Any], class_names: Sequence[str], title: str) -> str:
     """A Markdown report section: summary line table, then the per-class table."""
+    calibration = calibration_rows(metrics)
     return "\n".join(
-        [f"## {title}", "", markdown_table(*summary_rows(metrics)), markdown_table(*per_class_rows(metrics, class_names))]
+        [f"## {title}", "", markdown_table(*summary_rows(metrics)),
+         *([markdown_table(*calibration)] if calibration[0] else []), markdown_table(*per_class_rows(metrics, class_names))]
     )

@@ -13,9 +13,12 @@ from trustseg.errors import UserError
 from trustseg.evaluate import evaluate
 from trustseg.inference import InferenceConfig, predictor_from_checkpoint
 from trustseg.metrics.boundary import BoundaryIoU
+from trustseg.metrics.calibration import CalibrationHistogram
 from trustseg.metrics.confusion import ConfusionMatrix, PerImageIoU
+from trustseg.metrics.uncertainty import UncertaintyHistogram
 from trustseg.report.tables import metrics_markdown
 from trustseg.rundir import RunDir
+from trustseg.uncertainty import UNCERTAINTY
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class EvalConfig:
     max_images: int | None = None
     inference: InferenceConfig = InferenceConfig()
     boundary_iou: bool = True
+    calibration: bool = True
+    uncertainty: tuple[str, ...] = ("msp",)  # measures scored as misclassification detectors
     progress: bool = True
 
 
@@ -54,14 +59,28 @@ def first_images(dataset: SegmentationDataset, max_images: int | None) -> Segmen
     return subset(dataset, range(max_images))
 
 
-def default_accumulators(classes: ClassInfo, *, boundary_iou: bool = True) -> list[Any]:
-    """The metrics every evaluation reports."""
-    accumulators: list[Any] = [
-        ConfusionMatrix(classes.num_classes, ignore_index=classes.ignore_index),
-        PerImageIoU(classes.num_classes, ignore_index=classes.ignore_index),
-    ]
+def parse_measures(text: str) -> tuple[str, ...]:
+    """``msp,entropy`` -> uncertainty measure names, checked; ``none`` or empty -> ()."""
+    names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip() and p.strip() != "none"))
+    unknown = [n for n in names if n not in UNCERTAINTY]
+    if unknown:
+        raise UserError(f"unknown uncertainty measure(s) {', '.join(unknown)}; expected some of "
+                        f"{', '.join(UNCERTAINTY)} or none")
+    return names
+
+
+def default_accumulators(classes: ClassInfo, *, boundary_iou: bool = True, calibration: bool = True,
+                         uncertainty: tuple[str, ...] = ("msp",)) -> list[Any]:
+    """The metrics every evaluation reports: IoU family, optionally Boundary IoU, calibration, and how
+    well each `uncertainty` measure flags misclassified pixels."""
+    K, ignore = classes.num_classes, classes.ignore_index
+    accumulators: list[Any] = [ConfusionMatrix(K, ignore_index=ignore), PerImageIoU(K, ignore_index=ignore)]
     if boundary_iou:
-        accumulators.append(BoundaryIoU(classes.num_classes, ignore_index=classes.ignore_index))
+        accumulators.append(BoundaryIoU(K, ignore_index=ignore))
+    if calibration:
+        accumulators.append(CalibrationHistogram(K, ignore_index=ignore))
+    if uncertainty:
+        accumulators.append(UncertaintyHistogram(K, ignore_index=ignore, measures=uncertainty))
     return accumulators
 
 
@@ -75,7 +94,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
     metrics = evaluate(
         predictor,
         dataset,
-        default_accumulators(checkpoint.classes, boundary_iou=config.boundary_iou),
+        default_accumulators(checkpoint.classes, boundary_iou=config.boundary_iou, calibration=config.calibration,
+                             uncertainty=config.uncertainty),
         batch_size=config.batch_size,
         progress=config.progress,
     )

@@ -46,6 +46,7 @@ class RobustnessConfig:
     num_workers: int = 0
     seed: int = 0
     boundary_iou: bool = False
+    calibration: bool = True  # ECE & co. and msp error detection per condition
     inference: InferenceConfig = InferenceConfig()
     progress: bool = True
 
@@ -100,7 +101,7 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
     run_dir = RunDir(config.out)
     setup = to_plain({"checkpoint": config.checkpoint, "data": config.data, "split": split,
                       "num_images": len(dataset), "seed": config.seed, "boundary_iou": config.boundary_iou,
-                      "inference": config.inference})
+                      "calibration": config.calibration, "inference": config.inference})
     conditions = _previous_conditions(run_dir, setup)
     if is_main_process():
         run_dir.write_config({"command": "robustness", **vars(config)})
@@ -111,7 +112,9 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
     for number, key in enumerate(todo, 1):
         data = dataset if key == CLEAN else CorruptedDataset(dataset, *_parse_key(key), seed=config.seed)
         conditions[key] = evaluate(
-            predictor, data, default_accumulators(classes, boundary_iou=config.boundary_iou),
+            predictor, data, default_accumulators(classes, boundary_iou=config.boundary_iou,
+                                                  calibration=config.calibration,
+                                                  uncertainty=("msp",) if config.calibration else ()),
             batch_size=config.batch_size, num_workers=config.num_workers, progress=config.progress,
             description=f"{key} ({number}/{len(todo)})",
         )

@@ -1,0 +1,95 @@
+"""The calibration benchmark on tiny sizes: its ECE check, its ratios, its memory counts, its report and
+its CLI. Speeds are never asserted (shared machines)."""
+
+import sys
+
+import pytest
+import torch
+from cli_helpers import run_cli
+
+import trustseg.bench.calibration as bench
+from trustseg.errors import UserError
+from trustseg.metrics import CalibrationHistogram
+
+SMALL = dict(num_images=3, height=64, width=96, num_classes=5, repeats=2, pool_size=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def small_result():
+    return bench.bench_calibration(**SMALL)
+
+
+def test_every_stage_is_timed_and_the_eces_agree(small_result):
+    r = small_result
+    for name in bench.STAGES:
+        assert 0 < r[name]["ms_per_image_best"] <= r[name]["ms_per_image_median"]
+    ece = r["ECE"]
+    assert ece["ours"] == pytest.approx(ece["torchmetrics_float64"], abs=1e-6)
+    assert ece["ours"] == pytest.approx(ece["torchmetrics"], abs=1e-3)  # torchmetrics sums in float32
+    assert 0 < ece["ours"] < 1
+    assert r["machine"]["threads"] == 1 and len(r["machine"]["load_average_before"]) == 3
+
+
+def test_ratios_follow_from_the_timings(small_result):
+    r = small_result
+    for stat in ("median", "best"):
+        ms = {name: r[name][f"ms_per_image_{stat}"] for name in bench.STAGES}
+        assert r[f"speedup_{stat}"] == pytest.approx(ms["torchmetrics"] / ms["ours"])
+        assert r[f"speedup_with_flatten_{stat}"] == pytest.approx((ms["torchmetrics"] + ms["flatten"]) / ms["ours"])
+        assert r[f"overhead_{stat}"] == pytest.approx(ms["ours"] / ms["eval_pass"])
+        assert r[f"overhead_with_softmax_{stat}"] == pytest.approx((ms["ours"] + ms["softmax"]) / ms["eval_pass"])
+
+
+def test_our_memory_is_constant_and_torchmetrics_grows(small_result):
+    ours, tm = small_result["ours"], small_result["torchmetrics"]
+    # our temporaries depend a little on the image (how many uncertain pixels), not on the stream
+    assert 0 < ours["peak_extra_bytes_stream"] <= 1.05 * ours["peak_extra_bytes_one_batch"]
+    # torchmetrics keeps a float32 confidence and accuracy per labelled pixel (about 90% of 64x96)
+    assert tm["peak_extra_bytes_stream"] - tm["peak_extra_bytes_one_batch"] > 0.8 * 64 * 96 * 8
+
+
+def test_report_is_plain_and_fits_80_columns(small_result):
+    text = bench.format_calibration_bench(small_result)
+    assert "trustseg CalibrationHistogram" in text and f"{small_result['speedup_median']:.2f}x" in text
+    assert "[" not in text  # printed through rich: no accidental markup
+    assert max(map(len, text.splitlines())) <= 80
+
+
+def test_a_disagreeing_ece_raises(monkeypatch):
+    monkeypatch.setattr(bench, "CalibrationHistogram", lambda k: CalibrationHistogram(k, num_bins=10))
+    with pytest.raises(RuntimeError, match="ECE disagrees"):
+        bench.bench_calibration(**SMALL)
+
+
+def test_missing_torchmetrics_is_a_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchmetrics.classification", None)
+    with pytest.raises(UserError, match=r"pip install -e '\.\[test\]'"):
+        bench.bench_calibration(**SMALL)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [(dict(num_images=0), "num_images"), (dict(threads=0), "threads"), (dict(height=50), "64x96")],
+)
+def test_bad_arguments_are_user_errors(bad, match):
+    with pytest.raises(UserError, match=match):
+        bench.bench_calibration(**{**SMALL, **bad})
+
+
+def test_logits_pool_is_a_confident_model_that_is_sometimes_wrong():
+    logits, target = bench.make_logits_pool(2, 64, 96, 19, 0.1, seed=0)
+    assert logits.shape == (2, 19, 64, 96) and target.shape == (2, 64, 96)
+    labelled = target != bench.IGNORE_INDEX
+    probs = logits.softmax(1)
+    accuracy = (probs.argmax(1) == target)[labelled].float().mean()
+    uncertain = (probs.amax(1) < 0.93).float().mean()
+    assert 0.75 < accuracy < 0.9 and 0.15 < uncertain < 0.35
+    assert 0.05 < 1 - labelled.float().mean() < 0.15
+
+
+def test_cli_prints_the_report(monkeypatch, capsys):
+    threads = torch.get_num_threads()
+    args = ["--num-images", "1", "--size", "64,64", "--num-classes", "3", "--repeats", "1", "--threads", "1"]
+    assert run_cli(["bench", "calibration", *args], monkeypatch) == 0
+    assert torch.get_num_threads() == threads
+    assert "calibration benchmark: 1 images 64x64, 3 classes" in capsys.readouterr().out
