@@ -9,9 +9,11 @@ import torch.nn.functional as F
 
 from trustseg.calibration import METHODS, build_calibrator, fit_calibrator
 from trustseg.calibration.calibrators import ClassConditionalAffine, MatrixScaling
-from trustseg.calibration.fit import FitData
+from trustseg.calibration.fit import FitData, collect_fit_data
 from trustseg.calibration.properties import PROPERTIES, measure_properties, property_table
 from trustseg.errors import UserError
+
+from cli_helpers import THREE_CLASSES
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second thread only adds barriers
@@ -134,3 +136,36 @@ def test_fits_are_deterministic():
     data = tempered_rows(1.5, n=5_000)
     first, second = fitted("ms", data)[0], fitted("ms", data)[0]
     assert torch.equal(first.weight, second.weight) and math.isfinite(float(first.weight.sum()))
+
+
+class TinyLabelled:
+    """Two 4x5 images with labels; the second is all ignore_index when `blank` is set."""
+
+    classes = THREE_CLASSES
+
+    def __init__(self, blank=False):
+        self.blank = blank
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        mask = torch.full((4, 5), 255 if self.blank else i, dtype=torch.int64)
+        return {"image": torch.zeros(3, 4, 5, dtype=torch.uint8), "mask": mask, "path": f"im{i}.png"}
+
+
+def test_fit_data_keeps_a_bounded_uniform_subsample():
+    data = collect_fit_data(lambda images: torch.randn(images.shape[0], 3, 4, 5), TinyLabelled(), max_pixels=6,
+                            max_maps=1, progress=False)
+    assert data.logits.shape == (6, 3) and data.labelled_pixels == 40 and len(data.maps) == 1
+    assert sorted(data.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("predictor, dataset, message", [
+    (lambda images: torch.full((1, 3, 4, 5), float("nan")), TinyLabelled(), "contain NaN or inf"),
+    (lambda images: torch.zeros(1, 3, 4, 5), TinyLabelled(blank=True), "no labelled pixels"),
+    (lambda images: torch.zeros(1, 3, 4, 5), [], "the fit data is empty"),
+])
+def test_bad_fit_data_is_a_user_error(predictor, dataset, message):
+    with pytest.raises(UserError, match=message):
+        collect_fit_data(predictor, dataset, progress=False)
