@@ -1,5 +1,11 @@
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +18,7 @@ from trustseg.errors import UserError
 from trustseg.evaluate import evaluate
 from trustseg.inference import predictor_from_checkpoint
 from trustseg.metrics.confusion import ConfusionMatrix
+from trustseg.rundir import to_plain
 from trustseg.training import load_train_config, train
 from trustseg.training.history import read_history
 
@@ -85,6 +92,33 @@ def test_resumed_run_ends_with_bit_identical_weights(tiny_config, monkeypatch):
     for name, tensor in whole.state_dict.items():
         assert torch.equal(tensor, continued.state_dict[name]), name
     assert resumed.metrics["mIoU"] == reference.metrics["mIoU"]
+    assert without_timing(read_history(resumed.run_dir)) == without_timing(read_history(reference.run_dir))
+
+
+def test_a_killed_training_process_resumes_to_the_same_weights(tiny_config, tmp_path):
+    overrides = ("steps=60", "val_every=30", "checkpoint_every=2")
+    reference = train(tiny_config(*overrides, out="whole"), progress=False)
+    config = tiny_config(*overrides, out="killed")
+    recipe = tmp_path / "killed.yaml"
+    recipe.write_text(yaml.safe_dump(to_plain(config)))
+    last = Path(config.out) / "last.pt"
+    process = subprocess.Popen([sys.executable, "-m", "trustseg.cli", "train", "--config", str(recipe), "--no-progress"],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (last.is_file() and load_checkpoint(last).training_state["step"] >= 4):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # no handler, no cleanup: whatever was being written stays half-written
+    process.wait()
+    killed_at = load_checkpoint(last).training_state["step"]
+    assert 4 <= killed_at < 60
+
+    resumed = train(config, resume=True, progress=False)
+
+    whole, continued = load_checkpoint(reference.run_dir / "last.pt"), load_checkpoint(last)
+    for name, tensor in whole.state_dict.items():
+        assert torch.equal(tensor, continued.state_dict[name]), name
     assert without_timing(read_history(resumed.run_dir)) == without_timing(read_history(reference.run_dir))
 
 
