@@ -70,9 +70,11 @@ def test_images_option_slices_the_sorted_samples(camvid_root):
     assert [s["path"] for s in (*first, *rest)] == [s["path"] for s in whole]
     assert first.classes == whole.classes and len(rest) == len(whole) - 1
     assert len(load_dataset(f"camvid:{camvid_root}#images=:-1")) == len(whole) - 1
+    odd = load_dataset(f"camvid:{camvid_root}#images=1::2")
+    assert [s["path"] for s in odd] == [s["path"] for s in whole][1::2]
 
 
-@pytest.mark.parametrize("value, message", [("5", "expected START:STOP"), ("a:b", "expected START:STOP"),
+@pytest.mark.parametrize("value, message", [("5", "expected START:STOP"), ("a:b", "expected START:STOP"), ("1:2:3:4", "expected START:STOP"),
                                             ("7:", "selects none of the 3 images")])
 def test_bad_images_option(camvid_root, value, message):
     with pytest.raises(UserError, match=message):

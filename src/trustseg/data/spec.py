@@ -4,8 +4,10 @@ Examples: ``camvid:/data/camvid#split=val``, ``folder:~/my_data#num_classes=5,ca
 ``synthetic#split=val,num_images=32``. Option values are converted: ``true``/``false`` to bool,
 integers to int, other numbers to float, anything else stays a string.
 
-Every dataset also takes ``images=START:STOP``, a Python-style slice of its (sorted) samples, e.g.
-``camvid:/data/camvid#split=val,images=0:50`` and ``...,images=50:`` for two disjoint halves.
+Every dataset also takes ``images=START:STOP[:STEP]``, a Python-style slice of its (sorted) samples,
+e.g. ``camvid:/data/camvid#split=val,images=0:50`` and ``...,images=50:`` for two disjoint halves, or
+``images=0::2`` and ``images=1::2`` for interleaved ones (video datasets: contiguous halves are
+different sequences).
 """
 
 from __future__ import annotations
@@ -123,15 +125,16 @@ def load_dataset(spec: str, split: str | None = None, **overrides: Any) -> Segme
 
 
 def _select_images(spec: str, dataset: SegmentationDataset, value: Any) -> SegmentationDataset:
-    """The ``images=START:STOP`` slice of `dataset`; an empty selection is an error."""
-    start, colon, stop = str(value).partition(":")
+    """The ``images=START:STOP[:STEP]`` slice of `dataset`; an empty selection is an error."""
+    parts = str(value).split(":")
     try:
-        selected = range(len(dataset))[slice(int(start) if start.strip() else None,
-                                             int(stop) if stop.strip() else None)]
+        bounds = [int(p) if p.strip() else None for p in parts]
+        selected = range(len(dataset))[slice(*bounds)] if len(parts) in (2, 3) else None
     except ValueError:
         selected = None
-    if not colon or selected is None:
-        raise UserError(f"data spec {spec!r}: images={value!r}; expected START:STOP, e.g. images=0:50")
+    if selected is None:
+        raise UserError(f"data spec {spec!r}: images={value!r}; expected START:STOP[:STEP], e.g. images=0:50 "
+                        "or images=1::2")
     if not selected:
         raise UserError(f"data spec {spec!r}: images={value} selects none of the {len(dataset)} images")
     return subset(dataset, selected)
