@@ -18,6 +18,8 @@ spatial ones (LTS, IBTS) need whole logit maps and the image.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -53,15 +55,6 @@ class Calibrator(nn.Module):
         super().__init__()
         self.num_classes = num_classes
 
-    def transform(self, z: Tensor) -> Tensor:
-        """(N, K) logits -> (N, K) calibrated logits (pixel-wise calibrators)."""
-        raise NotImplementedError(f"{type(self).__name__} is spatial: call it on (B, K, H, W) maps")
-
-    def forward(self, logits: Tensor, images: Tensor | None = None) -> Tensor:
-        B, K, H, W = logits.shape
-        rows = logits.permute(0, 2, 3, 1).reshape(-1, K)
-        return self.transform(rows).reshape(B, H, W, K).permute(0, 3, 1, 2)
-
     def regularization(self) -> Tensor:
         """Penalty added to the fitting NLL (0 unless the method is regularised)."""
         return torch.zeros(())
@@ -71,7 +64,20 @@ class Calibrator(nn.Module):
         return {}
 
 
-class TemperatureScaling(Calibrator):
+class PixelCalibrator(Calibrator, ABC):
+    """A calibrator that maps each pixel's logit vector on its own: `transform` on (N, K) rows."""
+
+    @abstractmethod
+    def transform(self, z: Tensor) -> Tensor:
+        """(N, K) logits -> (N, K) calibrated logits."""
+
+    def forward(self, logits: Tensor, images: Tensor | None = None) -> Tensor:
+        B, K, H, W = logits.shape
+        rows = logits.permute(0, 2, 3, 1).reshape(-1, K)
+        return self.transform(rows).reshape(B, H, W, K).permute(0, 3, 1, 2)
+
+
+class TemperatureScaling(PixelCalibrator):
     """z / T with one T > 0 (Guo et al., ICML 2017)."""
 
     translation_invariant = argmax_preserving = order_preserving = True
@@ -87,7 +93,7 @@ class TemperatureScaling(Calibrator):
         return {"temperature": float(self.log_temperature.exp())}
 
 
-class VectorScaling(Calibrator):
+class VectorScaling(PixelCalibrator):
     """w * r(z) + b per class (Guo et al. 2017); r = raw (not TI) or centred (the TI counterpart)."""
 
     def __init__(self, num_classes: int, representation: str = "raw") -> None:
@@ -101,7 +107,7 @@ class VectorScaling(Calibrator):
         return represent(z, self.representation) * self.weight + self.bias
 
 
-class MatrixScaling(Calibrator):
+class MatrixScaling(PixelCalibrator):
     """W r(z) + b with ODIR, the off-diagonal and intercept regulariser of Kull et al. (NeurIPS 2019):
     lambda_w / (K (K-1)) sum_{i != j} W_ij^2 + lambda_b / K sum_j b_j^2.
 
@@ -126,7 +132,7 @@ class MatrixScaling(Calibrator):
         return self.odir * (off_diagonal.square().sum() / max(K * (K - 1), 1) + self.bias.square().mean())
 
 
-class ClassConditionalAffine(Calibrator):
+class ClassConditionalAffine(PixelCalibrator):
     """Affine maps of the logit gaps d_j = z_k - z_j >= 0 to the predicted class k = argmax z.
 
     Calibrated logits: 0 for k, and -(w_kj d_j + c_kj) for j != k, with w > 0 and c >= 0, so every

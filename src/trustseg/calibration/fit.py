@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from trustseg.calibration.calibrators import Calibrator
+from trustseg.calibration.calibrators import Calibrator, PixelCalibrator
 from trustseg.data.base import SegmentationDataset
 from trustseg.data.transforms import collate
 from trustseg.errors import UserError
@@ -85,7 +85,7 @@ class FitReport:
     images: int
 
 
-def _nll(calibrator: Calibrator, data: FitData) -> Tensor:
+def _nll(calibrator: PixelCalibrator, data: FitData) -> Tensor:
     return F.cross_entropy(calibrator.transform(data.logits), data.labels)
 
 
