@@ -24,7 +24,9 @@ def test_every_stage_is_timed_and_the_eces_agree(small_result):
     for name in bench.STAGES:
         assert 0 < r[name]["ms_per_image_best"] <= r[name]["ms_per_image_median"]
     ece = r["ECE"]
-    assert ece["ours"] == pytest.approx(ece["torchmetrics_float64"], abs=1e-6)
+    for ours in ("ours", "ours_top_label"):
+        for reference in ("torchmetrics_float64", "torchmetrics_logits_float64"):
+            assert ece[ours] == pytest.approx(ece[reference], abs=1e-6)
     assert ece["ours"] == pytest.approx(ece["torchmetrics"], abs=1e-3)  # torchmetrics sums in float32
     assert 0 < ece["ours"] < 1
     assert r["machine"]["threads"] == 1 and len(r["machine"]["load_average_before"]) == 3
@@ -34,29 +36,33 @@ def test_ratios_follow_from_the_timings(small_result):
     r = small_result
     for stat in ("median", "best"):
         ms = {name: r[name][f"ms_per_image_{stat}"] for name in bench.STAGES}
-        assert r[f"speedup_{stat}"] == pytest.approx(ms["torchmetrics"] / ms["ours"])
-        assert r[f"speedup_with_flatten_{stat}"] == pytest.approx((ms["torchmetrics"] + ms["flatten"]) / ms["ours"])
+        assert r[f"speedup_top_label_{stat}"] == pytest.approx(ms["torchmetrics_logits"] / ms["ours_top_label"])
+        assert r[f"speedup_top_label_floor_{stat}"] == pytest.approx(ms["torchmetrics"] / ms["ours_top_label"])
+        assert r[f"speedup_all_metrics_{stat}"] == pytest.approx(ms["torchmetrics_logits"] / ms["ours"])
         assert r[f"overhead_{stat}"] == pytest.approx(ms["ours"] / ms["eval_pass"])
         assert r[f"overhead_with_softmax_{stat}"] == pytest.approx((ms["ours"] + ms["softmax"]) / ms["eval_pass"])
 
 
 def test_our_memory_is_constant_and_torchmetrics_grows(small_result):
-    ours, tm = small_result["ours"], small_result["torchmetrics"]
-    # our temporaries depend a little on the image (how many uncertain pixels), not on the stream
-    assert 0 < ours["peak_extra_bytes_stream"] <= 1.05 * ours["peak_extra_bytes_one_batch"]
-    # torchmetrics keeps a float32 confidence and accuracy per labelled pixel (about 90% of 64x96)
-    assert tm["peak_extra_bytes_stream"] - tm["peak_extra_bytes_one_batch"] > 0.8 * 64 * 96 * 8
+    for name in ("ours", "ours_top_label"):
+        ours = small_result[name]
+        # our temporaries depend a little on the image (how many uncertain pixels), not on the stream
+        assert 0 < ours["peak_extra_bytes_stream"] <= 1.05 * ours["peak_extra_bytes_one_batch"]
+    for name in ("torchmetrics", "torchmetrics_logits"):
+        tm = small_result[name]
+        # torchmetrics keeps a float32 confidence and accuracy per labelled pixel (about 90% of 64x96)
+        assert tm["peak_extra_bytes_stream"] - tm["peak_extra_bytes_one_batch"] > 0.8 * 64 * 96 * 8
 
 
 def test_report_is_plain_and_fits_80_columns(small_result):
     text = bench.format_calibration_bench(small_result)
-    assert "trustseg CalibrationHistogram" in text and f"{small_result['speedup_median']:.2f}x" in text
+    assert "trustseg, top-label only" in text and f"{small_result['speedup_top_label_median']:.2f}x" in text
     assert "[" not in text  # printed through rich: no accidental markup
     assert max(map(len, text.splitlines())) <= 80
 
 
 def test_a_disagreeing_ece_raises(monkeypatch):
-    monkeypatch.setattr(bench, "CalibrationHistogram", lambda k: CalibrationHistogram(k, num_bins=10))
+    monkeypatch.setattr(bench, "_top_label_histogram", lambda k: CalibrationHistogram(k, num_bins=10, classwise=False))
     with pytest.raises(RuntimeError, match="ECE disagrees"):
         bench.bench_calibration(**SMALL)
 

@@ -142,11 +142,13 @@ def assert_close(a, b, tol=1e-6):
     assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tol, (a, b)
 
 
-# (pixels per step of the update, confidence boost): one step per image and every pixel's K-vector
-# masked; then steps of 7 pixels, some few enough uncertain pixels for their K-vectors to be gathered.
-@pytest.mark.parametrize("pixels, confident", [(calibration._PIXELS, 0.0), (7, 4.0)])
-def test_matches_torchmetrics_and_naive_reference(monkeypatch, pixels, confident):
+# (pixels per scan step, per float32 run of the column sums, confidence boost): one step and no whole
+# run per image, every pixel uncertain; then steps of 7 pixels, runs of 16 and a remainder, some
+# pixels confident enough for their K-vectors to be skipped.
+@pytest.mark.parametrize("pixels, column_pixels, confident", [(calibration._PIXELS, calibration._COLUMN_PIXELS, 0.0), (7, 16, 4.0)])
+def test_matches_torchmetrics_and_naive_reference(monkeypatch, pixels, column_pixels, confident):
     monkeypatch.setattr(calibration, "_PIXELS", pixels)
+    monkeypatch.setattr(calibration, "_COLUMN_PIXELS", column_pixels)
     K, width = 5, 2
     logits, target = blobby(0, 3, 13, 17, K, confident=confident)
     metric = CalibrationHistogram(K, boundary_width=width)
@@ -304,6 +306,28 @@ def test_state_dict_round_trip(data):
         CalibrationHistogram(K, boundary_width=2, fine_bins=50).load_state_dict(metric.state_dict())
 
 
+@pytest.mark.parametrize("pixels", [calibration._PIXELS, 7])
+def test_top_label_only_gives_the_same_values_without_classwise_and_band(monkeypatch, pixels):
+    """classwise=False, boundary_width=0 drops cwECE and the band, and every other value stays."""
+    monkeypatch.setattr(calibration, "_PIXELS", pixels)
+    K = 4
+    logits, target = blobby(5, 3, 13, 17, K)
+    full, top = CalibrationHistogram(K, fine_bins=50), CalibrationHistogram(K, fine_bins=50, classwise=False, boundary_width=0)
+    for metric in (full, top):
+        metric.update(logits, target)
+    a, b = full.compute(), top.compute()
+    assert not any(key.startswith("cwECE") for key in b) and b["per_class"] == {}
+    for key in ("ECE", "MCE", "aECE", "NLL", "Brier", "ECE_img_mean", "ECE_img_std"):
+        assert b[key] == pytest.approx(a[key], abs=1e-12)
+        assert math.isnan(b[f"{key.replace('ECE_img', 'ECE_boundary_img')}" if "img" in key else f"{key}_boundary"])
+    assert b["boundary_fraction"] == 0
+    for field in ("count", "confidence", "accuracy"):
+        np.testing.assert_allclose(b["reliability"]["all"][field], a["reliability"]["all"][field], rtol=1e-12, equal_nan=True)
+    assert "class_count" not in top.state_dict()["state"] and top.config["classwise"] is False
+    with pytest.raises(UserError):
+        full.load_state_dict(top.state_dict())
+
+
 def test_perfectly_calibrated_labels_give_near_zero_ece():
     K = 4
     g = torch.Generator().manual_seed(3)
@@ -337,6 +361,8 @@ def test_errors():
         metric.update(logits.argmax(1), target)  # hard predictions carry no probabilities
     with pytest.raises(UserError, match="num_bins"):
         CalibrationHistogram(K, num_bins=0)
+    with pytest.raises(UserError, match="boundary_width must be an integer >= 0"):
+        CalibrationHistogram(K, boundary_width=-1)
     shared = Predictions(logits)  # the same softmax serves every metric
     metric.update(shared, target)
     assert shared._probs is not None

@@ -39,14 +39,18 @@ argmax == target):
 All values are fractions (NaN where no pixel counts); ``reliability`` holds per-bin count, mean
 confidence and accuracy (NaN for an empty bin) for all labelled pixels and for the band.
 
+**Scope.** ``classwise=False`` drops cwECE (its K class-wise histograms are most of the cost) and
+``boundary_width=0`` drops the band (its keys are NaN); every other value is unchanged.
+
 **Cost.** `update` reads the batch's shared softmax and never bins all K x N probabilities: every
 histogram comes from one joint histogram (region, class, bin, kind) of a few entries per pixel (its
 top class, its target class, and, where the top probability leaves room for another class to reach
 bin 1, each class with p_k >= 1/M), and class-wise bin 0 is what bins 1..M leave of each class's
 column sum. On the CPU images go one at a time and pixels 32768 at a time, so that temporaries stay
-in cache (a fresh (K, H, W) temporary costs more in page faults than its arithmetic). Every sum over
-pixels is float64. At 512x1024 and K = 19 an update costs a tenth to an eighth of a SegFormer-B0
-forward on a 2-core CPU (`trustseg bench calibration`, benchmarks/RESULTS.md).
+in cache and memory does not grow with the image (a fresh (K, H, W) temporary costs more in page
+faults than its arithmetic). Sums over pixels are float64, except within runs of 1024 pixels for the
+column sums. `trustseg bench calibration` (benchmarks/RESULTS.md) times it against torchmetrics and
+within an evaluation pass.
 """
 
 from __future__ import annotations
@@ -67,11 +71,16 @@ _REGIONS = 3
 # Slack over float32 softmax rounding (the K probabilities sum to 1 within ~K ulp) in the
 # "top probability > 1 - first edge puts every other class in bin 0" shortcut.
 _TOP_MARGIN = 1e-3
-# Kinds of entries in the joint histogram (see `_pixel_sums`): a top entry's kind is 2 * (its pixel's
-# K-vector is entered too) + (the prediction is right); then K-vector entries and target entries.
+# The joint histogram (region, class, bin, kind) holds every entry a histogram needs: each pixel's top
+# class (its confidence) and target class and, with `classwise`, where the top probability leaves room
+# for another class to reach bin 1 (the pixel is flagged), each class with p_k >= the first edge, its
+# top class included. A top entry's kind is 2 * (its pixel is flagged) + (the prediction is right), so
+# that class-wise sums count a flagged pixel's top class once; then K-vector and target entries.
+# Class-wise bin 0 is what bins 1..M leave of each region's pixel count and column sum.
 _VECTOR_TOP, _VECTOR, _TARGET, _KINDS = 2, 4, 5, 6
-# Pixels per step of `CalibrationHistogram._update_image` on the CPU.
+# Pixels per step of `CalibrationHistogram._update_image` on the CPU, and per float32 run of `_column_sums`.
 _PIXELS = 32768
+_COLUMN_PIXELS = 1024
 
 
 def bin_index(x: Tensor, num_bins: int) -> Tensor:
@@ -112,68 +121,64 @@ def class_edge_band(target: Tensor, ignored: Tensor, num_classes: int, width: in
     return (both[0] != (K + 1) - both[1]) & ~ignored
 
 
-def _moments(probs: Tensor, region: Tensor) -> tuple[Tensor, Tensor]:
-    """Column sums sum p_k for regions 0 and 1 (2, K), and sums of sum_k p_k^2 for each region (3,), float64.
+def _column_sums(probs: Tensor, masks: Tensor) -> Tensor:
+    """(R, K) float64 sums of probs (K, n) over the pixels of each mask row (R, n), both float32.
 
-    probs (K, n), region (n,) in {0, 1, 2}. The column sums are a masked matmul in float64: a float32
-    one adds its n terms in sequence (2e-7 off in relative terms at n = 32768, 6e-6 at 512x1024,
-    which put cwECE 4e-6 off; TF32 would be far worse), and float64 costs ~2 ms more an image. The
-    squares are summed over K per pixel, then over pixels in float64.
+    A float32 matmul adds its products in sequence (4e-6 off in relative terms over 32768 pixels,
+    1.5e-4 over 512x1024, which moves cwECE), and a float64 one pays a conversion of all K x n
+    probabilities; so runs of `_COLUMN_PIXELS` pixels are summed in float32 by one batched matmul
+    (1e-8 off) and the runs in float64.
     """
-    masks = torch.stack((region == 0, region == 1)).double()
-    squares = torch.bincount(region, (probs * probs).sum(0).double(), minlength=_REGIONS)
-    return masks @ probs.T.double(), squares
+    L = _COLUMN_PIXELS
+    whole = probs.shape[1] // L * L
+    R, K = masks.shape[0], probs.shape[0]
+    runs = torch.bmm(masks[:, :whole].view(R, -1, L).transpose(0, 1), probs[:, :whole].view(K, -1, L).permute(1, 2, 0))
+    rest = masks[:, whole:].double() @ probs[:, whole:].T.double()
+    return runs.sum(0, dtype=torch.float64) + rest
 
 
-def _vector_entries(probs: Tensor, pixels: Tensor, first_edge: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(pixel, class, p_k) of every p_k >= the first bin edge of the pixels flagged in `pixels` (n,) bool.
+def _vector_entries(probs: Tensor, start: int, pixels: Tensor, first_edge: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(pixel, class, p_k) of every p_k >= the first bin edge of the pixels `start + i` flagged in `pixels`.
 
-    probs (K, n). While under half of the pixels are flagged, gathering their K-vectors first is
-    cheaper than masking all K x n probabilities.
+    probs (K, N) is the whole image, contiguous: index_select copies a strided input (a chunk) first.
+    Gathering the flagged pixels' K-vectors costs a fraction of masking all K x n probabilities
+    (nonzero over K x n is the slowest step there is).
     """
-    if int(pixels.sum()) * 2 < pixels.numel():
-        at = pixels.nonzero().squeeze(1)
-        vectors = probs.index_select(1, at)
-        cls, j = (vectors >= first_edge).nonzero().unbind(1)
-        return at[j], cls, vectors[cls, j]
-    cls, pixel = ((probs >= first_edge) & pixels).nonzero().unbind(1)
-    return pixel, cls, probs[cls, pixel]
+    at = pixels.nonzero().squeeze(1).add_(start)
+    vectors = probs.index_select(1, at)
+    cls, j = (vectors >= first_edge).nonzero().unbind(1)
+    return at.take(j).sub_(start), cls, vectors.view(-1).take(cls * vectors.shape[1] + j)
 
 
 def _pixel_sums(
-    probs: Tensor, pred: Tensor, labels: Tensor, region: Tensor, num_bins: int, fine_bins: int
+    image: Tensor, start: int, pred: Tensor, labels: Tensor, region: Tensor, num_bins: int, fine_bins: int, classwise: bool
 ) -> tuple[Tensor, ...]:
-    """The raw sums of a run of pixels: probs (K, n), pred, labels, region (n,) int64 (2 = ignored).
+    """The raw sums of a run of pixels: `image` (K, N) contiguous, the run `start + i` of pred, labels
+    and region (n,) int64 (2 = ignored).
 
     Returns, per region: the joint histogram's count and probability sum (3, K, M+1, kinds), the fine
-    top-label histogram's count and confidence sum (3, F+1, 2 = wrong, right), the column sums
-    (2, K), the sums of squares and the NLL sums (3,).
-
-    The joint histogram (one count and one weighted bincount) holds every entry that a histogram
-    needs: each pixel's top class (its confidence) and target class, and, for a pixel whose top
-    probability leaves room for another class to reach bin 1, every class with p_k >= the first
-    edge, its top class included; that pixel's top entry is flagged, for the class-wise sums to
-    count it once. Class-wise bin 0 is then what bins 1..M leave of each region's pixel count and
-    column sum.
+    top-label histogram's count and confidence sum (3, F+1, 2 = wrong, right), the column sums (2, K;
+    zeros unless `classwise`), and the sums of p_target, of the NLL and of the squares (3,).
     """
-    K, M, F, R = probs.shape[0], num_bins, fine_bins, _REGIONS
+    K, M, F, R = image.shape[0], num_bins, fine_bins, _REGIONS
+    probs = image[:, start : start + len(labels)]
     conf = probs.amax(0)  # = the probability of `pred`, whose softmax numerator exp(0) = 1 is the largest
     p_target = probs.gather(0, labels.unsqueeze(0)).squeeze(0)
     correct = pred == labels
     first_edge = torch.linspace(0, 1, M + 1, dtype=probs.dtype, device=probs.device)[1]
     vector = conf <= 1 - first_edge + _TOP_MARGIN
-    pixel, cls, prob = _vector_entries(probs, vector, first_edge)
-    # joint index = ((region * K + class) * (M + 1) + bin) * kinds + kind; top, vector, target entries
+    # joint index = ((region * K + class) * (M + 1) + bin) * kinds + kind; top, target, vector entries
     stride, region_row = (M + 1) * _KINDS, region * K
-    keys = torch.cat(
-        (
-            (region_row + pred).mul_(stride).add_(correct).add_(vector, alpha=_VECTOR_TOP),
-            (region[pixel] * K + cls).mul_(stride).add_(_VECTOR),
-            (region_row + labels).mul_(stride).add_(_TARGET),
-        )
-    )
-    values = torch.cat((conf, prob, p_target))
-    index = bin_index(values, M).mul_(_KINDS).add_(keys)
+    keys = [(region_row + pred).mul_(stride).add_(correct).add_(vector, alpha=_VECTOR_TOP)]
+    values = [conf]
+    columns = probs.new_zeros((2, K), dtype=torch.float64)
+    if classwise:
+        pixel, cls, prob = _vector_entries(image, start, vector, first_edge)
+        keys += [(region_row + labels).mul_(stride).add_(_TARGET), (region.take(pixel) * K + cls).mul_(stride).add_(_VECTOR)]
+        values += [p_target, prob]
+        columns = _column_sums(probs, torch.stack((region == 0, region == 1)).to(probs.dtype))
+    values = torch.cat(values)
+    index = bin_index(values, M).mul_(_KINDS).add_(torch.cat(keys))
     weights = values.double()
     size, shape = R * K * stride, (R, K, M + 1, _KINDS)
     count = torch.bincount(index, minlength=size).view(shape)
@@ -182,8 +187,11 @@ def _pixel_sums(
     fine = _fine_index(conf, F).add_(region, alpha=F + 1).mul_(2).add_(correct)
     fine_count = torch.bincount(fine, minlength=R * (F + 1) * 2).view(R, F + 1, 2)
     fine_conf = torch.bincount(fine, weights[: len(conf)], minlength=R * (F + 1) * 2).view(R, F + 1, 2)
-    nll = torch.bincount(region, weights[-len(labels) :].clamp(min=NLL_MIN_PROB).log_().neg_(), minlength=R)
-    return (count, total, fine_count, fine_conf, *_moments(probs, region), nll)
+    p_target = p_target.double()
+    nll = p_target.clamp(min=NLL_MIN_PROB).log_().neg_()
+    squares = (probs * probs).sum(0).double()
+    sums = torch.stack([torch.bincount(region, w, minlength=R) for w in (p_target, nll, squares)])
+    return (count, total, fine_count, fine_conf, columns, *sums)
 
 
 def _ece(correct: Tensor, conf: Tensor, count: Tensor) -> Tensor:
@@ -234,36 +242,38 @@ class CalibrationHistogram(Accumulator):
         num_bins: int = 15,
         fine_bins: int = 1000,
         boundary_width: int = 5,
+        classwise: bool = True,
     ) -> None:
         super().__init__(num_classes, ignore_index)
-        for name, value in (
-            ("num_bins", num_bins),
-            ("fine_bins", fine_bins),
-            ("boundary_width", boundary_width),
+        for name, value, least in (
+            ("num_bins", num_bins, 1),
+            ("fine_bins", fine_bins, 1),
+            ("boundary_width", boundary_width, 0),
         ):
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"{name} must be a positive integer, got {value!r}")
-        self.num_bins, self.fine_bins, self.boundary_width = (
-            num_bins,
-            fine_bins,
-            boundary_width,
-        )
+            if not isinstance(value, int) or value < least:
+                raise UserError(f"{name} must be an integer >= {least}, got {value!r}")
+        self.num_bins, self.fine_bins, self.boundary_width = num_bins, fine_bins, boundary_width
+        self.classwise = bool(classwise)
         K, M, F = num_classes, num_bins + 1, fine_bins + 1
-        for name, shape, dtype in (
+        states = [
             ("count", (2, M), torch.int64),
             ("conf", (2, M), torch.float64),
             ("correct", (2, M), torch.int64),
             ("fine_count", (2, F), torch.int64),
             ("fine_conf", (2, F), torch.float64),
             ("fine_correct", (2, F), torch.int64),
-            ("class_count", (2, K, M), torch.int64),
-            ("class_prob", (2, K, M), torch.float64),
-            ("class_hits", (2, K, M), torch.int64),
             ("nll", (2,), torch.float64),
             ("brier", (2,), torch.float64),
             # per region kind (all, band): images, sum of per-image ECE, sum of its squares
             ("image_ece", (2, 3), torch.float64),
-        ):
+        ]
+        if self.classwise:
+            states += [
+                ("class_count", (2, K, M), torch.int64),
+                ("class_prob", (2, K, M), torch.float64),
+                ("class_hits", (2, K, M), torch.int64),
+            ]
+        for name, shape, dtype in states:
             self._add_state(name, shape, dtype)
 
     @property
@@ -273,6 +283,7 @@ class CalibrationHistogram(Accumulator):
             "num_bins": self.num_bins,
             "fine_bins": self.fine_bins,
             "boundary_width": self.boundary_width,
+            "classwise": self.classwise,
         }
 
     def _update(self, preds: Predictions, target: Tensor) -> None:
@@ -290,24 +301,28 @@ class CalibrationHistogram(Accumulator):
         for image in range(target.shape[0]):
             labels = target[image : image + 1]
             ignored = labels == self.ignore_index
-            region = torch.where(ignored, 2, class_edge_band(labels, ignored, K, self.boundary_width))
+            band = class_edge_band(labels, ignored, K, self.boundary_width) if self.boundary_width else 0
+            region = torch.where(ignored, 2, band)
             labels = torch.where(ignored, 0, labels).long()
             self._update_image(flat[image], preds.pred[image].flatten(), labels.flatten(), region.flatten())
 
     def _update_image(self, probs: Tensor, pred: Tensor, labels: Tensor, region: Tensor) -> None:
-        """Add one image: probs (K, N), and per pixel pred and labels, region (N,) int64 (2 = ignored).
+        """Add one image: probs (K, N) contiguous, and per pixel pred and labels, region (N,) int64 (2 = ignored).
 
         Its raw sums (`_pixel_sums`) are taken `_PIXELS` pixels at a time on the CPU, so that the
-        per-pixel temporaries stay in cache, and in one step on an accelerator, where every step
-        costs ~100 kernel launches and a few synchronisations; every state is derived from them.
+        per-pixel temporaries stay in cache and memory does not grow with the image, and in one step
+        on an accelerator, where every step costs ~100 kernel launches and a few synchronisations;
+        every state is derived from them.
         """
         step = _PIXELS if probs.device.type == "cpu" else probs.shape[1]
         steps = (
-            _pixel_sums(probs[:, at : at + step], pred[at : at + step], labels[at : at + step],
-                        region[at : at + step], self.num_bins, self.fine_bins)
+            _pixel_sums(probs, at, pred[at : at + step], labels[at : at + step], region[at : at + step],
+                        self.num_bins, self.fine_bins, self.classwise)
             for at in range(0, probs.shape[1], step)
         )
-        count, total, fine_count, fine_conf, columns, squares, nll = (sum(parts)[:2] for parts in zip(*steps))
+        count, total, fine_count, fine_conf, columns, p_target, nll, squares = (
+            sum(parts)[:2] for parts in zip(*steps)
+        )
 
         top_count = count[..., :_VECTOR].unflatten(-1, (2, 2))  # (2, K, M + 1, vector, right)
         top_total = total[..., :_VECTOR].unflatten(-1, (2, 2))
@@ -321,16 +336,17 @@ class CalibrationHistogram(Accumulator):
         self._accumulate("fine_conf", fine_conf.sum(-1))
         self._accumulate("fine_correct", fine_count[..., 1])
 
-        pixels = count[..., _TARGET].sum((1, 2))  # labelled pixels per region: one target entry each
-        class_count = top_count[..., 0, :].sum(-1) + count[..., _VECTOR]
-        class_prob = top_total[..., 0, :].sum(-1) + total[..., _VECTOR]
-        class_count[..., 0] = pixels[:, None] - class_count[..., 1:].sum(-1)
-        class_prob[..., 0] = columns - class_prob[..., 1:].sum(-1)
-        self._accumulate("class_count", class_count)
-        self._accumulate("class_prob", class_prob)
-        self._accumulate("class_hits", count[..., _TARGET])
+        pixels = top_label.sum((1, 2))  # labelled pixels per region
         self._accumulate("nll", nll)
-        self._accumulate("brier", squares - 2 * total[..., _TARGET].sum((1, 2)) + pixels)
+        self._accumulate("brier", squares - 2 * p_target + pixels)
+        if self.classwise:
+            class_count = top_count[..., 0, :].sum(-1) + count[..., _VECTOR]
+            class_prob = top_total[..., 0, :].sum(-1) + total[..., _VECTOR]
+            class_count[..., 0] = pixels[:, None] - class_count[..., 1:].sum(-1)
+            class_prob[..., 0] = columns - class_prob[..., 1:].sum(-1)
+            self._accumulate("class_count", class_count)
+            self._accumulate("class_prob", class_prob)
+            self._accumulate("class_hits", count[..., _TARGET])
 
     def compute(self) -> dict[str, Any]:
         s = self._states
@@ -350,9 +366,13 @@ class CalibrationHistogram(Accumulator):
             total = int(count.sum())
             nonempty = count > 0
             gap = (correct.double() - conf).abs() / count.double()
-            class_ece = (region("class_hits").double() - region("class_prob")).abs().sum(-1) / total
             images, ece_sum, ece_sq = s["image_ece"][r].tolist()
             mean = ece_sum / images if images else math.nan
+            classwise = {}
+            if self.classwise:
+                class_ece = (region("class_hits").double() - region("class_prob")).abs().sum(-1) / total
+                classwise[f"cwECE{suffix}"] = float(class_ece.mean())
+                per_class[f"cwECE{suffix}"] = class_ece.tolist()
             results.update(
                 {
                     f"ECE{suffix}": float(_ece(correct, conf, count)),
@@ -363,14 +383,13 @@ class CalibrationHistogram(Accumulator):
                         region("fine_correct"),
                         self.num_bins,
                     ),
-                    f"cwECE{suffix}": float(class_ece.mean()),
+                    **classwise,
                     f"NLL{suffix}": float(region("nll") / total) if total else math.nan,
                     f"Brier{suffix}": float(region("brier") / total) if total else math.nan,
                     f"ECE{suffix}_img_mean": mean,
                     f"ECE{suffix}_img_std": math.sqrt(max(ece_sq / images - mean**2, 0.0)) if images else math.nan,
                 }
             )
-            per_class[f"cwECE{suffix}"] = class_ece.tolist()
             reliability[name] = {
                 "count": count.tolist(),
                 "confidence": (conf / count.double()).tolist(),
