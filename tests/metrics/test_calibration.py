@@ -87,10 +87,17 @@ def adaptive_exact(conf, correct, groups):
 
 
 def straddle_bound(conf, groups, fine_bins):
-    """2 x fraction of pixels in fine bins whose sorted positions cross an equal-mass group boundary."""
-    N = len(conf)
-    fine = np.minimum(np.floor(conf.astype(np.float32) * np.float32(fine_bins)), fine_bins).astype(int)
-    counts = np.bincount(fine, minlength=fine_bins + 1)
+    """2 x fraction of pixels in fine bins whose sorted positions cross an equal-mass group boundary.
+
+    Fine bins as the metric defines them: each of the `groups` (= num_bins) ECE bins split into
+    S = ceil(fine_bins / groups) equal parts, in float32, plus {1.0}."""
+    N, M = len(conf), groups
+    S = -(-fine_bins // M)
+    x = conf.astype(np.float32)
+    b = np.searchsorted(torch.linspace(0, 1, M + 1).numpy(), x, side="right") - 1
+    part = np.clip(np.floor((x * np.float32(M) - b.astype(np.float32)) * np.float32(S)), 0, S - 1)
+    fine = b * S + part.astype(int)
+    counts = np.bincount(fine, minlength=M * S + 1)
     end = np.cumsum(counts)
     start = end - counts
     moved = sum(c for c, s, e in zip(counts, start, end) if c and (s * groups // N) != ((e - 1) * groups // N))
@@ -194,7 +201,14 @@ def test_bin_index_is_torchmetrics_bucketize_around_every_edge(num_bins, dtype):
     bits = torch.int32 if dtype == torch.float32 else torch.int64
     x = (edges.view(bits)[:, None] + torch.arange(-256, 257, dtype=bits)).view(dtype).flatten()
     x = torch.cat((x[(x >= 0) & (x <= 1)], torch.rand(10_000, dtype=dtype, generator=torch.Generator().manual_seed(0))))
-    assert torch.equal(bin_index(x, num_bins), torch.bucketize(x, edges, right=True) - 1)
+    bins = bin_index(x, num_bins)
+    assert torch.equal(bins, torch.bucketize(x, edges, right=True) - 1)
+    # fine bins: inside their ECE bin, and monotone in x
+    sub = calibration.sub_bins(num_bins, 1000)
+    fine = calibration.fine_index(x, bins, num_bins, sub)
+    assert torch.equal(torch.div(fine, sub, rounding_mode="floor"), bins)
+    order = x.argsort()
+    assert bool((fine[order].diff() >= 0).all())
 
 
 @pytest.mark.parametrize("num_classes", [254, 255, 400])

@@ -13,13 +13,15 @@ argmax == target):
   model; folding them into [(M-1)/M, 1) would change ECE and break agreement with torchmetrics.
 - **ECE** (Guo et al. 2017) = sum_b (n_b/N) |acc_b - conf_b|; **MCE** = max over non-empty bins.
 - **aECE**, adaptive / equal-mass ECE (Nixon et al. 2019): M groups of about N/M pixels in confidence
-  order. It is derived from a fine equal-width histogram (`fine_bins` = F bins [j/F, (j+1)/F) with
-  j = floor(F * conf), plus {1.0}); fine bin j joins group floor(M * C_j / N), C_j = pixels in fine
-  bins below j. This is an *approximation*: only pixels of the at most M-1 fine bins that straddle an
-  exact group boundary can land in another group, and moving a pixel changes the sum by at most
-  2/N, so |aECE - exact| <= 2 * (fraction of pixels in those straddling fine bins). For a confidence
-  density f that is about 2 (M-1) f / F: it shrinks with the fine bin width 1/F, but a heavy tie
-  (saturated confidences all at 1.0) keeps it large, and then equal-mass bins are ill-defined anyway.
+  order. It is derived from a fine histogram that splits each of the M bins into S = ceil(F / M)
+  equal parts (`fine_bins` = F; sub-bin floor(S * (M * conf - b)) of bin b, plus {1.0}), so that
+  every fine bin lies inside one ECE bin and the ECE histograms are its sums; fine bin j joins group
+  floor(M * C_j / N), C_j = pixels in fine bins below j. This is an *approximation*: only pixels of
+  the at most M-1 fine bins that straddle an exact group boundary can land in another group, and
+  moving a pixel changes the sum by at most 2/N, so |aECE - exact| <= 2 * (fraction of pixels in
+  those straddling fine bins). For a confidence density f that is about 2 (M-1) f / (M S): it
+  shrinks with the fine bin width 1/(M S) <= 1/F, but a heavy tie (saturated confidences all at 1.0)
+  keeps it large, and then equal-mass bins are ill-defined anyway.
 - **cwECE**, class-wise ECE = SCE of Nixon et al. 2019: per class k, the M-bin histogram of p_k over
   all labelled pixels against the frequency of target == k in each bin, ECE_k = sum_b |hits_kb -
   sum p_k| / N, averaged over all K classes (per-class values in ``per_class["cwECE"]``). Not the
@@ -71,14 +73,15 @@ _REGIONS = 3
 # Slack over float32 softmax rounding (the K probabilities sum to 1 within ~K ulp) in the
 # "top probability > 1 - first edge puts every other class in bin 0" shortcut.
 _TOP_MARGIN = 1e-3
-# The joint histogram (region, class, bin, kind) holds every entry a histogram needs: each pixel's top
-# class (its confidence) and target class and, with `classwise`, where the top probability leaves room
-# for another class to reach bin 1 (the pixel is flagged), each class with p_k >= the first edge, its
-# top class included. A top entry's kind is 2 * (its pixel is flagged) + (the prediction is right), so
-# that class-wise sums count a flagged pixel's top class once; then K-vector and target entries.
-# Class-wise bin 0 is what bins 1..M leave of each region's pixel count and column sum.
-_VECTOR_TOP, _VECTOR, _TARGET, _KINDS = 2, 4, 5, 6
-# Pixels per step of `CalibrationHistogram._update_image` on the CPU, and per float32 run of `_column_sums`.
+# The class-wise joint histogram (region, class, bin, kind) holds each pixel's top class (its
+# confidence) and target class and, where the top probability leaves room for another class to reach
+# bin 1 (the pixel is flagged), each class with p_k >= the first edge, its top class included. A top
+# entry's kind is 1 if its pixel is flagged, so that class-wise sums count a flagged pixel's top class
+# once; then target and K-vector entries. Class-wise bin 0 is what bins 1..M leave of each region's
+# pixel count and column sum. The top-label histograms come from the fine histogram, not from here.
+_TARGET, _VECTOR, _KINDS = 2, 3, 4
+# Pixels per step of `CalibrationHistogram._update_image` on the CPU and per thread, and per float32 run of
+# `_column_sums`.
 _PIXELS = 32768
 _COLUMN_PIXELS = 1024
 
@@ -99,9 +102,19 @@ def bin_index(x: Tensor, num_bins: int) -> Tensor:
     return index
 
 
-def _fine_index(x: Tensor, fine_bins: int) -> Tensor:
-    """floor(F * x) in x's precision: fine bins [j/F, (j+1)/F), and F for x = 1 (monotone in x)."""
-    return (x * fine_bins).long().clamp_(0, fine_bins)
+def sub_bins(num_bins: int, fine_bins: int) -> int:
+    """S, the parts each ECE bin is split into for at least `fine_bins` fine bins."""
+    return -(-fine_bins // num_bins)
+
+
+def fine_index(x: Tensor, bins: Tensor, num_bins: int, sub: int) -> Tensor:
+    """Fine bin b * S + floor(S * (M x - b)) of each x in [0, 1], given its ECE bin b (`bin_index`); M S for x = 1.
+
+    Monotone in x (every step is), and inside ECE bin b by construction: the clamp absorbs the
+    rounding of M x where `bin_index` corrected the bin.
+    """
+    part = (x * num_bins - bins).mul_(sub).long().clamp_(0, sub - 1)
+    return part.add_(bins, alpha=sub)
 
 
 def class_edge_band(target: Tensor, ignored: Tensor, num_classes: int, width: int) -> Tensor:
@@ -151,47 +164,53 @@ def _vector_entries(probs: Tensor, start: int, pixels: Tensor, first_edge: Tenso
 
 
 def _pixel_sums(
-    image: Tensor, start: int, pred: Tensor, labels: Tensor, region: Tensor, num_bins: int, fine_bins: int, classwise: bool
+    image: Tensor, start: int, pred: Tensor, labels: Tensor, region: Tensor, num_bins: int, sub: int, classwise: bool
 ) -> tuple[Tensor, ...]:
     """The raw sums of a run of pixels: `image` (K, N) contiguous, the run `start + i` of pred, labels
     and region (n,) int64 (2 = ignored).
 
-    Returns, per region: the joint histogram's count and probability sum (3, K, M+1, kinds), the fine
-    top-label histogram's count and confidence sum (3, F+1, 2 = wrong, right), the column sums (2, K;
-    zeros unless `classwise`), and the sums of p_target, of the NLL and of the squares (3,).
+    Returns, per region: the fine top-label histogram's count and confidence sum (3, M S + 1, 2 =
+    wrong, right); the class-wise joint histogram's count and probability sum (3, K, M+1, kinds) and
+    the column sums (2, K), zeros unless `classwise`; the sums of p_target, of the NLL and of the
+    squares (3,).
     """
-    K, M, F, R = image.shape[0], num_bins, fine_bins, _REGIONS
-    probs = image[:, start : start + len(labels)]
+    K, M, R = image.shape[0], num_bins, _REGIONS
+    n = len(labels)
+    probs = image[:, start : start + n]
     conf = probs.amax(0)  # = the probability of `pred`, whose softmax numerator exp(0) = 1 is the largest
     p_target = probs.gather(0, labels.unsqueeze(0)).squeeze(0)
-    correct = pred == labels
-    first_edge = torch.linspace(0, 1, M + 1, dtype=probs.dtype, device=probs.device)[1]
-    vector = conf <= 1 - first_edge + _TOP_MARGIN
-    # joint index = ((region * K + class) * (M + 1) + bin) * kinds + kind; top, target, vector entries
-    stride, region_row = (M + 1) * _KINDS, region * K
-    keys = [(region_row + pred).mul_(stride).add_(correct).add_(vector, alpha=_VECTOR_TOP)]
-    values = [conf]
+    shape = (R, K, M + 1, _KINDS)
+    count, total = probs.new_zeros(shape, dtype=torch.int64), probs.new_zeros(shape, dtype=torch.float64)
     columns = probs.new_zeros((2, K), dtype=torch.float64)
     if classwise:
+        first_edge = torch.linspace(0, 1, M + 1, dtype=probs.dtype, device=probs.device)[1]
+        vector = conf <= 1 - first_edge + _TOP_MARGIN
         pixel, cls, prob = _vector_entries(image, start, vector, first_edge)
-        keys += [(region_row + labels).mul_(stride).add_(_TARGET), (region.take(pixel) * K + cls).mul_(stride).add_(_VECTOR)]
-        values += [p_target, prob]
+        # joint index = ((region * K + class) * (M + 1) + bin) * kinds + kind; top, target, vector entries
+        stride, region_row = (M + 1) * _KINDS, region * K
+        keys = torch.cat((
+            (region_row + pred).mul_(stride).add_(vector),
+            (region_row + labels).mul_(stride).add_(_TARGET),
+            (region.take(pixel) * K + cls).mul_(stride).add_(_VECTOR),
+        ))
+        values = torch.cat((conf, p_target, prob))
+        bins = bin_index(values, M)
+        index = bins * _KINDS + keys
+        count = torch.bincount(index, minlength=count.numel()).view(shape)
+        total = torch.bincount(index, values.double(), minlength=count.numel()).view(shape)
         columns = _column_sums(probs, torch.stack((region == 0, region == 1)).to(probs.dtype))
-    values = torch.cat(values)
-    index = bin_index(values, M).mul_(_KINDS).add_(torch.cat(keys))
-    weights = values.double()
-    size, shape = R * K * stride, (R, K, M + 1, _KINDS)
-    count = torch.bincount(index, minlength=size).view(shape)
-    total = torch.bincount(index, weights, minlength=size).view(shape)
-
-    fine = _fine_index(conf, F).add_(region, alpha=F + 1).mul_(2).add_(correct)
-    fine_count = torch.bincount(fine, minlength=R * (F + 1) * 2).view(R, F + 1, 2)
-    fine_conf = torch.bincount(fine, weights[: len(conf)], minlength=R * (F + 1) * 2).view(R, F + 1, 2)
+        bins = bins[:n]
+    else:
+        bins = bin_index(conf, M)
+    fine_bins = M * sub + 1
+    fine = fine_index(conf, bins, M, sub).add_(region, alpha=fine_bins).mul_(2).add_(pred == labels)
+    fine_count = torch.bincount(fine, minlength=R * fine_bins * 2).view(R, fine_bins, 2)
+    fine_conf = torch.bincount(fine, conf.double(), minlength=R * fine_bins * 2).view(R, fine_bins, 2)
     p_target = p_target.double()
     nll = p_target.clamp(min=NLL_MIN_PROB).log_().neg_()
     squares = (probs * probs).sum(0).double()
     sums = torch.stack([torch.bincount(region, w, minlength=R) for w in (p_target, nll, squares)])
-    return (count, total, fine_count, fine_conf, columns, *sums)
+    return (fine_count, fine_conf, count, total, columns, *sums)
 
 
 def _ece(correct: Tensor, conf: Tensor, count: Tensor) -> Tensor:
@@ -254,7 +273,8 @@ class CalibrationHistogram(Accumulator):
                 raise UserError(f"{name} must be an integer >= {least}, got {value!r}")
         self.num_bins, self.fine_bins, self.boundary_width = num_bins, fine_bins, boundary_width
         self.classwise = bool(classwise)
-        K, M, F = num_classes, num_bins + 1, fine_bins + 1
+        self.sub_bins = sub_bins(num_bins, fine_bins)
+        K, M, F = num_classes, num_bins + 1, num_bins * self.sub_bins + 1
         states = [
             ("count", (2, M), torch.int64),
             ("conf", (2, M), torch.float64),
@@ -314,34 +334,38 @@ class CalibrationHistogram(Accumulator):
         on an accelerator, where every step costs ~100 kernel launches and a few synchronisations;
         every state is derived from them.
         """
-        step = _PIXELS if probs.device.type == "cpu" else probs.shape[1]
+        # torch splits an op over threads in grains of 32768 elements: give each thread (up to 4) one
+        step = _PIXELS * min(torch.get_num_threads(), 4) if probs.device.type == "cpu" else probs.shape[1]
         steps = (
             _pixel_sums(probs, at, pred[at : at + step], labels[at : at + step], region[at : at + step],
-                        self.num_bins, self.fine_bins, self.classwise)
+                        self.num_bins, self.sub_bins, self.classwise)
             for at in range(0, probs.shape[1], step)
         )
-        count, total, fine_count, fine_conf, columns, p_target, nll, squares = (
+        fine_count, fine_conf, count, total, columns, p_target, nll, squares = (
             sum(parts)[:2] for parts in zip(*steps)
         )
+        self._accumulate("fine_count", fine_count.sum(-1))
+        self._accumulate("fine_conf", fine_conf.sum(-1))
+        self._accumulate("fine_correct", fine_count[..., 1])
 
-        top_count = count[..., :_VECTOR].unflatten(-1, (2, 2))  # (2, K, M + 1, vector, right)
-        top_total = total[..., :_VECTOR].unflatten(-1, (2, 2))
-        top_label = top_count.sum((1, 3))  # (2, M + 1, right)
-        top_conf = top_total.sum((1, 3, 4))
+        # the ECE bins are sums of S fine bins each, and the bin of 1.0
+        def coarse(fine: Tensor) -> Tensor:
+            M, S = self.num_bins, self.sub_bins
+            return torch.cat((fine[:, : M * S].unflatten(1, (M, S)).sum(2), fine[:, M * S :]), 1)
+
+        top_label = coarse(fine_count)  # (2, M + 1, right)
+        top_conf = coarse(fine_conf).sum(-1)
         self._accumulate("count", top_label.sum(-1))
         self._accumulate("conf", top_conf)
         self._accumulate("correct", top_label[..., 1])
         self._accumulate("image_ece", _image_ece(top_label.sum(-1), top_conf, top_label[..., 1]))
-        self._accumulate("fine_count", fine_count.sum(-1))
-        self._accumulate("fine_conf", fine_conf.sum(-1))
-        self._accumulate("fine_correct", fine_count[..., 1])
 
         pixels = top_label.sum((1, 2))  # labelled pixels per region
         self._accumulate("nll", nll)
         self._accumulate("brier", squares - 2 * p_target + pixels)
         if self.classwise:
-            class_count = top_count[..., 0, :].sum(-1) + count[..., _VECTOR]
-            class_prob = top_total[..., 0, :].sum(-1) + total[..., _VECTOR]
+            class_count = count[..., 0] + count[..., _VECTOR]
+            class_prob = total[..., 0] + total[..., _VECTOR]
             class_count[..., 0] = pixels[:, None] - class_count[..., 1:].sum(-1)
             class_prob[..., 0] = columns - class_prob[..., 1:].sum(-1)
             self._accumulate("class_count", class_count)
