@@ -136,7 +136,11 @@ def eval_command(
     calibration: bool = typer.Option(True, "--calibration/--no-calibration",
                                      help="Also compute ECE, MCE, aECE, cwECE, NLL, Brier (all pixels and boundary band)."),
     uncertainty: str = typer.Option("msp", "--uncertainty", help="Uncertainty measures scored as error detectors "
-                                    "(AUROC, AURC): comma-separated msp, entropy, margin, or none."),
+                                    "(AUROC, AURC): comma-separated msp, entropy, margin, mc-dropout, "
+                                    "mutual-information, or none."),
+    mc_samples: int = typer.Option(8, "--mc-samples", help="Stochastic passes per batch for mc-dropout and "
+                                   "mutual-information."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the MC-dropout masks (the same for every batch)."),
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
@@ -159,6 +163,8 @@ def eval_command(
             boundary_iou=boundary_iou,
             calibration=calibration,
             uncertainty=parse_measures(uncertainty),
+            mc_samples=mc_samples,
+            seed=seed,
             progress=progress,
         )
     )

@@ -17,7 +17,7 @@ from trustseg.data.base import SegmentationDataset
 from trustseg.data.transforms import collate
 from trustseg.distributed import shard_indices
 from trustseg.errors import UserError
-from trustseg.metrics.base import Predictions
+from trustseg.metrics.base import as_predictions
 from trustseg.progress import track
 
 Batch = dict[str, Any]
@@ -34,7 +34,7 @@ def evaluate(
     progress: bool = True,
     description: str = "eval",
 ) -> dict[str, Any]:
-    """Run `predictor` (images (B,3,H,W) -> logits (B,K,H,W)) over `dataset`; return merged metrics.
+    """Run `predictor` (images (B,3,H,W) -> logits (B,K,H,W), or `Predictions`) over `dataset`; return merged metrics.
 
     `batch_transform` changes a collated batch before prediction (e.g. corrupts images on the fly).
     Returned dict: the accumulators' flat keys, with their ``per_class`` tables merged.
@@ -56,7 +56,7 @@ def evaluate(
             outputs = predictor(batch["image"])
             outputs = outputs if named else {"": outputs}
             for name, group in groups.items():
-                predictions = Predictions(outputs[name])
+                predictions = as_predictions(outputs[name])
                 for accumulator in group:
                     accumulator.update(predictions, batch["mask"])
     results = {name: _merged(group) for name, group in groups.items()}

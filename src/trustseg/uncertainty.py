@@ -11,7 +11,8 @@ knowing which method made it:
 - **mc-dropout** (Gal & Ghahramani 2016): T forward passes with dropout and stochastic depth kept on;
   the map is the normalised entropy of the mean softmax (the "predictive entropy" of Kendall & Gal
   2017 / Mukhoti & Gal 2018). `mc_dropout` also returns the mutual information between prediction
-  and dropout mask, entropy of the mean - mean entropy (same normalisation), the epistemic part.
+  and dropout mask, entropy of the mean - mean entropy (same normalisation), the epistemic part
+  (**mutual-information** in `trustseg eval`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def margin(probs: Tensor) -> Tensor:
 UNCERTAINTY: dict[str, Callable[[Tensor], Tensor]] = {"entropy": entropy, "msp": msp, "margin": margin}
 MC_DROPOUT = "mc-dropout"
 METHODS = (*UNCERTAINTY, MC_DROPOUT)
+# Measures from MC-dropout passes (`mc_dropout_maps`) that `trustseg eval` scores as error detectors.
+MUTUAL_INFORMATION = "mutual-information"
+MC_MEASURES = (MC_DROPOUT, MUTUAL_INFORMATION)
 
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 # Our models' stochastic depth and attention dropout are float rates on the module that applies
@@ -133,3 +137,8 @@ def mc_dropout(predictor: nn.Module, images: Tensor, *, samples: int = 8, seed: 
     # entropy of the mean >= mean entropy (Jensen); the clamp only removes rounding below zero
     information = (predictive - total_entropy / samples).clamp_(min=0)
     return MCDropoutResult(probs=mean, entropy=predictive, mutual_information=information)
+
+
+def mc_dropout_maps(result: MCDropoutResult) -> dict[str, Tensor]:
+    """The `MC_MEASURES` maps of one `mc_dropout` result, by name."""
+    return {MC_DROPOUT: result.entropy, MUTUAL_INFORMATION: result.mutual_information}

@@ -100,3 +100,45 @@ def test_info_counts_pixels(tmp_path, folder_dataset, monkeypatch):
     assert info["per_class"]["pixels"] == [int((masks == k).sum()) for k in range(3)]
     assert info["ignored_pixels"] == int((masks == 255).sum())
     assert (out / "class_frequencies.png").stat().st_size > 1000
+
+
+def test_eval_scores_mc_dropout_maps_as_error_detectors(tmp_path, folder_dataset, monkeypatch):
+    """AUROC of the MC-dropout maps (drawn again here with the same seed) against the errors of the
+    deterministic prediction, by torchmetrics on every pixel, within the histogram's own bound."""
+    from torchmetrics.classification import BinaryAUROC
+
+    from trustseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from trustseg.data.spec import load_dataset
+    from trustseg.inference import predictor_from_checkpoint
+    from trustseg.models.factory import build_model
+    from trustseg.uncertainty import mc_dropout, mc_dropout_maps
+
+    torch.manual_seed(0)
+    options = {"decoder_dim": 16, "dropout": 0.3}
+    model = build_model("segformer", num_classes=3, **options)
+    with torch.no_grad():  # a random SegFormer's softmax is nearly uniform: sharpen it, so pixels differ
+        model.decoder.classifier.weight.mul_(300)
+    path = tmp_path / "seg.pt"
+    save_checkpoint(Checkpoint({"name": "segformer", "options": options}, model.state_dict(), CLASSES), path)
+    out = tmp_path / "eval"
+    run_cli(["eval", "--checkpoint", str(path), "--data", f"folder:{folder_dataset}", "--out", str(out), "--no-progress",
+             "--uncertainty", "msp,mc-dropout,mutual-information", "--mc-samples", "3", "--seed", "5"], monkeypatch)
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    predictor = predictor_from_checkpoint(load_checkpoint(path))
+    dataset = load_dataset(f"folder:{folder_dataset}", split="val")
+    scores, wrong = {"mc-dropout": [], "mutual-information": []}, []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            sample = dataset[i]
+            image, mask = sample["image"][None], sample["mask"]
+            labelled = mask != 255
+            wrong.append((predictor(image)[0].argmax(0) != mask)[labelled])
+            for name, values in mc_dropout_maps(mc_dropout(predictor, image, samples=3, seed=5)).items():
+                scores[name].append(values[0][labelled])
+    wrong = torch.cat(wrong)
+    for name, values in scores.items():
+        oracle = BinaryAUROC()(torch.cat(values).double(), wrong.long())
+        bound = metrics["histogram_error"][f"AUROC_{name}"]
+        assert bound < 0.01 and abs(metrics[f"AUROC_{name}"] - oracle.item()) <= bound + 1e-6
+    assert metrics["AUROC_mc-dropout"] != metrics["AUROC_msp"]

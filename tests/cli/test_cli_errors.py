@@ -130,6 +130,25 @@ def test_bad_predict_uncertainty(tmp_path, checkpoint_path, monkeypatch, capsys,
     assert_one_line_error(code, err, *needles)
 
 
+@pytest.mark.parametrize(
+    "options,needles",
+    [
+        (["--uncertainty", "variance"], ["variance", "mutual-information"]),
+        (["--uncertainty", "mc-dropout"], ["no dropout", "entropy|msp|margin"]),  # the U-Net has no dropout
+        (["--uncertainty", "mutual-information", "--mc-samples", "0"], ["--mc-samples"]),
+    ],
+)
+def test_bad_eval_uncertainty(tmp_path, checkpoint_path, monkeypatch, capsys, options, needles):
+    root = write_folder_dataset(tmp_path / "d")
+    code, err = run_cli(
+        ["eval", "--checkpoint", str(checkpoint_path), "--data", f"folder:{root}", "--out", str(tmp_path / "o"), *options],
+        monkeypatch,
+        capsys,
+    )
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_crop_argument(tmp_path, checkpoint_path, monkeypatch, capsys):
     root = write_folder_dataset(tmp_path / "d")
     code, err = run_cli(

@@ -206,7 +206,7 @@ def test_no_labelled_or_no_wrong_pixels():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"measures": ("mc-dropout",)}, "expected distinct names from entropy, msp, margin"),
+        ({"measures": ("variance",)}, "expected distinct names from entropy, msp, margin, mc-dropout, mutual-information"),
         ({"measures": ()}, "expected distinct names"),
         ({"measures": ("msp", "msp")}, "expected distinct names"),
         ({"num_bins": 0}, "num_bins must be a positive integer"),
@@ -290,3 +290,23 @@ def test_state_dict_round_trip(data):
     restored.load_state_dict(torch.load(buffer))
     assert torch.equal(hist(restored), hist(metric))
     np.testing.assert_equal(restored.compute(), metric.compute())
+
+
+def test_mc_measures_read_the_maps_their_batch_carries():
+    """A map passed as `Predictions.maps` is scored like the same values computed from the softmax."""
+    from trustseg.metrics import Predictions
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 9, 11, generator=g) * 3
+    target = torch.randint(0, 3, (2, 9, 11), generator=g)
+    maps = {"mc-dropout": UNCERTAINTY["msp"](logits.softmax(1)), "mutual-information": UNCERTAINTY["entropy"](logits.softmax(1))}
+    metric = UncertaintyHistogram(3, measures=("msp", "entropy", "mc-dropout", "mutual-information"))
+    metric.update(Predictions(logits, maps), target)
+    got = metric.compute()
+    for native, carried in (("msp", "mc-dropout"), ("entropy", "mutual-information")):
+        for key in ("AUROC", "AURC", "EAURC"):
+            assert got[f"{key}_{carried}"] == got[f"{key}_{native}"]
+    with pytest.raises(UserError, match="needs MC-dropout passes"):
+        UncertaintyHistogram(3, measures=("mc-dropout",)).update(logits, target)
+    with pytest.raises(UserError, match=r"shape \(2, 9\), expected \(2, 9, 11\)"):
+        UncertaintyHistogram(3, measures=("mc-dropout",)).update(Predictions(logits, {"mc-dropout": maps["mc-dropout"][..., 0]}), target)

@@ -30,14 +30,18 @@ class Predictions:
     NaN or +inf anywhere in the logits, or a pixel whose logits are all -inf, raises `UserError`: the
     check reads the per-pixel maxima that the argmax produces anyway (``max`` propagates NaN), so it
     costs 1/K of ``isfinite(logits)``. A single -inf logit is a legitimate probability of zero.
+
+    `maps` holds per-pixel (B, H, W) maps that need more than these logits, such as MC-dropout
+    uncertainty from extra stochastic passes, by name (`trustseg.uncertainty.MC_MEASURES`).
     """
 
-    __slots__ = ("logits", "pred", "num_classes", "_probs", "_pred_range")
+    __slots__ = ("logits", "pred", "num_classes", "maps", "_probs", "_pred_range")
 
-    def __init__(self, outputs: Tensor) -> None:
+    def __init__(self, outputs: Tensor, maps: dict[str, Tensor] | None = None) -> None:
         if not isinstance(outputs, Tensor):
             raise UserError(f"predictions must be a tensor or Predictions, got {type(outputs).__name__}")
         self._probs: Tensor | None = None
+        self.maps: dict[str, Tensor] = dict(maps or {})
         if outputs.is_floating_point():
             if outputs.dim() != 4:
                 raise UserError(f"logits must be (B, K, H, W); got shape {tuple(outputs.shape)}")

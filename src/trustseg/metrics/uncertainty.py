@@ -2,7 +2,8 @@
 
 Every labelled pixel is one sample, "wrong" meaning argmax != target; pixels whose target is
 `ignore_index` count nowhere. For each uncertainty measure (`trustseg.uncertainty.UNCERTAINTY`:
-entropy, msp, margin, each in [0, 1]) the state is two histograms over the same bins, of correct and
+entropy, msp, margin, from the batch's softmax; or `MC_MEASURES`: mc-dropout, mutual-information,
+maps the batch's `Predictions.maps` carry; each in [0, 1]) the state is two histograms over the same bins, of correct and
 of wrong pixels, so memory does not grow with the number of pixels and no pixel is subsampled
 (torch-uncertainty keeps 1% of the pixels, torchmetrics' BinaryAUROC keeps all of them).
 
@@ -50,7 +51,7 @@ from torch import Tensor
 
 from trustseg.errors import UserError
 from trustseg.metrics.base import Accumulator, Predictions, invalid_labels_error
-from trustseg.uncertainty import UNCERTAINTY
+from trustseg.uncertainty import MC_MEASURES, UNCERTAINTY
 
 LOG_FLOOR = 1e-12
 
@@ -118,10 +119,11 @@ class UncertaintyHistogram(Accumulator):
     ) -> None:
         super().__init__(num_classes, ignore_index)
         measures = (measures,) if isinstance(measures, str) else tuple(measures)
-        unknown = [m for m in measures if m not in UNCERTAINTY]
+        unknown = [m for m in measures if m not in UNCERTAINTY and m not in MC_MEASURES]
         if not measures or unknown or len(set(measures)) != len(measures):
             raise UserError(
-                f"uncertainty measures {list(measures)}: expected distinct names from {', '.join(UNCERTAINTY)}"
+                f"uncertainty measures {list(measures)}: expected distinct names from "
+                f"{', '.join((*UNCERTAINTY, *MC_MEASURES))}"
             )
         if not isinstance(num_bins, int) or num_bins < 1:
             raise UserError(f"num_bins must be a positive integer, got {num_bins!r}")
@@ -150,11 +152,22 @@ class UncertaintyHistogram(Accumulator):
         inner = self._inner.to(device=probs.device, dtype=probs.dtype)
         counts = [
             torch.bincount(
-                (torch.bucketize(UNCERTAINTY[name](probs), inner, right=True) + row).flatten(), minlength=3 * bins
+                (torch.bucketize(self._map(name, preds, probs), inner, right=True) + row).flatten(), minlength=3 * bins
             )[: 2 * bins].view(2, bins)
             for name in self.measures
         ]
         self._accumulate("hist", torch.stack(counts))
+
+    @staticmethod
+    def _map(name: str, preds: Predictions, probs: Tensor) -> Tensor:
+        if name in UNCERTAINTY:
+            return UNCERTAINTY[name](probs)
+        if name not in preds.maps:
+            raise UserError(f"uncertainty measure {name!r} needs MC-dropout passes: evaluate with --uncertainty {name}")
+        found = preds.maps[name]
+        if found.shape != preds.pred.shape:
+            raise UserError(f"uncertainty map {name!r} has shape {tuple(found.shape)}, expected {tuple(preds.pred.shape)}")
+        return found.to(probs.dtype)
 
     def compute(self) -> dict[str, Any]:
         results: dict[str, Any] = {}

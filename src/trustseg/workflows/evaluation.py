@@ -18,7 +18,9 @@ from trustseg.metrics.confusion import ConfusionMatrix, PerImageIoU
 from trustseg.metrics.uncertainty import UncertaintyHistogram
 from trustseg.report.tables import metrics_markdown
 from trustseg.rundir import RunDir
-from trustseg.uncertainty import UNCERTAINTY
+from trustseg.metrics.base import Predictions
+from trustseg.uncertainty import MC_MEASURES, UNCERTAINTY, mc_dropout, mc_dropout_maps, require_dropout
+from trustseg.workflows.prediction import dropout_fix
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,13 @@ class EvalConfig:
     boundary_iou: bool = True
     calibration: bool = True
     uncertainty: tuple[str, ...] = ("msp",)  # measures scored as misclassification detectors
+    mc_samples: int = 8  # stochastic passes per batch for the MC-dropout measures
+    seed: int = 0  # of the MC-dropout masks, the same for every batch (as in `trustseg predict`)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
+            raise UserError(f"--mc-samples {self.mc_samples!r}: expected an integer >= 1")
 
 
 @dataclass
@@ -62,11 +70,25 @@ def first_images(dataset: SegmentationDataset, max_images: int | None) -> Segmen
 def parse_measures(text: str) -> tuple[str, ...]:
     """``msp,entropy`` -> uncertainty measure names, checked; ``none`` or empty -> ()."""
     names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip() and p.strip() != "none"))
-    unknown = [n for n in names if n not in UNCERTAINTY]
+    unknown = [n for n in names if n not in UNCERTAINTY and n not in MC_MEASURES]
     if unknown:
         raise UserError(f"unknown uncertainty measure(s) {', '.join(unknown)}; expected some of "
-                        f"{', '.join(UNCERTAINTY)} or none")
+                        f"{', '.join((*UNCERTAINTY, *MC_MEASURES))} or none")
     return names
+
+
+def with_mc_dropout(predictor: Any, samples: int, seed: int) -> Any:
+    """`predictor` whose batches also carry the MC-dropout maps (`Predictions.maps`).
+
+    The scored prediction stays the deterministic one, so every measure ranks the same errors; the
+    `samples` extra passes per batch keep dropout on, with masks seeded by `seed`.
+    """
+
+    def predict(images: Any) -> Predictions:
+        logits = predictor(images)
+        return Predictions(logits, mc_dropout_maps(mc_dropout(predictor, images, samples=samples, seed=seed)))
+
+    return predict
 
 
 def default_accumulators(classes: ClassInfo, *, boundary_iou: bool = True, calibration: bool = True,
@@ -88,9 +110,12 @@ def run_eval(config: EvalConfig) -> EvalResult:
     checkpoint = load_checkpoint(config.checkpoint)
     dataset = first_images(load_dataset(config.data, split=resolve_split(config.data, config.split, "val")), config.max_images)
     check_same_classes(checkpoint, dataset, config.data)
+    predictor = predictor_from_checkpoint(checkpoint, config.inference)
+    if any(name in MC_MEASURES for name in config.uncertainty):  # fail before writing anything
+        require_dropout(predictor, dropout_fix(checkpoint.model["name"]))
+        predictor = with_mc_dropout(predictor, config.mc_samples, config.seed)
     run_dir = RunDir(config.out)
     run_dir.write_config({"command": "eval", **vars(config)})
-    predictor = predictor_from_checkpoint(checkpoint, config.inference)
     metrics = evaluate(
         predictor,
         dataset,
