@@ -202,7 +202,7 @@ def test_bin_index_is_torchmetrics_bucketize_around_every_edge(num_bins, dtype):
     x = (edges.view(bits)[:, None] + torch.arange(-256, 257, dtype=bits)).view(dtype).flatten()
     x = torch.cat((x[(x >= 0) & (x <= 1)], torch.rand(10_000, dtype=dtype, generator=torch.Generator().manual_seed(0))))
     bins = bin_index(x, num_bins)
-    assert torch.equal(bins, torch.bucketize(x, edges, right=True) - 1)
+    assert torch.equal(bins, torch.bucketize(x, edges, right=True, out_int32=True) - 1)
     # fine bins: inside their ECE bin, and monotone in x
     sub = calibration.sub_bins(num_bins, 1000)
     fine = calibration.fine_index(x, bins, num_bins, sub)

@@ -87,7 +87,7 @@ _COLUMN_PIXELS = 1024
 
 
 def bin_index(x: Tensor, num_bins: int) -> Tensor:
-    """torchmetrics' bin of each value in [0, 1], int64: ``bucketize(x, linspace(0, 1, M+1), right=True) - 1``.
+    """torchmetrics' bin of each value in [0, 1], int32: ``bucketize(x, linspace(0, 1, M+1), right=True) - 1``.
 
     bucketize's binary search costs ~20 ns a value on CPU, trunc(M x) ~1 ns. They differ only where
     M x lies within rounding of an integer (the linspace edges and the product are each rounded, to
@@ -95,10 +95,10 @@ def bin_index(x: Tensor, num_bins: int) -> Tensor:
     a margin 100x wider, are bucketized. Tests compare every float within 256 ulps of every edge.
     """
     scaled = x * num_bins
-    index = scaled.long()
+    index = scaled.int()
     near = ((scaled - scaled.round()).abs_() < num_bins * 2.0**-16).nonzero(as_tuple=True)
     edges = torch.linspace(0, 1, num_bins + 1, dtype=x.dtype, device=x.device)
-    index[near] = torch.bucketize(x[near], edges, right=True) - 1
+    index[near] = torch.bucketize(x[near], edges, right=True, out_int32=True) - 1
     return index
 
 
@@ -113,7 +113,7 @@ def fine_index(x: Tensor, bins: Tensor, num_bins: int, sub: int) -> Tensor:
     Monotone in x (every step is), and inside ECE bin b by construction: the clamp absorbs the
     rounding of M x where `bin_index` corrected the bin.
     """
-    part = (x * num_bins - bins).mul_(sub).long().clamp_(0, sub - 1)
+    part = (x * num_bins - bins).mul_(sub).int().clamp_(0, sub - 1)
     return part.add_(bins, alpha=sub)
 
 
@@ -167,7 +167,8 @@ def _pixel_sums(
     image: Tensor, start: int, pred: Tensor, labels: Tensor, region: Tensor, num_bins: int, sub: int, classwise: bool
 ) -> tuple[Tensor, ...]:
     """The raw sums of a run of pixels: `image` (K, N) contiguous, the run `start + i` of pred, labels
-    and region (n,) int64 (2 = ignored).
+    and region (n,): pred and region int32 (region 2 = ignored), labels int64 (a gather index). Integer
+    work is int32, which the CPU does about 3x faster than int64.
 
     Returns, per region: the fine top-label histogram's count and confidence sum (3, M S + 1, 2 =
     wrong, right); the class-wise joint histogram's count and probability sum (3, K, M+1, kinds) and
@@ -179,6 +180,8 @@ def _pixel_sums(
     probs = image[:, start : start + n]
     conf = probs.amax(0)  # = the probability of `pred`, whose softmax numerator exp(0) = 1 is the largest
     p_target = probs.gather(0, labels.unsqueeze(0)).squeeze(0)
+    squares = (probs * probs).sum(0)  # while the run is in cache
+    labels = labels.int()
     shape = (R, K, M + 1, _KINDS)
     count, total = probs.new_zeros(shape, dtype=torch.int64), probs.new_zeros(shape, dtype=torch.float64)
     columns = probs.new_zeros((2, K), dtype=torch.float64)
@@ -191,7 +194,7 @@ def _pixel_sums(
         keys = torch.cat((
             (region_row + pred).mul_(stride).add_(vector),
             (region_row + labels).mul_(stride).add_(_TARGET),
-            (region.take(pixel) * K + cls).mul_(stride).add_(_VECTOR),
+            (region.take(pixel) * K + cls.int()).mul_(stride).add_(_VECTOR),
         ))
         values = torch.cat((conf, p_target, prob))
         bins = bin_index(values, M)
@@ -208,7 +211,7 @@ def _pixel_sums(
     fine_conf = torch.bincount(fine, conf.double(), minlength=R * fine_bins * 2).view(R, fine_bins, 2)
     p_target = p_target.double()
     nll = p_target.clamp(min=NLL_MIN_PROB).log_().neg_()
-    squares = (probs * probs).sum(0).double()
+    squares = squares.double()
     sums = torch.stack([torch.bincount(region, w, minlength=R) for w in (p_target, nll, squares)])
     return (fine_count, fine_conf, count, total, columns, *sums)
 
@@ -322,12 +325,12 @@ class CalibrationHistogram(Accumulator):
             labels = target[image : image + 1]
             ignored = labels == self.ignore_index
             band = class_edge_band(labels, ignored, K, self.boundary_width) if self.boundary_width else 0
-            region = torch.where(ignored, 2, band)
+            region = torch.where(ignored, 2, band).int()
             labels = torch.where(ignored, 0, labels).long()
-            self._update_image(flat[image], preds.pred[image].flatten(), labels.flatten(), region.flatten())
+            self._update_image(flat[image], preds.pred[image].flatten().int(), labels.flatten(), region.flatten())
 
     def _update_image(self, probs: Tensor, pred: Tensor, labels: Tensor, region: Tensor) -> None:
-        """Add one image: probs (K, N) contiguous, and per pixel pred and labels, region (N,) int64 (2 = ignored).
+        """Add one image: probs (K, N) contiguous, and per pixel pred, labels, region (N,) (see `_pixel_sums`).
 
         Its raw sums (`_pixel_sums`) are taken `_PIXELS` pixels at a time on the CPU, so that the
         per-pixel temporaries stay in cache and memory does not grow with the image, and in one step
