@@ -48,9 +48,10 @@ confidence and accuracy (NaN for an empty bin) for all labelled pixels and for t
 histogram comes from one joint histogram (region, class, bin, kind) of a few entries per pixel (its
 top class, its target class, and, where the top probability leaves room for another class to reach
 bin 1, each class with p_k >= 1/M), and class-wise bin 0 is what bins 1..M leave of each class's
-column sum. On the CPU images go one at a time and pixels 32768 at a time, so that temporaries stay
-in cache and memory does not grow with the image (a fresh (K, H, W) temporary costs more in page
-faults than its arithmetic). Sums over pixels are float64, except within runs of 1024 pixels for the
+column sum. The top-label histograms are sums of the aECE fine histogram. On the CPU images go one
+at a time and pixels 32768 per thread at a time, so that temporaries stay in cache and memory does
+not grow with the image (a fresh (K, H, W) temporary costs more in page faults than its arithmetic);
+integer work is int32. Sums over pixels are float64, except within runs of 1024 pixels for the
 column sums. `trustseg bench calibration` (benchmarks/RESULTS.md) times it against torchmetrics and
 within an evaluation pass.
 """
