@@ -118,6 +118,13 @@ def fine_index(x: Tensor, bins: Tensor, num_bins: int, sub: int) -> Tensor:
     return part.add_(bins, alpha=sub)
 
 
+def coarse(fine: Tensor, num_bins: int, sub: int) -> Tensor:
+    """ECE-bin histograms (R, M + 1, ...) from fine ones (R, M S + 1, ...): each ECE bin is the sum of
+    its S fine bins, and the bin of 1.0 stays."""
+    M, S = num_bins, sub
+    return torch.cat((fine[:, : M * S].unflatten(1, (M, S)).sum(2), fine[:, M * S :]), 1)
+
+
 def class_edge_band(target: Tensor, ignored: Tensor, num_classes: int, width: int) -> Tensor:
     """(B, H, W) bool: labelled pixels with a labelled pixel of another class within L-inf `width`.
 
@@ -248,8 +255,8 @@ class CalibrationHistogram(Accumulator):
 
     See the module docstring for the definitions and the cost. Reads the batch's shared
     `Predictions.probs` (so it needs logits; hard predictions raise `UserError`). State, float64 sums
-    and int64 counts: for two regions (interior, band), top-label histograms of M+1 and F+1 bins, K
-    class-wise histograms of M+1 bins, NLL and Brier sums, and per-image ECE sums and sums of squares.
+    and int64 counts: for two regions (interior, band), fine top-label histograms of M S + 1 bins (the
+    M + 1 ECE bins are their sums), K class-wise histograms of M+1 bins, NLL and Brier sums, and per-image ECE sums and sums of squares.
 
     >>> metric = CalibrationHistogram(num_classes=2)
     >>> metric.update(torch.tensor([[[[2.0]], [[0.0]]]]), torch.tensor([[[0]]]))
@@ -279,10 +286,8 @@ class CalibrationHistogram(Accumulator):
         self.classwise = bool(classwise)
         self.sub_bins = sub_bins(num_bins, fine_bins)
         K, M, F = num_classes, num_bins + 1, num_bins * self.sub_bins + 1
+        # the ECE-bin histograms (count, confidence sum, correct) are sums of the fine ones (`coarse`)
         states = [
-            ("count", (2, M), torch.int64),
-            ("conf", (2, M), torch.float64),
-            ("correct", (2, M), torch.int64),
             ("fine_count", (2, F), torch.int64),
             ("fine_conf", (2, F), torch.float64),
             ("fine_correct", (2, F), torch.int64),
@@ -333,7 +338,7 @@ class CalibrationHistogram(Accumulator):
     def _update_image(self, probs: Tensor, pred: Tensor, labels: Tensor, region: Tensor) -> None:
         """Add one image: probs (K, N) contiguous, and per pixel pred, labels, region (N,) (see `_pixel_sums`).
 
-        Its raw sums (`_pixel_sums`) are taken `_PIXELS` pixels at a time on the CPU, so that the
+        Its raw sums (`_pixel_sums`) are taken `_PIXELS` pixels per thread at a time on the CPU, so that the
         per-pixel temporaries stay in cache and memory does not grow with the image, and in one step
         on an accelerator, where every step costs ~100 kernel launches and a few synchronisations;
         every state is derived from them.
@@ -352,16 +357,8 @@ class CalibrationHistogram(Accumulator):
         self._accumulate("fine_conf", fine_conf.sum(-1))
         self._accumulate("fine_correct", fine_count[..., 1])
 
-        # the ECE bins are sums of S fine bins each, and the bin of 1.0
-        def coarse(fine: Tensor) -> Tensor:
-            M, S = self.num_bins, self.sub_bins
-            return torch.cat((fine[:, : M * S].unflatten(1, (M, S)).sum(2), fine[:, M * S :]), 1)
-
-        top_label = coarse(fine_count)  # (2, M + 1, right)
-        top_conf = coarse(fine_conf).sum(-1)
-        self._accumulate("count", top_label.sum(-1))
-        self._accumulate("conf", top_conf)
-        self._accumulate("correct", top_label[..., 1])
+        top_label = coarse(fine_count, self.num_bins, self.sub_bins)  # (2, M + 1, right)
+        top_conf = coarse(fine_conf, self.num_bins, self.sub_bins).sum(-1)
         self._accumulate("image_ece", _image_ece(top_label.sum(-1), top_conf, top_label[..., 1]))
 
         pixels = top_label.sum((1, 2))  # labelled pixels per region
@@ -377,7 +374,9 @@ class CalibrationHistogram(Accumulator):
             self._accumulate("class_hits", count[..., _TARGET])
 
     def compute(self) -> dict[str, Any]:
-        s = self._states
+        s = dict(self._states)
+        for name, fine in (("count", "fine_count"), ("conf", "fine_conf"), ("correct", "fine_correct")):
+            s[name] = coarse(s[fine], self.num_bins, self.sub_bins)
         results: dict[str, Any] = {}
         per_class: dict[str, list[float]] = {}
         reliability: dict[str, Any] = {
@@ -423,8 +422,8 @@ class CalibrationHistogram(Accumulator):
                 "confidence": (conf / count.double()).tolist(),
                 "accuracy": (correct.double() / count.double()).tolist(),
             }
-        all_pixels = int(self._states["count"].sum())
-        results["boundary_fraction"] = int(self._states["count"][1].sum()) / all_pixels if all_pixels else math.nan
+        all_pixels = int(s["count"].sum())
+        results["boundary_fraction"] = int(s["count"][1].sum()) / all_pixels if all_pixels else math.nan
         results["per_class"] = per_class
         results["reliability"] = reliability
         return results
