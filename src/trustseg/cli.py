@@ -65,6 +65,8 @@ StrideOption = typer.Option(None, "--stride", help="Sliding-window stride 'H,W' 
 ShortSideOption = typer.Option(None, "--short-side", help="Resize images to this short side before inference.")
 Bf16Option = typer.Option(False, "--bf16", help="bfloat16 autocast inference.")
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+McSamplesOption = typer.Option(8, "--mc-samples", help="Stochastic passes with dropout on for the MC-dropout measures.")
+McSeedOption = typer.Option(0, "--seed", help="Seed of the MC-dropout masks (the same for every batch).")
 
 
 def print_eval_tables(metrics: dict, class_names) -> None:
@@ -138,9 +140,8 @@ def eval_command(
     uncertainty: str = typer.Option("msp", "--uncertainty", help="Uncertainty measures scored as error detectors "
                                     "(AUROC, AURC): comma-separated msp, entropy, margin, mc-dropout, "
                                     "mutual-information, or none."),
-    mc_samples: int = typer.Option(8, "--mc-samples", help="Stochastic passes per batch for mc-dropout and "
-                                   "mutual-information."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the MC-dropout masks (the same for every batch)."),
+    mc_samples: int = McSamplesOption,
+    seed: int = McSeedOption,
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
@@ -181,8 +182,8 @@ def predict_command(
     uncertainty: Optional[str] = typer.Option(
         None, "--uncertainty", help="entropy | msp | margin | mc-dropout: also write uncertainty/*.npy and *.png."
     ),
-    mc_samples: int = typer.Option(8, "--mc-samples", help="Stochastic passes of --uncertainty mc-dropout."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the MC-dropout masks."),
+    mc_samples: int = McSamplesOption,
+    seed: int = McSeedOption,
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,

@@ -20,7 +20,7 @@ from trustseg.report.tables import metrics_markdown
 from trustseg.rundir import RunDir
 from trustseg.metrics.base import Predictions
 from trustseg.uncertainty import MC_MEASURES, UNCERTAINTY, mc_dropout, mc_dropout_maps, require_dropout
-from trustseg.workflows.prediction import dropout_fix
+from trustseg.workflows.prediction import check_mc_samples, dropout_fix
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,7 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
-            raise UserError(f"--mc-samples {self.mc_samples!r}: expected an integer >= 1")
+        check_mc_samples(self.mc_samples)
 
 
 @dataclass

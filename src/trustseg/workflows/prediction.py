@@ -40,8 +40,7 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.uncertainty is not None and self.uncertainty not in METHODS:
             raise UserError(f"--uncertainty {self.uncertainty!r}: expected one of {', '.join(METHODS)}")
-        if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
-            raise UserError(f"--mc-samples {self.mc_samples!r}: expected an integer >= 1")
+        check_mc_samples(self.mc_samples)
 
 
 @dataclass
@@ -61,6 +60,12 @@ def list_images(path: str | Path) -> list[Path]:
     if not images:
         raise UserError(f"--input {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return images
+
+
+def check_mc_samples(samples: object) -> None:
+    """`--mc-samples` of predict and eval: a positive integer, checked before any work."""
+    if not isinstance(samples, int) or samples < 1:
+        raise UserError(f"--mc-samples {samples!r}: expected an integer >= 1")
 
 
 def dropout_fix(model_name: str) -> str:
