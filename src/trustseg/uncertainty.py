@@ -57,6 +57,8 @@ METHODS = (*UNCERTAINTY, MC_DROPOUT)
 # Measures from MC-dropout passes (`mc_dropout_maps`) that `trustseg eval` scores as error detectors.
 MUTUAL_INFORMATION = "mutual-information"
 MC_MEASURES = (MC_DROPOUT, MUTUAL_INFORMATION)
+# Every measure an error-detection metric can score: from one softmax, or from MC-dropout maps.
+SCORED_MEASURES = (*UNCERTAINTY, *MC_MEASURES)
 
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 # Our models' stochastic depth and attention dropout are float rates on the module that applies

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from trustseg.errors import UserError
 from trustseg.metrics.base import Accumulator, Predictions, invalid_labels_error
-from trustseg.uncertainty import MC_MEASURES, UNCERTAINTY
+from trustseg.uncertainty import SCORED_MEASURES, UNCERTAINTY
 
 LOG_FLOOR = 1e-12
 
@@ -119,11 +119,10 @@ class UncertaintyHistogram(Accumulator):
     ) -> None:
         super().__init__(num_classes, ignore_index)
         measures = (measures,) if isinstance(measures, str) else tuple(measures)
-        unknown = [m for m in measures if m not in UNCERTAINTY and m not in MC_MEASURES]
+        unknown = [m for m in measures if m not in SCORED_MEASURES]
         if not measures or unknown or len(set(measures)) != len(measures):
             raise UserError(
-                f"uncertainty measures {list(measures)}: expected distinct names from "
-                f"{', '.join((*UNCERTAINTY, *MC_MEASURES))}"
+                f"uncertainty measures {list(measures)}: expected distinct names from {', '.join(SCORED_MEASURES)}"
             )
         if not isinstance(num_bins, int) or num_bins < 1:
             raise UserError(f"num_bins must be a positive integer, got {num_bins!r}")

@@ -19,7 +19,7 @@ from trustseg.metrics.uncertainty import UncertaintyHistogram
 from trustseg.report.tables import metrics_markdown
 from trustseg.rundir import RunDir
 from trustseg.metrics.base import Predictions
-from trustseg.uncertainty import MC_MEASURES, UNCERTAINTY, mc_dropout, mc_dropout_maps, require_dropout
+from trustseg.uncertainty import MC_MEASURES, SCORED_MEASURES, mc_dropout, mc_dropout_maps, require_dropout
 from trustseg.workflows.prediction import check_mc_samples, dropout_fix
 
 
@@ -69,10 +69,10 @@ def first_images(dataset: SegmentationDataset, max_images: int | None) -> Segmen
 def parse_measures(text: str) -> tuple[str, ...]:
     """``msp,entropy`` -> uncertainty measure names, checked; ``none`` or empty -> ()."""
     names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip() and p.strip() != "none"))
-    unknown = [n for n in names if n not in UNCERTAINTY and n not in MC_MEASURES]
+    unknown = [n for n in names if n not in SCORED_MEASURES]
     if unknown:
         raise UserError(f"unknown uncertainty measure(s) {', '.join(unknown)}; expected some of "
-                        f"{', '.join((*UNCERTAINTY, *MC_MEASURES))} or none")
+                        f"{', '.join(SCORED_MEASURES)} or none")
     return names
 
 
