@@ -28,6 +28,7 @@ reported beside it: its scatter_add sums the bins in float32, one pixel after an
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -75,6 +76,20 @@ def _calibration_error(num_classes: int, ignore_index: int | None = None) -> Any
 
 def _top_label_histogram(num_classes: int) -> CalibrationHistogram:
     return CalibrationHistogram(num_classes, classwise=False, boundary_width=0)
+
+
+def _fresh_metrics(num_classes: int) -> dict[str, tuple[Any, Callable[[Any, Any], None]]]:
+    """The compared metrics, new, each with how it takes a `_Batch`; timed and measured alike."""
+
+    def cached_probs(metric: Any, batch: Any) -> None:
+        metric.update(batch.preds, batch.target)
+
+    return {
+        "ours": (CalibrationHistogram(num_classes), cached_probs),
+        "ours_top_label": (_top_label_histogram(num_classes), cached_probs),
+        "torchmetrics_logits": (_calibration_error(num_classes, IGNORE_INDEX), lambda m, b: m.update(b.preds.logits, b.target)),
+        "torchmetrics": (_calibration_error(num_classes), lambda m, b: m.update(b.flat_probs, b.flat_target)),
+    }
 
 
 def make_logits_pool(
@@ -165,8 +180,8 @@ def bench_calibration(
     pool = make_logits_pool(pool_images, height, width, num_classes, ignore_fraction, seed)
     batches = _cycled_batches(*pool, num_images, batch_size)
     image = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed))
-    ours, ours_top = CalibrationHistogram(num_classes), _top_label_histogram(num_classes)
-    tm, tm_logits = _calibration_error(num_classes), _calibration_error(num_classes, IGNORE_INDEX)
+    metrics = _fresh_metrics(num_classes)
+    ours, ours_top, tm_logits, tm = (metrics[name][0] for name in ("ours", "ours_top_label", "torchmetrics_logits", "torchmetrics"))
     confusion = ConfusionMatrix(num_classes)
 
     def eval_pass(batch: _Batch) -> None:
@@ -177,10 +192,7 @@ def bench_calibration(
     stages = {
         "eval_pass": _Stage(eval_pass, confusion),
         "softmax": _Stage(lambda b: b.fresh.probs),
-        "ours": _Stage(lambda b: ours.update(b.preds, b.target), ours),
-        "ours_top_label": _Stage(lambda b: ours_top.update(b.preds, b.target), ours_top),
-        "torchmetrics_logits": _Stage(lambda b: tm_logits.update(b.preds.logits, b.target), tm_logits),
-        "torchmetrics": _Stage(lambda b: tm.update(b.flat_probs, b.flat_target), tm),
+        **{name: _Stage(functools.partial(update, metric), metric) for name, (metric, update) in metrics.items()},
         "flatten": _Stage(lambda b: _flatten(b.preds.probs, b.target)),
     }
     eces: dict[str, float] = {}
@@ -231,24 +243,13 @@ def bench_calibration(
 def _peak_memory(num_classes: int, batches: list[tuple[Tensor, Tensor]]) -> dict[str, dict[str, int]]:
     """Peak extra bytes of our update and of torchmetrics' over the first of `batches` and over all of them."""
     prepared = [_prepare(*batch)[0] for batch in batches]  # outside the count: shared by every metric
-    fresh = {
-        "ours": lambda: CalibrationHistogram(num_classes),
-        "ours_top_label": lambda: _top_label_histogram(num_classes),
-        "torchmetrics_logits": lambda: _calibration_error(num_classes, IGNORE_INDEX),
-        "torchmetrics": lambda: _calibration_error(num_classes),
-    }
-    update = {
-        "ours": lambda metric, b: metric.update(b.preds, b.target),
-        "ours_top_label": lambda metric, b: metric.update(b.preds, b.target),
-        "torchmetrics_logits": lambda metric, b: metric.update(b.preds.logits, b.target),
-        "torchmetrics": lambda metric, b: metric.update(b.flat_probs, b.flat_target),
-    }
     memory = {}
-    for name, make in fresh.items():
-        one, stream = make(), make()
+    ones, streams = _fresh_metrics(num_classes), _fresh_metrics(num_classes)
+    for name, (one, update) in ones.items():
+        stream = streams[name][0]
         memory[name] = {
-            "peak_extra_bytes_one_batch": peak_tensor_bytes(lambda: update[name](one, prepared[0])),
-            "peak_extra_bytes_stream": peak_tensor_bytes(lambda: [update[name](stream, b) for b in prepared]),
+            "peak_extra_bytes_one_batch": peak_tensor_bytes(lambda: update(one, prepared[0])),
+            "peak_extra_bytes_stream": peak_tensor_bytes(lambda: [update(stream, b) for b in prepared]),
         }
     return memory
 
