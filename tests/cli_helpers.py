@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from trustseg.checkpoint import Checkpoint, save_checkpoint
+from trustseg.engine.checkpoint import Checkpoint, save_checkpoint
 from trustseg.cli import main
 from trustseg.data.base import ClassInfo
 from trustseg.models.factory import build_model

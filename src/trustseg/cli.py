@@ -43,7 +43,7 @@ def parse_pair(value: Optional[str], name: str) -> Optional[tuple[int, int]]:
 
 
 def inference_config(mode: str, crop: Optional[str], stride: Optional[str], short_side: Optional[int], bf16: bool):
-    from trustseg.inference import InferenceConfig
+    from trustseg.engine.inference import InferenceConfig
 
     return InferenceConfig(
         mode=mode,
@@ -110,7 +110,7 @@ def train_command(
     progress: bool = ProgressOption,
 ) -> None:
     """Train a model; under `torchrun --nproc_per_node=N` the same command uses DDP."""
-    from trustseg.distributed import is_main_process
+    from trustseg.engine.distributed import is_main_process
     from trustseg.training.config import load_train_config
     from trustseg.training.loop import train
 
@@ -238,7 +238,7 @@ def robustness_command(
     progress: bool = ProgressOption,
 ) -> None:
     """mIoU on clean data and under every corruption x severity; relative robustness, mCE vs a baseline."""
-    from trustseg.distributed import is_main_process
+    from trustseg.engine.distributed import is_main_process
     from trustseg.report.tables import rich_table
     from trustseg.robustness.corruptions import parse_corruptions, parse_severities
     from trustseg.workflows.robustness import RobustnessConfig, corruption_rows, run_robustness, summary_rows
@@ -309,7 +309,7 @@ def calibrate_command(
     progress: bool = ProgressOption,
 ) -> None:
     """Fit post-hoc calibrators, compare them on clean and corrupted data, write a calibrated checkpoint."""
-    from trustseg.distributed import is_main_process
+    from trustseg.engine.distributed import is_main_process
     from trustseg.report.tables import rich_table
     from trustseg.robustness.corruptions import parse_corruptions, parse_severities
     from trustseg.workflows.calibration import COMPACT, CalibrateConfig, method_rows, parse_methods, run_calibrate

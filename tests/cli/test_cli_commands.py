@@ -107,11 +107,11 @@ def test_eval_scores_mc_dropout_maps_as_error_detectors(tmp_path, folder_dataset
     deterministic prediction, by torchmetrics on every pixel, within the histogram's own bound."""
     from torchmetrics.classification import BinaryAUROC
 
-    from trustseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from trustseg.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from trustseg.data.spec import load_dataset
-    from trustseg.inference import predictor_from_checkpoint
+    from trustseg.engine.inference import predictor_from_checkpoint
     from trustseg.models.factory import build_model
-    from trustseg.uncertainty import mc_dropout, mc_dropout_maps
+    from trustseg.engine.uncertainty_maps import mc_dropout, mc_dropout_maps
 
     torch.manual_seed(0)
     options = {"decoder_dim": 16, "dropout": 0.3}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trustseg.checkpoint import Checkpoint, save_checkpoint
+from trustseg.engine.checkpoint import Checkpoint, save_checkpoint
 from trustseg.data.base import ClassInfo
 from trustseg.models.factory import build_model
 

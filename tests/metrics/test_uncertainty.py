@@ -14,7 +14,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from trustseg.errors import UserError
 from trustseg.metrics import UncertaintyHistogram, error_auroc, risk_coverage, uncertainty_bin_edges
-from trustseg.uncertainty import UNCERTAINTY
+from trustseg.engine.uncertainty_maps import UNCERTAINTY
 
 IGNORE = 255
 

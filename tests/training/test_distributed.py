@@ -5,10 +5,10 @@ import sys
 
 import torch
 
-from trustseg.checkpoint import load_checkpoint
+from trustseg.engine.checkpoint import load_checkpoint
 from trustseg.data.spec import load_dataset
-from trustseg.evaluate import evaluate
-from trustseg.inference import predictor_from_checkpoint
+from trustseg.engine.evaluate import evaluate
+from trustseg.engine.inference import predictor_from_checkpoint
 from trustseg.metrics.confusion import ConfusionMatrix
 from trustseg.training.history import read_history
 
@@ -17,7 +17,7 @@ SCRIPT = """
 import itertools, json, sys
 import torch
 import trustseg.training.loop as loop
-from trustseg.distributed import rank
+from trustseg.engine.distributed import rank
 from trustseg.training import config_from_dict, train
 
 calls = itertools.count()

@@ -12,13 +12,13 @@ import torch
 import yaml
 
 import trustseg.training.loop as loop
-from trustseg.checkpoint import load_checkpoint
+from trustseg.engine.checkpoint import load_checkpoint
 from trustseg.data.spec import load_dataset
 from trustseg.errors import UserError
-from trustseg.evaluate import evaluate
-from trustseg.inference import predictor_from_checkpoint
+from trustseg.engine.evaluate import evaluate
+from trustseg.engine.inference import predictor_from_checkpoint
 from trustseg.metrics.confusion import ConfusionMatrix
-from trustseg.rundir import to_plain
+from trustseg.engine.rundir import to_plain
 from trustseg.training import load_train_config, train
 from trustseg.training.history import read_history
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from trustseg.calibration import build_calibrator
-from trustseg.checkpoint import load_checkpoint
+from trustseg.calibrators import build_calibrator
+from trustseg.engine.checkpoint import load_checkpoint
 from trustseg.data.base import ClassInfo
 from trustseg.data.spec import load_dataset
-from trustseg.evaluate import evaluate
-from trustseg.inference import predictor_from_checkpoint
+from trustseg.engine.evaluate import evaluate
+from trustseg.engine.inference import predictor_from_checkpoint
 from trustseg.metrics.calibration import CalibrationHistogram
 from trustseg.metrics.confusion import ConfusionMatrix
 

@@ -8,7 +8,7 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from trustseg.checkpoint import Checkpoint, save_checkpoint
+from trustseg.engine.checkpoint import Checkpoint, save_checkpoint
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
 from trustseg.workflows.prediction import PredictConfig, run_predict

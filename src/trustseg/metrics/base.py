@@ -32,7 +32,7 @@ class Predictions:
     costs 1/K of ``isfinite(logits)``. A single -inf logit is a legitimate probability of zero.
 
     `maps` holds per-pixel (B, H, W) maps that need more than these logits, such as MC-dropout
-    uncertainty from extra stochastic passes, by name (`trustseg.uncertainty.MC_MEASURES`).
+    uncertainty from extra stochastic passes, by name (`trustseg.engine.uncertainty_maps.MC_MEASURES`).
     """
 
     __slots__ = ("logits", "pred", "num_classes", "maps", "_probs", "_pred_range")

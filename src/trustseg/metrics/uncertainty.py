@@ -1,7 +1,7 @@
 """How well uncertainty flags errors, from fixed-size histograms: AUROC, AURC and E-AURC per measure.
 
 Every labelled pixel is one sample, "wrong" meaning argmax != target; pixels whose target is
-`ignore_index` count nowhere. For each uncertainty measure (`trustseg.uncertainty.UNCERTAINTY`:
+`ignore_index` count nowhere. For each uncertainty measure (`trustseg.engine.uncertainty_maps.UNCERTAINTY`:
 entropy, msp, margin, from the batch's softmax; or `MC_MEASURES`: mc-dropout, mutual-information,
 maps the batch's `Predictions.maps` carry; each in [0, 1]) the state is two histograms over the same bins, of correct and
 of wrong pixels, so memory does not grow with the number of pixels and no pixel is subsampled
@@ -51,7 +51,7 @@ from torch import Tensor
 
 from trustseg.errors import UserError
 from trustseg.metrics.base import Accumulator, Predictions, invalid_labels_error
-from trustseg.uncertainty import SCORED_MEASURES, UNCERTAINTY
+from trustseg.engine.uncertainty_maps import SCORED_MEASURES, UNCERTAINTY
 
 LOG_FLOOR = 1e-12
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from trustseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from trustseg.engine.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from trustseg.errors import UserError
 
 CLASS_WEIGHTINGS = ("none", "median_frequency", "sqrt_inverse")

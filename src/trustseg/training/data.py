@@ -10,9 +10,9 @@ from torch.utils.data import Subset
 from trustseg.data.base import ClassInfo, SegmentationDataset
 from trustseg.data.spec import load_dataset, parse_spec
 from trustseg.data.transforms import TransformedDataset, train_transform
-from trustseg.distributed import is_distributed, shard_indices
+from trustseg.engine.distributed import is_distributed, shard_indices
 from trustseg.errors import UserError
-from trustseg.progress import track
+from trustseg.engine.progress import track
 from trustseg.training.config import TrainConfig
 from trustseg.training.losses import class_statistics, class_weights
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trustseg.report.plots import line_plot
-from trustseg.rundir import to_plain
+from trustseg.engine.rundir import to_plain
 
 HISTORY_FILE = "history.jsonl"
 LOSS_PLOT = "loss.png"

@@ -26,16 +26,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from trustseg.checkpoint import Checkpoint, save_checkpoint
+from trustseg.engine.checkpoint import Checkpoint, save_checkpoint
 from trustseg.data.transforms import collate
-from trustseg.distributed import init_from_environment, is_distributed, is_main_process, rank, world_size
+from trustseg.engine.distributed import init_from_environment, is_distributed, is_main_process, rank, world_size
 from trustseg.errors import UserError
-from trustseg.evaluate import evaluate
-from trustseg.inference import InferenceConfig, Predictor
+from trustseg.engine.evaluate import evaluate
+from trustseg.engine.inference import InferenceConfig, Predictor
 from trustseg.metrics.confusion import ConfusionMatrix
 from trustseg.models.factory import build_model
-from trustseg.progress import make_progress
-from trustseg.rundir import RunDir, to_plain
+from trustseg.engine.progress import make_progress
+from trustseg.engine.rundir import RunDir, to_plain
 from trustseg.training.config import TrainConfig
 from trustseg.training.data import TrainData, compute_class_weights, load_train_data
 from trustseg.training.history import History

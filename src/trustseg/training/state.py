@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from trustseg.checkpoint import Checkpoint, load_checkpoint
+from trustseg.engine.checkpoint import Checkpoint, load_checkpoint
 from trustseg.errors import UserError
-from trustseg.rundir import to_plain
+from trustseg.engine.rundir import to_plain
 from trustseg.training.config import TrainConfig
 
 # Keys that may change between an interrupted run and its resumption: they do not change the updates.

@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from trustseg.calibration.calibrators import METHODS, build_calibrator
-from trustseg.calibration.fit import collect_fit_data, fit_calibrator
-from trustseg.calibration.properties import PROPERTIES
-from trustseg.checkpoint import load_checkpoint, save_checkpoint
+from trustseg.calibrators.methods import METHODS, build_calibrator
+from trustseg.calibrators.fit import collect_fit_data, fit_calibrator
+from trustseg.calibrators.properties import PROPERTIES
+from trustseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from trustseg.data.base import ClassInfo
 from trustseg.data.spec import load_dataset, resolve_split
-from trustseg.distributed import init_from_environment, is_distributed, is_main_process
+from trustseg.engine.distributed import init_from_environment, is_distributed, is_main_process
 from trustseg.errors import UserError
-from trustseg.evaluate import evaluate
-from trustseg.inference import InferenceConfig, predictor_from_checkpoint
+from trustseg.engine.evaluate import evaluate
+from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
 from trustseg.metrics.calibration import CalibrationHistogram
 from trustseg.metrics.confusion import ConfusionMatrix
 from trustseg.report.document import Document
@@ -34,7 +34,7 @@ from trustseg.report.plots import reliability_diagrams
 from trustseg.report.tables import percent
 from trustseg.robustness.dataset import CorruptedDataset
 from trustseg.robustness.summary import CLEAN, condition_key
-from trustseg.rundir import RunDir
+from trustseg.engine.rundir import RunDir
 from trustseg.workflows.evaluation import check_same_classes, first_images
 
 RESULTS = "calibration.json"

@@ -20,10 +20,10 @@ from trustseg.data.datasets import FileDataset
 from trustseg.data.readers import read_image, read_mask_array
 from trustseg.data.spec import load_dataset, parse_spec, resolve_split
 from trustseg.errors import UserError
-from trustseg.progress import track
+from trustseg.engine.progress import track
 from trustseg.robustness.corruptions import CORRUPTIONS, DISPLACEMENTS, SEVERITIES, corrupt, frost_source
 from trustseg.robustness.dataset import condition_seed
-from trustseg.rundir import RunDir
+from trustseg.engine.rundir import RunDir
 from trustseg.workflows.evaluation import first_images
 
 # Listing and class files a layout may need next to its images (VOC's ImageSets/*.txt, classes.txt, ...).

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from trustseg.checkpoint import load_checkpoint
+from trustseg.engine.checkpoint import load_checkpoint
 from trustseg.data.spec import load_dataset
-from trustseg.inference import predictor_from_checkpoint
+from trustseg.engine.inference import predictor_from_checkpoint
 from trustseg.training.config import load_train_config
 from trustseg.training.loop import BEST, LAST, TrainResult, train
-from trustseg.visualize import prediction_panel, save_png
+from trustseg.report.visualize import prediction_panel, save_png
 from trustseg.workflows.evaluation import EvalConfig, EvalResult, run_eval
 
 DEMO_RECIPE = files("trustseg") / "recipes" / "demo_synthetic.yaml"

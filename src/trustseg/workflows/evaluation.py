@@ -6,20 +6,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trustseg.checkpoint import Checkpoint, load_checkpoint
+from trustseg.engine.checkpoint import Checkpoint, load_checkpoint
 from trustseg.data.base import ClassInfo, SegmentationDataset, subset
 from trustseg.data.spec import load_dataset, resolve_split
 from trustseg.errors import UserError
-from trustseg.evaluate import evaluate
-from trustseg.inference import InferenceConfig, predictor_from_checkpoint
+from trustseg.engine.evaluate import evaluate
+from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
 from trustseg.metrics.boundary import BoundaryIoU
 from trustseg.metrics.calibration import CalibrationHistogram
 from trustseg.metrics.confusion import ConfusionMatrix, PerImageIoU
 from trustseg.metrics.uncertainty import UncertaintyHistogram
 from trustseg.report.tables import metrics_markdown
-from trustseg.rundir import RunDir
+from trustseg.engine.rundir import RunDir
 from trustseg.metrics.base import Predictions
-from trustseg.uncertainty import MC_MEASURES, SCORED_MEASURES, mc_dropout, mc_dropout_maps, require_dropout
+from trustseg.engine.uncertainty_maps import MC_MEASURES, SCORED_MEASURES, mc_dropout, mc_dropout_maps, require_dropout
 from trustseg.workflows.prediction import check_mc_samples, dropout_fix
 
 

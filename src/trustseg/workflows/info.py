@@ -11,9 +11,9 @@ import torch
 from trustseg.data.base import ClassInfo
 from trustseg.data.spec import load_dataset, resolve_split
 from trustseg.errors import UserError
-from trustseg.progress import track
+from trustseg.engine.progress import track
 from trustseg.report.plots import bar_plot
-from trustseg.rundir import RunDir
+from trustseg.engine.rundir import RunDir
 
 SPLITS = ("train", "val", "test")
 

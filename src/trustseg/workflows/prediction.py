@@ -8,20 +8,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trustseg.checkpoint import load_checkpoint
+from trustseg.engine.checkpoint import load_checkpoint
 from trustseg.data.readers import IMAGE_EXTENSIONS, read_image
 from trustseg.errors import UserError
-from trustseg.inference import InferenceConfig, Predictor, predictor_from_checkpoint
+from trustseg.engine.inference import InferenceConfig, Predictor, predictor_from_checkpoint
 from trustseg.models.factory import model_options
-from trustseg.progress import track
-from trustseg.rundir import RunDir
-from trustseg.uncertainty import MC_DROPOUT, METHODS, UNCERTAINTY, mc_dropout, require_dropout
-from trustseg.visualize import colorize, heatmap, overlay, save_png
+from trustseg.engine.progress import track
+from trustseg.engine.rundir import RunDir
+from trustseg.engine.uncertainty_maps import MC_DROPOUT, METHODS, UNCERTAINTY, mc_dropout, require_dropout
+from trustseg.report.visualize import colorize, heatmap, overlay, save_png
 
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """`uncertainty` (one of `trustseg.uncertainty.METHODS`, or None) adds per-pixel maps.
+    """`uncertainty` (one of `trustseg.engine.uncertainty_maps.METHODS`, or None) adds per-pixel maps.
 
     With "mc-dropout" the map comes from `mc_samples` passes with dropout on (masks seeded by
     `seed`), while the label maps stay the deterministic prediction of the model in eval mode.

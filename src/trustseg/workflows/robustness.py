@@ -13,20 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trustseg.checkpoint import load_checkpoint
+from trustseg.engine.checkpoint import load_checkpoint
 from trustseg.data.base import ClassInfo
 from trustseg.data.spec import load_dataset, resolve_split
-from trustseg.distributed import init_from_environment, is_main_process
+from trustseg.engine.distributed import init_from_environment, is_main_process
 from trustseg.errors import UserError
-from trustseg.evaluate import evaluate
-from trustseg.inference import InferenceConfig, predictor_from_checkpoint
+from trustseg.engine.evaluate import evaluate
+from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
 from trustseg.report.document import Document
 from trustseg.report.plots import heatmap, line_plot
 from trustseg.report.tables import percent
 from trustseg.robustness.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, frost_source
 from trustseg.robustness.dataset import CorruptedDataset
 from trustseg.robustness.summary import CLEAN, condition_key, miou_grid, summarize
-from trustseg.rundir import RunDir, to_plain
+from trustseg.engine.rundir import RunDir, to_plain
 from trustseg.workflows.evaluation import check_same_classes, default_accumulators, first_images
 
 RESULTS = "robustness.json"

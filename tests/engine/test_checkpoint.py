@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trustseg.checkpoint import Checkpoint, atomic_write, load_checkpoint, save_checkpoint
+from trustseg.engine.checkpoint import Checkpoint, atomic_write, load_checkpoint, save_checkpoint
 from trustseg.data.base import ClassInfo
 from trustseg.errors import UserError
 

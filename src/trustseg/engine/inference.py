@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trustseg.calibration.calibrators import build_calibrator
-from trustseg.checkpoint import Checkpoint
+from trustseg.calibrators.methods import build_calibrator
+from trustseg.engine.checkpoint import Checkpoint
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
 

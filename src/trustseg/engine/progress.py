@@ -14,7 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from trustseg.distributed import is_main_process
+from trustseg.engine.distributed import is_main_process
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from trustseg.errors import UserError
 from trustseg.models.segformer import Block
-from trustseg.uncertainty import (
+from trustseg.engine.uncertainty_maps import (
     UNCERTAINTY,
     dropout_enabled,
     dropout_modules,

@@ -8,14 +8,14 @@ identity initialisation would pass every check), random logits and images, and t
 - order preservation: the class ranking of g(z) equals that of z at every pixel.
 
 A property holds only if it holds in every trial. The README's property table is this module's
-output (`python -m trustseg.calibration.properties`), and a test keeps the two equal.
+output (`python -m trustseg.calibrators.properties`), and a test keeps the two equal.
 """
 
 from __future__ import annotations
 
 import torch
 
-from trustseg.calibration.calibrators import METHODS, Calibrator, build_calibrator
+from trustseg.calibrators.methods import METHODS, Calibrator, build_calibrator
 
 PROPERTIES = ("translation_invariant", "argmax_preserving", "order_preserving")
 _TOLERANCE = 1e-9

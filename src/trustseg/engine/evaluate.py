@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, Subset
 
 from trustseg.data.base import SegmentationDataset
 from trustseg.data.transforms import collate
-from trustseg.distributed import shard_indices
+from trustseg.engine.distributed import shard_indices
 from trustseg.errors import UserError
 from trustseg.metrics.base import as_predictions
-from trustseg.progress import track
+from trustseg.engine.progress import track
 
 Batch = dict[str, Any]
 

@@ -8,8 +8,8 @@ import yaml
 
 from trustseg.data.base import ClassInfo
 from trustseg.errors import UserError
-from trustseg.rundir import RunDir
-from trustseg.visualize import colorize, overlay
+from trustseg.engine.rundir import RunDir
+from trustseg.report.visualize import colorize, overlay
 
 
 def test_json_is_strict_with_nan_as_null(tmp_path):

@@ -1,6 +1,6 @@
 """Post-hoc calibrators: logits (B, K, H, W) [+ images] -> calibrated logits, fitted on held-out data.
 
-Each calibrator states three properties, and `calibration.properties` checks them numerically:
+Each calibrator states three properties, and `calibrators.properties` checks them numerically:
 
 - **translation invariance (TI)**, g(z + c 1) = g(z): softmax cannot tell z from z + c 1, so neither
   should a calibrator (Kirscher et al., "Rethinking Post-Hoc Calibration in Semantic Segmentation",

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from trustseg.checkpoint import atomic_write
+from trustseg.engine.checkpoint import atomic_write
 from trustseg.errors import UserError
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trustseg.calibration import METHODS, build_calibrator, fit_calibrator
-from trustseg.calibration.calibrators import ClassConditionalAffine, MatrixScaling
-from trustseg.calibration.fit import FitData, collect_fit_data
-from trustseg.calibration.properties import PROPERTIES, measure_properties, property_table
+from trustseg.calibrators import METHODS, build_calibrator, fit_calibrator
+from trustseg.calibrators.methods import ClassConditionalAffine, MatrixScaling
+from trustseg.calibrators.fit import FitData, collect_fit_data
+from trustseg.calibrators.properties import PROPERTIES, measure_properties, property_table
 from trustseg.errors import UserError
 
 from cli_helpers import THREE_CLASSES

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from trustseg.calibration.calibrators import Calibrator, PixelCalibrator
+from trustseg.calibrators.methods import Calibrator, PixelCalibrator
 from trustseg.data.base import SegmentationDataset
 from trustseg.data.transforms import collate
 from trustseg.errors import UserError
-from trustseg.progress import track
+from trustseg.engine.progress import track
 
 
 @dataclass

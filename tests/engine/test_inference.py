@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from trustseg.errors import UserError
-from trustseg.inference import InferenceConfig, Predictor, padded_logits, sliding_window_logits, window_starts
+from trustseg.engine.inference import InferenceConfig, Predictor, padded_logits, sliding_window_logits, window_starts
 
 
 class PixelwiseModel(nn.Module):
