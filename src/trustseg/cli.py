@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from trustseg.engine.devices import DEVICE_HELP
 from trustseg.errors import UserError
 
 app = typer.Typer(
@@ -67,6 +68,7 @@ Bf16Option = typer.Option(False, "--bf16", help="bfloat16 autocast inference.")
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 McSamplesOption = typer.Option(8, "--mc-samples", help="Stochastic passes with dropout on for the MC-dropout measures.")
 McSeedOption = typer.Option(0, "--seed", help="Seed of the MC-dropout masks (the same for every batch).")
+DeviceOption = typer.Option("auto", "--device", help="Where the model runs: " + DEVICE_HELP + ".")
 
 
 def print_eval_tables(metrics: dict, class_names) -> None:
@@ -84,12 +86,14 @@ def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
     overrides: list[str] = typer.Option([], "--set", help="Change the training recipe: key=value (e.g. steps=100)."),
     num_overlays: int = typer.Option(6, "--overlays", min=0, help="Number of prediction overlays to write."),
+    device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
     """The main job on the embedded default: synthetic data -> train a small U-Net -> eval -> overlays."""
     from trustseg.workflows.demo import DemoConfig, run_demo
 
-    result = run_demo(DemoConfig(out=str(out), overrides=tuple(overrides), num_overlays=num_overlays, progress=progress))
+    result = run_demo(DemoConfig(out=str(out), overrides=tuple(overrides), num_overlays=num_overlays, device=device,
+                                 progress=progress))
     trained = result.train
     console.print(
         f"trained {trained.step} steps in {trained.elapsed_s / 60:.1f} min; best val mIoU "
@@ -107,6 +111,8 @@ def train_command(
     data: Optional[str] = typer.Option(None, "--data", help="Training data spec (overrides data.train). " + DATA_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (overrides out)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+    device: Optional[str] = typer.Option(None, "--device", help="Overrides the recipe's device: " + DEVICE_HELP + "."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the training forward pass (config key compile)."),
     progress: bool = ProgressOption,
 ) -> None:
     """Train a model; under `torchrun --nproc_per_node=N` the same command uses DDP."""
@@ -116,6 +122,8 @@ def train_command(
 
     extra = [f"data.train={data}"] if data else []
     extra += [f"out={out}"] if out else []
+    extra += [f"device={device}"] if device else []
+    extra += ["compile=true"] if compile else []
     result = train(load_train_config(config, [*overrides, *extra]), resume=resume, progress=progress)
     if is_main_process():
         console.print(
@@ -147,9 +155,13 @@ def eval_command(
     stride: Optional[str] = StrideOption,
     short_side: Optional[int] = ShortSideOption,
     bf16: bool = Bf16Option,
+    device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
-    """Evaluate a checkpoint: mIoU, mAcc, aAcc, mDice, fwIoU, Boundary IoU, calibration, error detection."""
+    """Evaluate a checkpoint: mIoU, mAcc, aAcc, mDice, fwIoU, Boundary IoU, calibration, error detection.
+
+    Under `torchrun --nproc_per_node=N` each process evaluates a shard and rank 0 writes the results."""
+    from trustseg.engine.distributed import is_main_process
     from trustseg.workflows.evaluation import EvalConfig, parse_measures, run_eval
 
     result = run_eval(
@@ -166,11 +178,13 @@ def eval_command(
             uncertainty=parse_measures(uncertainty),
             mc_samples=mc_samples,
             seed=seed,
+            device=device,
             progress=progress,
         )
     )
-    print_eval_tables(result.metrics, result.classes.names)
-    console.print(f"run directory: {result.run_dir}")
+    if is_main_process():
+        print_eval_tables(result.metrics, result.classes.names)
+        console.print(f"run directory: {result.run_dir}")
 
 
 @app.command("predict")
@@ -235,6 +249,7 @@ def robustness_command(
     stride: Optional[str] = StrideOption,
     short_side: Optional[int] = ShortSideOption,
     bf16: bool = Bf16Option,
+    device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
     """mIoU on clean data and under every corruption x severity; relative robustness, mCE vs a baseline."""
@@ -247,7 +262,8 @@ def robustness_command(
         checkpoint=str(checkpoint), data=data, out=str(out), corruptions=parse_corruptions(corruptions),
         severities=parse_severities(severities), split=split, baseline=None if baseline is None else str(baseline),
         max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, boundary_iou=boundary_iou,
-        calibration=calibration, inference=inference_config(mode, crop, stride, short_side, bf16), progress=progress,
+        calibration=calibration, inference=inference_config(mode, crop, stride, short_side, bf16), device=device,
+        progress=progress,
     )
     result = run_robustness(config)
     if is_main_process():

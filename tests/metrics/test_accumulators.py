@@ -125,6 +125,21 @@ def test_all_reduce_without_a_process_group_is_a_no_op(cls):
         assert torch.equal(value, state_of(metric)[name])
 
 
+@pytest.mark.parametrize("cls", METRICS)
+def test_a_reduced_accumulator_refuses_a_second_sum_and_more_batches_until_reset(cls):
+    pred = torch.randint(0, 3, (2, 6, 6))
+    metric = cls(3)
+    metric.update(pred, pred)
+    metric.all_reduce()
+    with pytest.raises(UserError, match="already summed"):
+        metric.all_reduce()
+    with pytest.raises(UserError, match="already summed"):
+        metric.update(pred, pred)
+    metric.reset()
+    metric.update(pred, pred)
+    assert metric.all_reduce() is metric
+
+
 @pytest.mark.parametrize(
     "a,b",
     [

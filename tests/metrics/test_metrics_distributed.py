@@ -2,10 +2,12 @@
 
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from trustseg.errors import UserError
 from trustseg.metrics import BoundaryIoU, ConfusionMatrix, PerImageIoU
 
 WORLD_SIZE = 2
@@ -34,6 +36,11 @@ def worker(rank, port, expected):
             acc.update(logits[shard], target[shard])
             acc.all_reduce()
         for acc, want in zip(accs, expected):
+            for name, value in acc.state_dict()["state"].items():
+                torch.testing.assert_close(value, want[name], rtol=1e-12, atol=0, msg=f"rank {rank} {name}")
+            # a second sum would double the counts: refused, and the states keep the global sums
+            with pytest.raises(UserError, match="already summed"):
+                acc.all_reduce()
             for name, value in acc.state_dict()["state"].items():
                 torch.testing.assert_close(value, want[name], rtol=1e-12, atol=0, msg=f"rank {rank} {name}")
     finally:

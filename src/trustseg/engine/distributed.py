@@ -1,4 +1,4 @@
-"""torch.distributed helpers: who am I, and sum tensors across processes (torchrun, gloo on CPU)."""
+"""torch.distributed helpers: who am I, and sum tensors across processes (torchrun: NCCL on CUDA, gloo on CPU)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from trustseg.errors import UserError
 
 
 def is_distributed() -> bool:
@@ -25,13 +27,24 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def init_from_environment() -> bool:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); True if distributed."""
+def backend_for(device: torch.device) -> str:
+    """NCCL for CUDA tensors, gloo for CPU tensors: the backend must match where the summed states live."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_from_environment(device: torch.device = torch.device("cpu")) -> bool:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), with the backend for ``device``
+    (whose tensors the collectives will sum); True if distributed."""
     if is_distributed():
+        if dist.get_backend() != backend_for(device):
+            raise UserError(f"this process group uses {dist.get_backend()}, but tensors on {device} need "
+                            f"{backend_for(device)}; one device type per process")
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend_for(device))
     # Leave the group while the interpreter is still whole: a gloo group torn down during finalisation
     # can abort the process ("terminate called without an active exception", pytorch/pytorch#190489).
     atexit.register(_leave)

@@ -3,6 +3,7 @@ compressed, adapted) runs its predictor over a dataset through here, streaming i
 
 Memory stays bounded: per batch the logits are reduced into the accumulators' sums and dropped.
 Under torchrun each process evaluates a strided shard and the accumulators are summed at the end.
+Batches and accumulators live on the predictor's device; only the final sums come back.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 
 from trustseg.data.base import SegmentationDataset
 from trustseg.data.transforms import collate
+from trustseg.engine.devices import loader_options, to_device
 from trustseg.engine.distributed import shard_indices
 from trustseg.errors import UserError
 from trustseg.metrics.base import as_predictions
@@ -33,10 +35,12 @@ def evaluate(
     num_workers: int = 0,
     progress: bool = True,
     description: str = "eval",
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Run `predictor` (images (B,3,H,W) -> logits (B,K,H,W), or `Predictions`) over `dataset`; return merged metrics.
 
-    `batch_transform` changes a collated batch before prediction (e.g. corrupts images on the fly).
+    `batch_transform` changes a collated batch, already on `device`, before prediction (e.g. corrupts
+    images on the fly). `device` is where the predictor runs: batches and accumulators are moved there.
     Returned dict: the accumulators' flat keys, with their ``per_class`` tables merged.
 
     Several models' outputs can share one pass over the data (e.g. every calibrator of one base
@@ -45,12 +49,18 @@ def evaluate(
     """
     if len(dataset) == 0:
         raise UserError("cannot evaluate on an empty dataset")
+    device = torch.device(device)
     named = isinstance(accumulators, Mapping)
     groups = accumulators if named else {"": accumulators}
+    for group in groups.values():
+        for accumulator in group:
+            accumulator.to(device)
     shard = Subset(dataset, list(shard_indices(len(dataset))))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                        **loader_options(device))
     with torch.inference_mode():
         for batch in track(loader, total=len(loader), description=description, enabled=progress):
+            batch = to_device(batch, device)
             if batch_transform is not None:
                 batch = batch_transform(batch)
             outputs = predictor(batch["image"])

@@ -17,6 +17,7 @@ from torch import nn
 
 from trustseg.calibrators.methods import build_calibrator
 from trustseg.engine.checkpoint import Checkpoint
+from trustseg.engine.devices import autocast
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
 
@@ -122,7 +123,7 @@ class Predictor(nn.Module):
         if self.config.short_side:
             scale = self.config.short_side / min(size)
             x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+        with autocast(x.device, bf16=self.config.bf16):
             if self.config.mode == "slide":
                 logits = sliding_window_logits(
                     self.model, x, crop=self.config.crop, stride=self.config.stride, divisor=self.divisor
@@ -158,8 +159,14 @@ def calibrator_from_checkpoint(checkpoint: Checkpoint) -> nn.Module | None:
 
 
 def predictor_from_checkpoint(
-    checkpoint: Checkpoint, config: InferenceConfig = InferenceConfig(), *, calibrated: bool = True
+    checkpoint: Checkpoint,
+    config: InferenceConfig = InferenceConfig(),
+    *,
+    calibrated: bool = True,
+    device: torch.device | str = "cpu",
 ) -> Predictor:
-    """The checkpoint's model behind `config`'s inference, with its calibrator unless `calibrated` is False."""
+    """The checkpoint's model behind `config`'s inference, with its calibrator unless `calibrated` is False,
+    on `device` (it takes images on that device)."""
     calibrator = calibrator_from_checkpoint(checkpoint) if calibrated else None
-    return Predictor(model_from_checkpoint(checkpoint), checkpoint.mean, checkpoint.std, config, calibrator).eval()
+    predictor = Predictor(model_from_checkpoint(checkpoint), checkpoint.mean, checkpoint.std, config, calibrator)
+    return predictor.to(device).eval()

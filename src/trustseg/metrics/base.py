@@ -167,6 +167,7 @@ class Accumulator(ABC):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self._states: dict[str, Tensor] = {}
+        self._reduced = False  # summed over processes: a second sum would double every count
 
     def _add_state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self._states[name] = torch.zeros(shape, dtype=dtype)
@@ -178,6 +179,9 @@ class Accumulator(ABC):
 
     def update(self, outputs: Tensor | Predictions, target: Tensor) -> None:
         """Add one batch: logits (B, K, H, W), hard predictions (B, H, W) or a shared `Predictions`."""
+        if self._reduced:
+            raise UserError(f"{type(self).__name__} was already summed over processes (all_reduce); "
+                            "reset() it before adding batches")
         preds = as_predictions(outputs)
         check_batch(preds, target, self.num_classes)
         self._update(preds, target)
@@ -195,6 +199,7 @@ class Accumulator(ABC):
     def reset(self) -> None:
         for state in self._states.values():
             state.zero_()
+        self._reduced = False
 
     def _check_compatible(self, other_name: str, other_config: dict[str, Any]) -> None:
         if other_name != type(self).__name__ or other_config != self.config:
@@ -221,17 +226,24 @@ class Accumulator(ABC):
             if name not in saved or saved[name].shape != state.shape:
                 raise UserError(f"{type(self).__name__} state '{name}' is missing or has the wrong shape")
             state.copy_(saved[name])
+        self._reduced = False
 
     def all_reduce(self, group: Any = None) -> Accumulator:
         """Sum the states over all processes of `group` (no-op unless torch.distributed is initialised).
 
-        Every rank ends with the global sums; call it once, after the last update.
+        Every rank ends with the global sums. It is done once, after the last update: a second call (or an
+        update after it) is refused until `reset()`, since summing the sums again would double them.
         """
+        if self._reduced:
+            raise UserError(f"{type(self).__name__} was already summed over processes (all_reduce); "
+                            "a second sum would double its counts")
         if dist.is_available() and dist.is_initialized():
             for state in self._states.values():
                 dist.all_reduce(state, op=dist.ReduceOp.SUM, group=group)
+        self._reduced = True
         return self
 
     def to(self, device: torch.device | str) -> Accumulator:
+        """Keep the states on `device` (that of the batches), so updates add counts without copies."""
         self._states = {name: state.to(device) for name, state in self._states.items()}
         return self

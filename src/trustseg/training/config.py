@@ -154,7 +154,10 @@ class TrainConfig:
     steps: int | None = None
     epochs: int | None = None
     time_budget_min: float | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
     bf16: bool = False  # autocast forward passes (training and validation) to bfloat16
+    fp16: bool = False  # autocast training forward passes to float16 with a gradient scaler (CUDA only)
+    compile: bool = False  # torch.compile the training forward pass (pays off on GPUs, rarely on CPUs)
     channels_last: bool = False  # NHWC memory layout: oneDNN's fast path for convolutions on CPU
     val_every: int = 0  # steps between validations; 0 = only at the end
     checkpoint_every: int = 0  # steps between last.pt saves besides validations; 0 = only at validations
@@ -179,6 +182,7 @@ class TrainConfig:
         for key in ("val_every", "checkpoint_every"):
             _check(getattr(self, key) >= 0, key, getattr(self, key), "steps >= 0 (0 = only at the end)")
         _check(self.log_every >= 1, "log_every", self.log_every, "an int >= 1")
+        _check(not (self.bf16 and self.fp16), "fp16", self.fp16, "false when bf16 is true (one autocast dtype)")
 
 
 # ---------------------------------------------------------------------------------------------------

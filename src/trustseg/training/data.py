@@ -55,19 +55,21 @@ def load_train_data(config: TrainConfig) -> TrainData:
 
 
 def compute_class_weights(
-    method: str | tuple[float, ...], dataset: SegmentationDataset, *, progress: bool = True
+    method: str | tuple[float, ...], dataset: SegmentationDataset, *, progress: bool = True,
+    device: torch.device = torch.device("cpu"),
 ) -> torch.Tensor | None:
-    """Per-class loss weights (K,) for ``loss.class_weights``; None for "none".
+    """Per-class loss weights (K,) on ``device`` for ``loss.class_weights``; None for "none".
 
     Statistics come from the untransformed train masks; under torchrun each process reads a shard and
-    the counts are summed, so every process gets the same weights.
+    the counts are summed (on ``device``, where the process group's backend sums), so every process
+    gets the same weights.
     """
     num_classes, ignore = dataset.classes.num_classes, dataset.classes.ignore_index
     if isinstance(method, tuple):
         if len(method) != num_classes:
             raise UserError(f"loss.class_weights has {len(method)} values but the dataset has {num_classes} classes "
                             f"({', '.join(dataset.classes.names)})")
-        return torch.tensor(method, dtype=torch.float32)
+        return torch.tensor(method, dtype=torch.float32, device=device)
     if method == "none":
         return None
     counts = torch.zeros(2, num_classes, dtype=torch.int64)
@@ -77,7 +79,8 @@ def compute_class_weights(
         counts[0] += pixels
         counts[1] += image_pixels
     if is_distributed():
+        counts = counts.to(device)
         torch.distributed.all_reduce(counts)
     if not bool(counts[0].any()):
         raise UserError("loss.class_weights: the train masks hold no labelled pixels")
-    return class_weights(method, counts[0], counts[1])
+    return class_weights(method, counts[0].cpu(), counts[1].cpu()).to(device)

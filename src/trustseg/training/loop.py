@@ -6,8 +6,10 @@ global RNG, reseeded before every step (dropout, drop path). ``last.pt`` carries
 optimizer, the step, the elapsed time and the history; resuming from it continues the exact same
 sequence of updates, so an interrupted run ends with the weights of an uninterrupted one.
 
-Under ``torchrun`` the same function runs data-parallel (DDP, gloo on CPU): ``batch_size`` is the global
-batch, each process takes a strided share of it, and only rank 0 writes files and draws the bar.
+Under ``torchrun`` the same function runs data-parallel (DDP: NCCL on CUDA, gloo on CPU): ``batch_size``
+is the global batch, each process takes a strided share of it, and only rank 0 writes files and draws
+the bar. ``device`` places the model, batches, loss and validation metrics; autocast follows its type
+(bf16 anywhere, fp16 on CUDA with a gradient scaler whose state travels in ``last.pt``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from trustseg.engine.checkpoint import Checkpoint, save_checkpoint
 from trustseg.data.transforms import collate
+from trustseg.engine.devices import autocast, loader_options, resolve_device, to_device
 from trustseg.engine.distributed import init_from_environment, is_distributed, is_main_process, rank, world_size
 from trustseg.errors import UserError
 from trustseg.engine.evaluate import evaluate
@@ -70,7 +73,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     Raises ``UserError`` for bad configs or data, and when the loss or gradient becomes NaN/inf (the last
     good ``last.pt`` is kept).
     """
-    init_from_environment()
+    init_from_environment(resolve_device(config.device))
     if config.batch_size % world_size():
         raise UserError(f"batch_size={config.batch_size} (global) is not divisible by {world_size()} processes")
     out = Path(config.out)
@@ -86,6 +89,8 @@ class _Run:
 
     def __init__(self, config: TrainConfig, checkpoint: Checkpoint | None, *, progress: bool) -> None:
         self.config = config
+        self.device = resolve_device(config.device)
+        autocast(self.device, bf16=config.bf16, fp16=config.fp16)  # refuses fp16 off CUDA before any work
         self.out = Path(config.out)
         self.main = is_main_process()
         self.progress = progress and self.main
@@ -103,10 +108,13 @@ class _Run:
         self.model = build_model(config.model.name, num_classes=self.classes.num_classes, **config.model.options)
         if config.model.weights and checkpoint is None:
             _load_backbone_weights(self.model, config.model.weights)
+        self.model.to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         _check_crop(config, int(getattr(self.model, "size_divisor", 1)))
         self.optimizer = build_optimizer(self.model, config.optim)
+        # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.fp16)
         self.step, self.prior_elapsed_s, self.lr = 0, 0.0, 0.0
         history: list[dict[str, Any]] = []
         if checkpoint is not None:
@@ -115,20 +123,26 @@ class _Run:
                             steps_per_epoch=self.steps_per_epoch)
             self.model.load_state_dict(checkpoint.state_dict)
             self.optimizer.load_state_dict(state["optimizer"])
+            if "grad_scaler" in state:
+                self.scaler.load_state_dict(state["grad_scaler"])
             self.step, self.prior_elapsed_s = int(state["step"]), float(state["elapsed_s"])
-            self.class_weights = state["class_weights"]
+            weights = state["class_weights"]
+            self.class_weights = None if weights is None else weights.to(self.device)
             history = list(state["history"])
             restore_rng(state["rng"])
         else:
             self.class_weights = compute_class_weights(config.loss.class_weights, self.data.raw_train,
-                                                       progress=self.progress)
+                                                       progress=self.progress, device=self.device)
         self.history = History(history, self.out if self.main else None)
         self.saved_step = self.step if checkpoint is not None else None
         self.final_metrics: dict[str, Any] | None = None
         self.final_metrics_step = -1
         self.trained = self.model
         if is_distributed():
-            self.trained = DistributedDataParallel(self.model)
+            self.trained = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if config.compile:
+            self.trained = torch.compile(self.trained)
         if self.main:
             self.run_dir.write_config(config)
 
@@ -142,7 +156,7 @@ class _Run:
             return "steps"
         if self.budget_s is not None:
             # Clocks differ between processes: rank 0 decides, so every process stops at the same step.
-            over = torch.tensor([float(self.elapsed_s() >= self.budget_s)])
+            over = torch.tensor([float(self.elapsed_s() >= self.budget_s)], device=self.device)
             if is_distributed():
                 dist.broadcast(over, src=0)
             if over.item():
@@ -187,9 +201,10 @@ class _Run:
                                    first_step=self.step, rank=rank(), world_size=world_size())
             self.data.train.set_epoch(sampler.epoch)
             loader = DataLoader(self.data.train, batch_sampler=sampler, num_workers=self.config.data.num_workers,
-                                collate_fn=collate, generator=torch.Generator())
+                                collate_fn=collate, generator=torch.Generator(), **loader_options(self.device))
             self.tick = time.perf_counter()
             for batch in loader:
+                batch = to_device(batch, self.device)
                 self._train_step(batch["image"], batch["mask"])
                 self._after_step()
                 if (reason := self.stop_reason()) is not None:
@@ -205,7 +220,7 @@ class _Run:
         torch.manual_seed(step_seed(config.seed, self.step, rank()))
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with autocast(self.device, bf16=config.bf16, fp16=config.fp16):
             logits = self.trained(images)
         loss = segmentation_loss(logits.float(), masks, ignore_index=self.classes.ignore_index,
                                  weight=self.class_weights, ohem_threshold=config.loss.ohem_threshold,
@@ -216,11 +231,14 @@ class _Run:
             value /= world_size()
         self._check_finite("loss", float(value))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        self._check_finite("gradient norm", grad_norm)
-        self.optimizer.step()
+        if not self.scaler.is_enabled():  # with loss scaling an overflow skips the step and lowers the scale
+            self._check_finite("gradient norm", grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.step += 1
         self.window["loss"] += float(value)
         self.window["grad_norm"] += grad_norm
@@ -277,12 +295,12 @@ class _Run:
             self.bar.update(self.task, description="validate")
         self.model.eval()
         data = self.config.data
-        predictor = Predictor(self.model, data.mean, data.std, InferenceConfig(bf16=self.config.bf16))
+        predictor = Predictor(self.model, data.mean, data.std, InferenceConfig(bf16=self.config.bf16)).to(self.device)
         accumulators = [ConfusionMatrix(self.classes.num_classes, self.classes.ignore_index)]
         try:
             # no nested bar: rich allows one live display, the training bar
             metrics = evaluate(predictor, self.data.val, accumulators, batch_size=data.val_batch_size,
-                               num_workers=data.num_workers, progress=False)
+                               num_workers=data.num_workers, progress=False, device=self.device)
         finally:
             self.model.train()
         summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -305,17 +323,18 @@ class _Run:
             "elapsed_s": self.elapsed_s(),
             "world_size": world_size(),
             "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
             "schedule": {"lr": self.lr, "total_steps": self.total_steps, "budget_s": self.budget_s},
             "data_order": {"seed": self.config.seed, "train_size": len(self.data.train),
                            "steps_per_epoch": self.steps_per_epoch, "epoch": self.step // self.steps_per_epoch,
                            "batch_in_epoch": self.step % self.steps_per_epoch},
-            "class_weights": self.class_weights,
+            "class_weights": None if self.class_weights is None else self.class_weights.cpu(),
             "rng": rng_state(),
             "history": self.history.records,
         }
         checkpoint = Checkpoint(
             model={"name": self.config.model.name, "options": dict(self.config.model.options)},
-            state_dict=self.model.state_dict(),
+            state_dict={k: v.cpu() for k, v in self.model.state_dict().items()},
             classes=self.classes,
             mean=tuple(self.config.data.mean),
             std=tuple(self.config.data.std),

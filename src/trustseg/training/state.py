@@ -18,7 +18,8 @@ from trustseg.engine.rundir import to_plain
 from trustseg.training.config import TrainConfig
 
 # Keys that may change between an interrupted run and its resumption: they do not change the updates.
-RESUMABLE_CHANGES = {"out", "data.num_workers", "data.val_batch_size", "log_every", "checkpoint_every"}
+RESUMABLE_CHANGES = {"out", "data.num_workers", "data.val_batch_size", "log_every", "checkpoint_every", "device",
+                     "compile"}
 TRAINING_STATE_KEYS = ("step", "elapsed_s", "optimizer", "class_weights", "history", "rng", "data_order")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from trustseg.engine.checkpoint import load_checkpoint
+from trustseg.engine.devices import resolve_device
 from trustseg.data.spec import load_dataset
 from trustseg.engine.inference import predictor_from_checkpoint
 from trustseg.training.config import load_train_config
@@ -25,6 +26,7 @@ class DemoConfig:
     out: str = "runs/demo"
     overrides: tuple[str, ...] = ()  # key=value changes to the training recipe (e.g. "steps=50")
     num_overlays: int = 6
+    device: str = "auto"
     progress: bool = True
 
 
@@ -36,16 +38,17 @@ class DemoResult:
     overlays: list[Path]
 
 
-def write_overlays(checkpoint_path: Path, data: str, out: Path, count: int) -> list[Path]:
+def write_overlays(checkpoint_path: Path, data: str, out: Path, count: int, device: str = "cpu") -> list[Path]:
     """image | ground truth | prediction panels for the first `count` validation images."""
     checkpoint = load_checkpoint(checkpoint_path)
-    predictor = predictor_from_checkpoint(checkpoint)
+    device = resolve_device(device)
+    predictor = predictor_from_checkpoint(checkpoint, device=device)
     dataset = load_dataset(data, split="val")
     paths = []
     for index in range(min(count, len(dataset))):
         sample = dataset[index]
         with torch.inference_mode():
-            pred = predictor(sample["image"][None])[0].max(0).indices
+            pred = predictor(sample["image"][None].to(device))[0].max(0).indices.cpu()
         panel = prediction_panel(sample["image"], sample["mask"], pred, checkpoint.classes)
         paths.append(save_png(panel, out / f"overlay_{index:03d}.png"))
     return paths
@@ -54,12 +57,13 @@ def write_overlays(checkpoint_path: Path, data: str, out: Path, count: int) -> l
 def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     out = Path(config.out)
     train_dir = out / "train"
-    train_config = load_train_config(DEMO_RECIPE, [f"out={train_dir}", *config.overrides])
+    train_config = load_train_config(DEMO_RECIPE, [f"out={train_dir}", f"device={config.device}", *config.overrides])
     # Re-running the demo into the same folder continues (or simply reuses) the earlier run.
     trained = train(train_config, resume=(train_dir / LAST).exists(), progress=config.progress)
     best = train_dir / BEST
     evaluated = run_eval(
-        EvalConfig(checkpoint=str(best), data=train_config.data.train, split="val", out=str(out / "eval"), progress=config.progress)
+        EvalConfig(checkpoint=str(best), data=train_config.data.train, split="val", out=str(out / "eval"),
+                   device=config.device, progress=config.progress)
     )
-    overlays = write_overlays(best, train_config.data.train, out / "overlays", config.num_overlays)
+    overlays = write_overlays(best, train_config.data.train, out / "overlays", config.num_overlays, config.device)
     return DemoResult(run_dir=out, train=trained, eval=evaluated, overlays=overlays)

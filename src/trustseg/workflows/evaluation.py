@@ -10,6 +10,8 @@ from trustseg.engine.checkpoint import Checkpoint, load_checkpoint
 from trustseg.data.base import ClassInfo, SegmentationDataset, subset
 from trustseg.data.spec import load_dataset, resolve_split
 from trustseg.errors import UserError
+from trustseg.engine.devices import resolve_device
+from trustseg.engine.distributed import init_from_environment, is_main_process
 from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
 from trustseg.metrics.boundary import BoundaryIoU
@@ -37,6 +39,7 @@ class EvalConfig:
     uncertainty: tuple[str, ...] = ("msp",)  # measures scored as misclassification detectors
     mc_samples: int = 8  # stochastic passes per batch for the MC-dropout measures
     seed: int = 0  # of the MC-dropout masks, the same for every batch (as in `trustseg predict`)
+    device: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -106,15 +109,19 @@ def default_accumulators(classes: ClassInfo, *, boundary_iou: bool = True, calib
 
 
 def run_eval(config: EvalConfig) -> EvalResult:
+    """Evaluate on `config.device`; under torchrun every process takes a shard and rank 0 writes the run."""
+    device = resolve_device(config.device)
+    init_from_environment(device)
     checkpoint = load_checkpoint(config.checkpoint)
     dataset = first_images(load_dataset(config.data, split=resolve_split(config.data, config.split, "val")), config.max_images)
     check_same_classes(checkpoint, dataset, config.data)
-    predictor = predictor_from_checkpoint(checkpoint, config.inference)
+    predictor = predictor_from_checkpoint(checkpoint, config.inference, device=device)
     if any(name in MC_MEASURES for name in config.uncertainty):  # fail before writing anything
         require_dropout(predictor, dropout_fix(checkpoint.model["name"]))
         predictor = with_mc_dropout(predictor, config.mc_samples, config.seed)
-    run_dir = RunDir(config.out)
-    run_dir.write_config({"command": "eval", **vars(config)})
+    run_dir = RunDir(config.out) if is_main_process() else None
+    if run_dir is not None:
+        run_dir.write_config({"command": "eval", **vars(config)})
     metrics = evaluate(
         predictor,
         dataset,
@@ -122,11 +129,13 @@ def run_eval(config: EvalConfig) -> EvalResult:
                              uncertainty=config.uncertainty),
         batch_size=config.batch_size,
         progress=config.progress,
+        device=device,
     )
     metrics["num_images"] = len(dataset)
     metrics["class_names"] = list(checkpoint.classes.names)
-    run_dir.write_metrics(metrics)
-    (run_dir.file("report.md")).write_text(
-        metrics_markdown(metrics, checkpoint.classes.names, f"Evaluation of {config.checkpoint} on {config.data}")
-    )
-    return EvalResult(metrics=metrics, classes=checkpoint.classes, run_dir=run_dir.path)
+    if run_dir is not None:
+        run_dir.write_metrics(metrics)
+        (run_dir.file("report.md")).write_text(
+            metrics_markdown(metrics, checkpoint.classes.names, f"Evaluation of {config.checkpoint} on {config.data}")
+        )
+    return EvalResult(metrics=metrics, classes=checkpoint.classes, run_dir=Path(config.out))

@@ -16,6 +16,7 @@ from typing import Any
 from trustseg.engine.checkpoint import load_checkpoint
 from trustseg.data.base import ClassInfo
 from trustseg.data.spec import load_dataset, resolve_split
+from trustseg.engine.devices import resolve_device
 from trustseg.engine.distributed import init_from_environment, is_main_process
 from trustseg.errors import UserError
 from trustseg.engine.evaluate import evaluate
@@ -48,6 +49,7 @@ class RobustnessConfig:
     boundary_iou: bool = False
     calibration: bool = True  # ECE & co. and msp error detection per condition
     inference: InferenceConfig = InferenceConfig()
+    device: str = "auto"
     progress: bool = True
 
 
@@ -89,7 +91,8 @@ def _previous_conditions(run_dir: RunDir, setup: dict[str, Any]) -> dict[str, di
 
 
 def run_robustness(config: RobustnessConfig) -> RobustnessResult:
-    init_from_environment()
+    device = resolve_device(config.device)
+    init_from_environment(device)
     checkpoint = load_checkpoint(config.checkpoint)
     split = resolve_split(config.data, config.split, "val")
     dataset = first_images(load_dataset(config.data, split=split), config.max_images)
@@ -105,7 +108,7 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
     conditions = _previous_conditions(run_dir, setup)
     if is_main_process():
         run_dir.write_config({"command": "robustness", **vars(config)})
-    predictor = predictor_from_checkpoint(checkpoint, config.inference)
+    predictor = predictor_from_checkpoint(checkpoint, config.inference, device=device)
     header = {"setup": setup, "class_names": list(classes.names), "frost_source": frost_source()}
 
     todo = [key for key in [CLEAN, *keys] if key not in conditions]
@@ -116,7 +119,7 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
                                                   calibration=config.calibration,
                                                   uncertainty=("msp",) if config.calibration else ()),
             batch_size=config.batch_size, num_workers=config.num_workers, progress=config.progress,
-            description=f"{key} ({number}/{len(todo)})",
+            description=f"{key} ({number}/{len(todo)})", device=device,
         )
         if is_main_process():
             run_dir.write_json(RESULTS, {**header, "conditions": conditions})
