@@ -12,7 +12,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from trustseg.engine.devices import DEVICE_HELP
 from trustseg.errors import UserError
 
 app = typer.Typer(
@@ -25,6 +24,7 @@ bench_app = typer.Typer(help="Speed benchmarks, measured side by side with the a
 app.add_typer(bench_app, name="bench")
 console = Console()
 
+DEVICE_HELP = "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N; under torchrun each process takes cuda:LOCAL_RANK"
 DATA_HELP = "Data spec: synthetic | camvid:PATH | cityscapes:PATH | ade20k:PATH | voc:PATH | foodseg103:PATH | folder:PATH, optionally #split=val,..."
 
 
@@ -441,6 +441,9 @@ def main() -> None:
         app()
     except UserError as error:
         Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        from trustseg.engine.distributed import leave
+
+        leave(wait=False)  # its peers under torchrun may never reach the exit meeting
         sys.exit(2)
 
 

@@ -15,8 +15,6 @@ import torch
 
 from trustseg.errors import UserError
 
-DEVICE_HELP = "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N; under torchrun each process takes cuda:LOCAL_RANK"
-
 
 def _local_rank() -> int | None:
     """This process's index on its machine under torchrun, else None."""

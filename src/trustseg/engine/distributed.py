@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import atexit
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from trustseg.errors import UserError
+
+_EXIT_BARRIER = timedelta(minutes=2)  # how long a finished process waits for its peers at exit
 
 
 def is_distributed() -> bool:
@@ -47,13 +50,25 @@ def init_from_environment(device: torch.device = torch.device("cpu")) -> bool:
     dist.init_process_group(backend=backend_for(device))
     # Leave the group while the interpreter is still whole: a gloo group torn down during finalisation
     # can abort the process ("terminate called without an active exception", pytorch/pytorch#190489).
-    atexit.register(_leave)
+    atexit.register(leave)
     return True
 
 
-def _leave() -> None:
-    if is_distributed():
-        dist.destroy_process_group()
+def leave(*, wait: bool = True) -> None:
+    """Leave the process group. With `wait`, first meet the other processes: a rank that tears its group
+    down while a peer is still working (rank 0 writing the run directory, say) can abort in gloo's
+    threads. A process that stops on an error leaves at once (its peers may never reach the meeting)."""
+    if not is_distributed():
+        return
+    if wait:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=_EXIT_BARRIER)
+            else:
+                dist.barrier()
+        except RuntimeError:  # a peer already failed; torchrun reports it
+            pass
+    dist.destroy_process_group()
 
 
 def shard_indices(length: int) -> range:

@@ -1,0 +1,107 @@
+"""The same commands on the CPU and on a GPU give the same results: demo training, eval, robustness and
+calibrate, run through the public workflows on both devices and compared.
+
+    PYTHONPATH=src python benchmarks/device_check.py --out runs/device_check [--steps 150] [--device cuda]
+
+Trains the demo recipe (shortened to --steps) on --device, then, on that one checkpoint, runs eval,
+robustness under three corruptions and calibrate (temperature scaling and LTS) once on the CPU and once
+on --device, and prints every compared value side by side. Tolerances (the project's contract): mIoU
+within 0.1 point, ECE and the other histogram metrics within 1e-3 (bf16 is off, so the two devices
+differ only by float rounding in convolutions and reductions). Exits non-zero when a value is outside
+its tolerance. Also prints the demo's training throughput on each device (img/s, --steps each).
+
+With --device cpu both sides run on the CPU: a smoke test of this script on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from trustseg.engine.devices import resolve_device
+from trustseg.training.config import load_train_config
+from trustseg.training.history import read_history
+from trustseg.training.loop import BEST, train
+from trustseg.workflows.calibration import CalibrateConfig, run_calibrate
+from trustseg.workflows.demo import DEMO_RECIPE
+from trustseg.workflows.evaluation import EvalConfig, run_eval
+from trustseg.workflows.robustness import RobustnessConfig, run_robustness
+
+CORRUPTIONS = ("gaussian_noise", "motion_blur", "fog")
+MIOU_POINTS = 0.1  # percentage points
+HISTOGRAM = 1e-3  # ECE, NLL, AUROC: fractions
+
+
+def trained(out: Path, device: str, steps: int) -> tuple[Path, float]:
+    """Train the demo recipe for `steps` on `device` (bf16 off, so devices compare); (best.pt, median img/s)."""
+    config = load_train_config(DEMO_RECIPE, [f"out={out}", f"device={device}", f"steps={steps}", "bf16=false",
+                                             f"val_every={steps}"])
+    train(config, progress=False)
+    rates = sorted(r["img_per_s"] for r in read_history(out) if r["kind"] == "train")
+    return out / BEST, rates[len(rates) // 2]
+
+
+def compared(rows: list[tuple[str, float, float, float]]) -> int:
+    """Print `name cpu device |diff| tolerance` rows; the number of rows outside their tolerance."""
+    failures = 0
+    print(f"{'value':44s} {'cpu':>12s} {'device':>12s} {'|diff|':>10s}  ok")
+    for name, cpu, other, tolerance in rows:
+        diff = abs(cpu - other) if not (math.isnan(cpu) and math.isnan(other)) else 0.0
+        ok = diff <= tolerance
+        failures += not ok
+        print(f"{name:44s} {cpu:12.6f} {other:12.6f} {diff:10.2e}  {'yes' if ok else 'NO'}")
+    return failures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/device_check"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=150)
+    args = parser.parse_args()
+    device = str(resolve_device(args.device))
+    if device.startswith("cuda"):
+        print(torch.__version__, torch.cuda.get_device_name(torch.device(device)))
+    checkpoint, device_rate = trained(args.out / "train", device, args.steps)
+    _, cpu_rate = trained(args.out / "train_cpu", "cpu", args.steps)
+    print(f"demo training throughput: cpu {cpu_rate:.1f} img/s, {device} {device_rate:.1f} img/s "
+          f"({device_rate / cpu_rate:.1f}x)")
+
+    rows: list[tuple[str, float, float, float]] = []
+    data = "synthetic#cache=true"
+    results = {}
+    for side in ("cpu", device):
+        tag = side.replace(":", "")
+        results[side] = {
+            "eval": run_eval(EvalConfig(checkpoint=str(checkpoint), data=data, split="val", out=str(args.out / f"eval_{tag}"),
+                                        device=side, progress=False)).metrics,
+            "robustness": run_robustness(RobustnessConfig(
+                checkpoint=str(checkpoint), data=data, out=str(args.out / f"robustness_{tag}"), corruptions=CORRUPTIONS,
+                severities=(3,), device=side, progress=False)).conditions,
+            "calibrate": run_calibrate(CalibrateConfig(
+                checkpoint=str(checkpoint), fit_data="synthetic#split=val,images=0:32", data="synthetic#split=val,images=32:",
+                out=str(args.out / f"calibrate_{tag}"), methods=("ts", "lts"), epochs=5, save="none", device=side,
+                progress=False)).conditions,
+        }
+    cpu, other = results["cpu"], results[device]
+    for key, tolerance in (("mIoU", MIOU_POINTS / 100), ("mIoU_img", MIOU_POINTS / 100), ("ECE", HISTOGRAM),
+                           ("NLL", HISTOGRAM), ("AUROC_msp", HISTOGRAM)):
+        rows.append((f"eval {key}", cpu["eval"][key], other["eval"][key], tolerance))
+    for key in cpu["robustness"]:
+        for metric, tolerance in (("mIoU", MIOU_POINTS / 100), ("ECE", HISTOGRAM)):
+            rows.append((f"robustness {key} {metric}", cpu["robustness"][key][metric],
+                         other["robustness"][key][metric], tolerance))
+    for key in cpu["calibrate"]:
+        for method in cpu["calibrate"][key]:
+            rows.append((f"calibrate {key} {method} ECE", cpu["calibrate"][key][method]["ECE"],
+                         other["calibrate"][key][method]["ECE"], HISTOGRAM))
+    failures = compared(rows)
+    if failures:
+        raise SystemExit(f"{failures} value(s) differ between cpu and {device} beyond their tolerance")
+
+
+if __name__ == "__main__":
+    main()
