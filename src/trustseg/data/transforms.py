@@ -386,3 +386,16 @@ def collate(samples: Sequence[Sample]) -> dict:
         "mask": None if masks[0] is None else torch.stack(masks),
         "path": [sample["path"] for sample in samples],
     }
+
+
+def collate_by_size(samples: Sequence[Sample]) -> list[dict]:
+    """Batches of one image size each, as :func:`collate` makes them, for data of mixed sizes.
+
+    Samples are grouped by their image shape in order of first appearance, keeping their order within
+    a group. Evaluation uses this instead of padding: padding changes what a global model (a ViT's
+    attention, a pooled context) sees, so only same-size batches give the logits of batch size 1.
+    """
+    groups: dict[tuple[int, ...], list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(tuple(sample["image"].shape), []).append(sample)
+    return [collate(group) for group in groups.values()]

@@ -2,6 +2,8 @@
 compressed, adapted) runs its predictor over a dataset through here, streaming into accumulators.
 
 Memory stays bounded: per batch the logits are reduced into the accumulators' sums and dropped.
+Images of different sizes may share a loader batch: it is split into same-size batches (never padded),
+so the metrics of any batch size equal those of batch size 1.
 Under torchrun each process evaluates a strided shard and the accumulators are summed at the end.
 """
 
@@ -14,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from trustseg.data.base import SegmentationDataset
-from trustseg.data.transforms import collate
+from trustseg.data.transforms import collate_by_size
 from trustseg.engine.distributed import shard_indices
 from trustseg.errors import UserError
 from trustseg.metrics.base import as_predictions
@@ -48,17 +50,18 @@ def evaluate(
     named = isinstance(accumulators, Mapping)
     groups = accumulators if named else {"": accumulators}
     shard = Subset(dataset, list(shard_indices(len(dataset))))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_by_size)
     with torch.inference_mode():
-        for batch in track(loader, total=len(loader), description=description, enabled=progress):
-            if batch_transform is not None:
-                batch = batch_transform(batch)
-            outputs = predictor(batch["image"])
-            outputs = outputs if named else {"": outputs}
-            for name, group in groups.items():
-                predictions = as_predictions(outputs[name])
-                for accumulator in group:
-                    accumulator.update(predictions, batch["mask"])
+        for same_size_batches in track(loader, total=len(loader), description=description, enabled=progress):
+            for batch in same_size_batches:
+                if batch_transform is not None:
+                    batch = batch_transform(batch)
+                outputs = predictor(batch["image"])
+                outputs = outputs if named else {"": outputs}
+                for name, group in groups.items():
+                    predictions = as_predictions(outputs[name])
+                    for accumulator in group:
+                        accumulator.update(predictions, batch["mask"])
     results = {name: _merged(group) for name, group in groups.items()}
     return results if named else results[""]
 
