@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_trees import CITYSCAPES_FILES, H, VOC_IDS, VOC_LABELS, W, label_grid, write_image, write_mask
+from data_trees import (CITYSCAPES_FILES, H, VOC_IDS, VOC_LABELS, W, label_grid, write_image, write_mask,
+                        write_mask16)
 from PIL import Image
 
 from trustseg.data import datasets
@@ -130,6 +131,32 @@ def test_folder_infers_num_classes_and_logs_it(folder_root, caplog):
     assert ds.classes.num_classes == 3
     assert "inferred num_classes=3" in caplog.text and "classes.txt" in caplog.text
     assert datasets.folder(folder_root, num_classes=5).classes.num_classes == 5
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_folder_reads_16_bit_masks_above_255_classes(tmp_path, cache):
+    root = tmp_path / "wide"
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text("".join(f"c{i}\n" for i in range(300)))
+    raw = label_grid([0, 255, 256, 299, 65535, 7], dtype=np.uint16)
+    write_image(root / "images" / "a.png", seed=0)
+    write_mask16(root / "masks" / "a.png", raw)
+    ds = datasets.folder(root, cache=cache)
+    assert ds.classes.num_classes == 300 and ds.classes.ignore_index == 65535
+    # 255 is a class here; 65535 is the ignore label, kept as it is
+    assert torch.equal(ds[0]["mask"], torch.from_numpy(raw.astype(np.int64)))
+    write_mask16(root / "masks" / "a.png", label_grid([0, 300], dtype=np.uint16))
+    with pytest.raises(UserError, match=r"a\.png: label values \{300\} out of range for 300 classes"):
+        datasets.folder(root)[0]
+
+
+def test_folder_infers_more_than_255_classes_from_16_bit_masks(tmp_path):
+    root = tmp_path / "wide"
+    write_image(root / "images" / "a.png", seed=0)
+    write_mask16(root / "masks" / "a.png", label_grid([0, 255, 411, 65535], dtype=np.uint16))
+    ds = datasets.folder(root)
+    assert ds.classes.num_classes == 412 and ds.classes.ignore_index == 65535
+    assert set(ds[0]["mask"].unique().tolist()) == {0, 255, 411, 65535}
 
 
 def test_folder_split_subfolders(tmp_path):
