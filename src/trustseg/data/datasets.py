@@ -20,6 +20,7 @@ import torch
 from trustseg.data import classes as tables
 from trustseg.data.base import IGNORE_INDEX, MAX_CLASSES, WIDE_IGNORE_INDEX, ClassInfo, Sample, mask_dtype
 from trustseg.data.classes import LabelMap
+from trustseg.data.paths import inside
 from trustseg.data.readers import IMAGE_EXTENSIONS, read_image, read_mask_array
 from trustseg.errors import UserError
 
@@ -231,13 +232,14 @@ def voc(root: Path | str, split: str = "train", *, cache: bool = False,
     for sample_id in (line.strip() for line in list_file.read_text().splitlines()):
         if not sample_id:
             continue
-        image = root / "JPEGImages" / f"{sample_id}.jpg"
+        image = inside(root / "JPEGImages", f"{sample_id}.jpg", f"{list_file}: sample id")
         if not image.is_file():
             raise UserError(f"{list_file}: lists '{sample_id}' but {image} does not exist")
         images.append(image)
     if not images:
         raise UserError(f"{list_file}: split list is empty")
-    pairs = _match(images, lambda image: labels / f"{image.stem}.png")
+    pairs = _match(images, lambda image: inside(labels, image.relative_to(root / "JPEGImages").with_suffix(".png"),
+                                                f"{list_file}: sample id"))
     label_map = LabelMap.identity(tables.VOC.num_classes)
     return FileDataset(pairs, tables.VOC, label_map, name=_dataset_name("voc", root, split), cache=cache)
 
