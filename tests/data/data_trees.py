@@ -8,6 +8,12 @@ import numpy as np
 from PIL import Image
 
 H, W = 12, 16
+# Real datasets (ADE20K, VOC, FoodSeg103) hold images of many sizes: sample i of a fake tree has size_of(i).
+SIZES = ((H, W), (17, 11), (9, 20))
+
+
+def size_of(index: int) -> tuple[int, int]:
+    return SIZES[index % len(SIZES)]
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (H, W)) -> np.ndarray:
