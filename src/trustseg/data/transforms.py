@@ -334,6 +334,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class TransformedDataset:
     """A dataset whose samples pass through ``transform`` with a generator seeded by (seed, epoch, index).
 
+    Indices past the end wrap around (``index % len``) with a seed of their own, for samples drawn
+    repeatedly within one epoch.
+
     Call :meth:`set_epoch` before iterating each epoch. The epoch lives in shared memory, so DataLoader
     workers see it too, even persistent ones.
     """
@@ -357,7 +360,9 @@ class TransformedDataset:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Sample:
-        sample = self.dataset[index]
+        # index + r * len(self) is sample `index` drawn again in the same epoch (weighted sampling of
+        # combined datasets): the same sample with an augmentation of its own
+        sample = self.dataset[index % len(self.dataset)]
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         image, mask = self.transform(sample["image"], sample["mask"], generator)
         return {"image": image, "mask": mask, "path": sample["path"]}

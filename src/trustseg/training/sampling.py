@@ -11,7 +11,10 @@ keeps the epoch length (the total number of samples) but fills each epoch with f
 ``ratio_i / sum(ratio)`` of it (largest remainders). Part i's draws continue one stream across epochs
 that walks through fresh shuffles of that part, so an oversampled part repeats every sample equally
 often and an undersampled one still reaches all its samples over the epochs; the epoch's draws are then
-shuffled together. All of it is a function of (seed, epoch) alone, like the plain permutation.
+shuffled together. All of it is a function of (seed, epoch) alone, like the plain permutation. A sample
+drawn several times in one epoch comes as ``index + r * length``, r the pass over its part (counted from
+the first pass the epoch touches), which :class:`~trustseg.data.transforms.TransformedDataset` reads as
+``index`` with an augmentation seed of its own, so repeats are augmented differently.
 """
 
 from __future__ import annotations
@@ -45,17 +48,20 @@ def quotas(total: int, ratio: tuple[float, ...]) -> list[int]:
     return counts
 
 
-def _stream(length: int, seed: int, part: int, start: int, count: int) -> torch.Tensor:
-    """Draws ``start .. start + count`` of part ``part``'s endless stream of fresh permutations of ``length``."""
+def _stream(length: int, seed: int, part: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws ``start .. start + count`` of part ``part``'s endless stream of fresh permutations of ``length``,
+    and the pass (0, 1, ...) over the part, counted from the first of these draws, that each belongs to."""
     first, last = start // length, (start + count - 1) // length
     stream_seed = sample_seed(seed, part, ORDER_STREAM)
     cycles = [epoch_permutation(length, stream_seed, cycle) for cycle in range(first, last + 1)]
     offset = start - first * length
-    return torch.cat(cycles)[offset : offset + count]
+    passes = torch.arange(len(cycles)).repeat_interleave(length)
+    return torch.cat(cycles)[offset : offset + count], passes[offset : offset + count]
 
 
 def epoch_order(length: int, seed: int, epoch: int, mixture: Mixture | None = None) -> torch.Tensor:
-    """The samples (int64 (length,), indices into the whole train set) of epoch ``epoch``, in order."""
+    """The samples (int64 (length,)) of epoch ``epoch``, in order: indices into the whole train set, plus
+    ``r * length`` for the r-th pass over a part within the epoch (only with a `mixture`, see above)."""
     if mixture is None:
         return epoch_permutation(length, seed, epoch)
     if sum(mixture.lengths) != length:
@@ -63,7 +69,10 @@ def epoch_order(length: int, seed: int, epoch: int, mixture: Mixture | None = No
     draws, offset = [], 0
     for part, (size, count) in enumerate(zip(mixture.lengths, quotas(length, mixture.ratio))):
         if count:
-            draws.append(_stream(size, seed, part, epoch * count, count) + offset)
+            indices, passes = _stream(size, seed, part, epoch * count, count)
+            # each pass is a permutation, so (index, pass) is unique within the epoch
+            repeats = passes - (passes[0] if indices.numel() else 0)
+            draws.append(indices + offset + repeats * length)
         offset += size
     drawn = torch.cat(draws)
     return drawn[epoch_permutation(length, seed, epoch)]
