@@ -36,3 +36,24 @@ def folder_tree(root, classes: ClassInfo = THREE_CLASSES):
     (root / "masks").mkdir()
     (root / "classes.txt").write_text("".join(f"{name}\n" for name in classes.names))
     return root
+
+
+# Sizes (H, W) that interleave, so every batch of 4 mixes sizes and equal sizes are not neighbours.
+MIXED_SIZES = ((12, 16), (20, 14), (9, 11), (12, 16), (20, 14), (17, 23), (12, 16))
+
+
+def mixed_size_folder(root, sizes=MIXED_SIZES, classes: ClassInfo = THREE_CLASSES, seed: int = 0):
+    """A ``folder:`` dataset whose images have the given (H, W) sizes, random pixels and labels
+    (including some ignored pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    folder_tree(root, classes)
+    rng = np.random.default_rng(seed)
+    for i, (height, width) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB").save(
+            root / "images" / f"img{i:02d}.png")
+        labels = rng.integers(0, classes.num_classes, (height, width)).astype(np.uint8)
+        labels[rng.random((height, width)) < 0.1] = 255
+        Image.fromarray(labels, "L").save(root / "masks" / f"img{i:02d}.png")
+    return root

@@ -158,3 +158,12 @@ def test_bad_crop_argument(tmp_path, checkpoint_path, monkeypatch, capsys):
         capsys,
     )
     assert_one_line_error(code, err, "--crop")
+
+
+def test_split_list_id_outside_the_dataset(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "VOC2012"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("../../../etc/passwd\n")
+    code, err = run_cli(["info", "--data", f"voc:{root}#split=val", "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    assert_one_line_error(code, err, "val.txt: sample id '../../../etc/passwd.jpg' leads outside")

@@ -8,6 +8,12 @@ import numpy as np
 from PIL import Image
 
 H, W = 12, 16
+# Real datasets (ADE20K, VOC, FoodSeg103) hold images of many sizes: sample i of a fake tree has size_of(i).
+SIZES = ((H, W), (17, 11), (9, 20))
+
+
+def size_of(index: int) -> tuple[int, int]:
+    return SIZES[index % len(SIZES)]
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (H, W)) -> np.ndarray:
@@ -29,10 +35,16 @@ def write_mask(path: Path, labels: np.ndarray, palette: list[int] | None = None)
     picture.save(path)
 
 
-def label_grid(values: list[int], size: tuple[int, int] = (H, W)) -> np.ndarray:
+def write_mask16(path: Path, labels: np.ndarray) -> None:
+    """16-bit grey label PNG, as datasets with more than 255 classes store them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint16)).save(path)
+
+
+def label_grid(values: list[int], size: tuple[int, int] = (H, W), dtype=np.uint8) -> np.ndarray:
     """A mask that cycles through ``values`` pixel by pixel, so every value occurs."""
     count = size[0] * size[1]
-    return np.resize(np.array(values, dtype=np.uint8), count).reshape(size)
+    return np.resize(np.array(values, dtype=dtype), count).reshape(size)
 
 
 

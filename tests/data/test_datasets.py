@@ -9,12 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_trees import CITYSCAPES_FILES, H, VOC_IDS, VOC_LABELS, W, label_grid, write_image, write_mask
+from data_trees import (CITYSCAPES_FILES, H, SIZES, VOC_IDS, VOC_LABELS, W, label_grid, size_of, write_image,
+                        write_mask, write_mask16)
 from PIL import Image
 
 from trustseg.data import datasets
 from trustseg.data.base import IGNORE_INDEX
+from trustseg.engine.evaluate import evaluate
+from trustseg.engine.inference import Predictor
 from trustseg.errors import UserError
+from trustseg.metrics import BoundaryIoU, ConfusionMatrix
+from trustseg.models.factory import build_model
 
 
 def check_sample(sample: dict, size: tuple[int, int] = (H, W)) -> None:
@@ -120,7 +125,7 @@ def test_folder_with_classes_file_and_mixed_extensions(folder_root):
     ds = datasets.folder(folder_root)
     assert len(ds) == 3 and ds.classes.names == ("background", "road", "car")
     for i in range(3):
-        check_sample(ds[i])
+        check_sample(ds[i], size_of(i))
     assert set(ds[2]["mask"].unique().tolist()) == {0, 1, 2, 255}
 
 
@@ -130,6 +135,49 @@ def test_folder_infers_num_classes_and_logs_it(folder_root, caplog):
     assert ds.classes.num_classes == 3
     assert "inferred num_classes=3" in caplog.text and "classes.txt" in caplog.text
     assert datasets.folder(folder_root, num_classes=5).classes.num_classes == 5
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_folder_reads_16_bit_masks_above_255_classes(tmp_path, cache):
+    root = tmp_path / "wide"
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text("".join(f"c{i}\n" for i in range(300)))
+    raw = label_grid([0, 255, 256, 299, 65535, 7], dtype=np.uint16)
+    write_image(root / "images" / "a.png", seed=0)
+    write_mask16(root / "masks" / "a.png", raw)
+    ds = datasets.folder(root, cache=cache)
+    assert ds.classes.num_classes == 300 and ds.classes.ignore_index == 65535
+    # 255 is a class here; 65535 is the ignore label, kept as it is
+    assert torch.equal(ds[0]["mask"], torch.from_numpy(raw.astype(np.int64)))
+    write_mask16(root / "masks" / "a.png", label_grid([0, 300], dtype=np.uint16))
+    with pytest.raises(UserError, match=r"a\.png: label values \{300\} out of range for 300 classes"):
+        datasets.folder(root)[0]
+
+
+def test_folder_infers_more_than_255_classes_from_16_bit_masks(tmp_path):
+    root = tmp_path / "wide"
+    write_image(root / "images" / "a.png", seed=0)
+    write_mask16(root / "masks" / "a.png", label_grid([0, 255, 411, 65535], dtype=np.uint16))
+    ds = datasets.folder(root)
+    assert ds.classes.num_classes == 412 and ds.classes.ignore_index == 65535
+    assert set(ds[0]["mask"].unique().tolist()) == {0, 255, 411, 65535}
+
+
+@pytest.mark.parametrize("layout", ["camvid", "ade20k", "foodseg103", "folder"])
+def test_fake_trees_hold_several_sizes_and_evaluate_alike_at_any_batch_size(request, layout, one_thread):
+    root = request.getfixturevalue({"foodseg103": "foodseg_root"}.get(layout, f"{layout}_root"))
+    dataset = getattr(datasets, layout)(root, "train")
+    assert [tuple(dataset[i]["image"].shape[1:]) for i in range(len(dataset))] == list(SIZES)
+    torch.manual_seed(0)
+    model = build_model("unet", num_classes=dataset.classes.num_classes, base_width=4, depth=2)
+    predictor = Predictor(model, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).eval()
+
+    def run(batch_size):
+        metrics = [ConfusionMatrix(dataset.classes.num_classes), BoundaryIoU(dataset.classes.num_classes)]
+        return evaluate(predictor, dataset, metrics, batch_size=batch_size, progress=False)
+
+    single, batched = run(1), run(3)
+    assert (batched["mIoU"], batched["aAcc"], batched["mBIoU"]) == (single["mIoU"], single["aAcc"], single["mBIoU"])
 
 
 def test_folder_split_subfolders(tmp_path):
@@ -213,7 +261,7 @@ def test_size_mismatch_names_both_files(camvid_root):
     with pytest.raises(UserError) as err:
         ds[1]
     message = str(err.value)
-    assert "train/0001TP_006720.png is 16x12" in message and "trainannot/0001TP_006720.png is 18x12" in message
+    assert "train/0001TP_006720.png is 11x17" in message and "trainannot/0001TP_006720.png is 18x12" in message
     with pytest.raises(UserError, match="trainannot/0001TP_006720.png"):
         datasets.camvid(camvid_root, cache=True)  # caching decodes, and so checks, every file
 

@@ -6,9 +6,12 @@ import sys
 import types
 
 import pytest
+import torch
 
 from trustseg.data import datasets
-from trustseg.data.spec import DATASET_NAMES, DataSpec, describe_spec, load_dataset, parse_spec
+from trustseg.data.combined import CombinedDataset, Mixture
+from trustseg.data.spec import (DATASET_NAMES, DataSpec, describe_spec, load_dataset, parse_spec, resolve_split,
+                                split_parts)
 from trustseg.errors import UserError
 
 
@@ -107,3 +110,75 @@ def test_synthetic_dispatch_passes_split_and_converted_options(monkeypatch):
 def test_describe_spec():
     assert describe_spec("camvid:/d#split=val") == "camvid at /d (split='val')"
     assert describe_spec("synthetic") == "synthetic"
+
+
+# --- combined specs: SPEC+SPEC ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, parts", [
+    ("synthetic", ["synthetic"]),
+    ("folder:/data/a+b", ["folder:/data/a+b"]),  # a '+' inside a path
+    ("folder:/x/c++/data#split=val+synthetic", ["folder:/x/c++/data#split=val", "synthetic"]),
+    ("synthetic+synthetic#split=val+camvid:/d+folder:/e+f#ratio=1:2:3:4",
+     ["synthetic", "synthetic#split=val", "camvid:/d", "folder:/e+f#ratio=1:2:3:4"]),
+    ("folder:/a+synthetics/b", ["folder:/a+synthetics/b"]),  # 'synthetic' must end the name
+    ("folder:/a + VOC:/b", ["folder:/a", "VOC:/b"]),
+])
+def test_split_parts_splits_only_before_a_dataset_name(spec, parts):
+    assert split_parts(spec) == parts
+
+
+def test_combined_dataset_concatenates_parts_in_order(camvid_root, tmp_path):
+    spec = f"camvid:{camvid_root}#images=1:+camvid:{camvid_root}#split=val"
+    combined = load_dataset(spec)
+    train, val = load_dataset(f"camvid:{camvid_root}"), load_dataset(f"camvid:{camvid_root}#split=val")
+    assert isinstance(combined, CombinedDataset) and combined.lengths == (2, 2) and len(combined) == 4
+    assert [s["path"] for s in combined] == [train[1]["path"], train[2]["path"], val[0]["path"], val[1]["path"]]
+    assert combined.classes == train.classes and combined.mixture is None
+    assert torch.equal(combined[3]["mask"], val[1]["mask"])
+    with pytest.raises(IndexError):
+        combined[4]
+    # a split argument reaches every part
+    assert len(load_dataset(f"camvid:{camvid_root}+camvid:{camvid_root}", split="val")) == 4
+    assert "camvid at" in describe_spec(spec) and " + " in describe_spec(spec)
+
+
+def test_ratio_is_a_trailing_option_of_the_combination(camvid_root):
+    combined = load_dataset(f"camvid:{camvid_root}+camvid:{camvid_root}#split=val,ratio=3:1")
+    assert combined.mixture == Mixture((3, 2), (3.0, 1.0))
+    assert len(combined) == 5  # the ratio changes sampling, not the samples
+
+
+@pytest.mark.parametrize("suffix, message", [
+    ("#ratio=1:1:1", r"ratio=1:1:1; expected 2 positive weights separated by ':'"),
+    ("#ratio=1:0", "expected 2 positive weights"),
+    ("#ratio=a:b", "expected 2 positive weights"),
+])
+def test_bad_ratios(camvid_root, suffix, message):
+    with pytest.raises(UserError, match=message):
+        load_dataset(f"camvid:{camvid_root}+camvid:{camvid_root}{suffix}")
+
+
+def test_ratio_needs_parts_and_goes_last(camvid_root):
+    with pytest.raises(UserError, match="needs several parts"):
+        load_dataset(f"camvid:{camvid_root}#ratio=1")
+    with pytest.raises(UserError, match="goes once, on the last part"):
+        load_dataset(f"camvid:{camvid_root}#ratio=1:1+camvid:{camvid_root}")
+
+
+def test_parts_with_other_classes_are_refused_naming_both(camvid_root, folder_root, ade20k_root):
+    with pytest.raises(UserError, match=rf"'camvid:{camvid_root}' has 11 classes but 'ade20k:{ade20k_root}' has 150"):
+        load_dataset(f"camvid:{camvid_root}+ade20k:{ade20k_root}")
+    (folder_root / "classes.txt").write_text("".join(f"c{i}\n" for i in range(11)))
+    with pytest.raises(UserError, match=rf"class 0 named 'Sky' but 'folder:{folder_root}' names it 'c0'"):
+        load_dataset(f"camvid:{camvid_root}+folder:{folder_root}")
+
+
+def test_resolve_split_of_combined_specs():
+    assert resolve_split("synthetic+synthetic", None, "val") == "val"
+    assert resolve_split("synthetic#split=train+synthetic#split=train", None, "val") == "train"
+    assert resolve_split("synthetic#split=train+synthetic#split=val", None, "val") is None  # each its own
+    assert resolve_split("synthetic#split=train+synthetic", "test", "val") == "test"
+    with pytest.raises(UserError, match="some parts set #split= and some do not"):
+        resolve_split("synthetic#split=train+synthetic", None, "val")
+    with pytest.raises(UserError, match="combines several datasets"):
+        parse_spec("synthetic+synthetic")

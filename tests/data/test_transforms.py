@@ -286,3 +286,15 @@ def test_collate_stacks_and_names_mismatched_samples():
         collate([data[0], odd])
     no_masks = collate([{**data[0], "mask": None}, {**data[1], "mask": None}])
     assert no_masks["mask"] is None
+
+
+def test_an_index_past_the_end_is_the_same_sample_augmented_anew():
+    # weighted sampling draws a sample again within an epoch as index + r * len
+    def noise(image, mask, generator):
+        return torch.rand(3, generator=generator), mask
+
+    dataset = TransformedDataset(ListDataset(3), noise, seed=1)
+    first, again = dataset[1], dataset[1 + 2 * len(dataset)]
+    assert again["path"] == first["path"] and torch.equal(again["mask"], first["mask"])
+    assert not torch.equal(again["image"], first["image"])
+    assert torch.equal(dataset[1]["image"], first["image"])

@@ -35,7 +35,7 @@ def reference_counts(pred, target, K, dilation_ratio, ignore_index=IGNORE):
     return inter, union
 
 
-def blobby_batch(seed, batch, height, width, K, ignore_fraction=0.1, flip=0.2):
+def blobby_batch(seed, batch, height, width, K, ignore_fraction=0.1, flip=0.2, ignore_index=IGNORE):
     """Piecewise-constant label maps (so bands have interiors) with speckle, ignore pixels and errors."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randint(0, K, (batch, 1, max(1, height // 5), max(1, width // 5)), generator=g).float()
@@ -45,7 +45,7 @@ def blobby_batch(seed, batch, height, width, K, ignore_fraction=0.1, flip=0.2):
     pred = target.clone()
     wrong = torch.rand(target.shape, generator=g) < flip
     pred[wrong] = torch.randint(0, K, (int(wrong.sum()),), generator=g)
-    target[torch.rand(target.shape, generator=g) < ignore_fraction] = IGNORE
+    target[torch.rand(target.shape, generator=g) < ignore_fraction] = ignore_index
     return pred, target
 
 
@@ -60,6 +60,22 @@ def test_counts_match_cv2_reference(seed):
     ref_inter, ref_union = reference_counts(pred, target, K, ratio)
     np.testing.assert_array_equal(inter.numpy(), ref_inter)
     np.testing.assert_array_equal(union.numpy(), ref_union)
+
+
+@pytest.mark.parametrize("K", [254, 255, 1000])
+def test_many_classes_match_cv2_reference_on_both_sides_of_the_uint8_fast_path(K):
+    # 254 classes is the largest uint8 map (labels, "no class" 254, border 255); above, int32 maps
+    ignore = 255 if K < 255 else 65535
+    pred, target = blobby_batch(K, 2, 30, 41, K, ignore_index=ignore)
+    assert len(target.unique()) > 100  # many classes really occur, with boundaries between them
+    inter, union = boundary_counts(pred, target, K, ignore, 0.05)
+    ref_inter, ref_union = reference_counts(pred, target, K, 0.05, ignore_index=ignore)
+    np.testing.assert_array_equal(inter.numpy(), ref_inter)
+    np.testing.assert_array_equal(union.numpy(), ref_union)
+    metric = BoundaryIoU(K, ignore_index=ignore, dilation_ratio=0.05)
+    metric.update(pred, target)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(metric.compute()["per_class"]["BIoU"], ref_inter / ref_union, equal_nan=True)
 
 
 def test_accumulator_matches_reference_over_images_of_different_sizes():
@@ -125,7 +141,7 @@ def test_errors():
         boundary_counts(torch.full((1, 4, 4), 3), torch.zeros(1, 4, 4, dtype=torch.long), 3)
     with pytest.raises(UserError, match=r"\(B, H, W\)"):
         boundary_counts(torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long), 3)
-    with pytest.raises(UserError, match="254 classes"):
-        BoundaryIoU(300, ignore_index=1000)
+    with pytest.raises(UserError, match="ignore_index 255 is a class index"):
+        BoundaryIoU(300)
     with pytest.raises(UserError, match="dilation_ratio"):
         BoundaryIoU(3, dilation_ratio=0.0)

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from trustseg.training.sampling import EpochBatches, epoch_permutation, step_seed
+from trustseg.data.combined import Mixture
+from trustseg.training.sampling import EpochBatches, epoch_order, epoch_permutation, quotas, step_seed
 
 
 def batches(length, batch, first_step, rank=0, world=1, seed=5):
@@ -35,3 +37,63 @@ def test_step_seeds_differ_by_step_and_rank():
     assert len(seeds) == 100
     assert step_seed(0, 3, 1) == step_seed(0, 3, 1)
     assert torch.equal(epoch_permutation(7, 1, 2), epoch_permutation(7, 1, 2))
+
+
+# --- combined train sets with sampling weights ------------------------------------------------------
+
+MIXTURE = Mixture(lengths=(30, 6), ratio=(1.0, 1.0))  # a large part and a small one, drawn alike
+
+
+def mixed_batches(first_step, rank=0, world=1, seed=5, mixture=MIXTURE, batch=4):
+    return list(EpochBatches(sum(mixture.lengths), batch, seed=seed, first_step=first_step, rank=rank,
+                             world_size=world, mixture=mixture))
+
+
+def part_of(index, mixture=MIXTURE):
+    return int(index >= mixture.lengths[0])
+
+
+@pytest.mark.parametrize("total, ratio, expected", [
+    (36, (1, 1), [18, 18]), (10, (3, 1), [8, 2]), (10, (1, 1, 1), [4, 3, 3]), (7, (0.5, 0.25, 0.25), [3, 2, 2]),
+])
+def test_quotas_are_proportional_and_sum_to_the_epoch(total, ratio, expected):
+    assert quotas(total, ratio) == expected
+
+
+@pytest.mark.parametrize("ratio", [(1.0, 1.0), (3.0, 1.0), (1.0, 5.0)])
+def test_every_epoch_draws_the_parts_in_the_ratio(ratio):
+    mixture = Mixture((30, 6), ratio)
+    share = ratio[1] / sum(ratio)
+    for epoch in range(4):
+        order = (epoch_order(36, 5, epoch, mixture) % 36).tolist()
+        assert len(order) == 36
+        assert sum(part_of(i) for i in order) == round(36 * share)  # exact quota per epoch, not just on average
+        # the parts are shuffled together, not laid out in blocks
+        positions = [p for p, i in enumerate(order) if part_of(i)]
+        assert positions[-1] - positions[0] + 1 > len(positions)
+
+
+def test_oversampled_part_repeats_each_sample_equally_often_across_epochs():
+    # 18 draws per epoch from 6 samples: each sample 3x per epoch; 18 from 30: each sample once per 5/3 epochs
+    counts = torch.zeros(36, dtype=torch.long)
+    for epoch in range(5):
+        order = epoch_order(36, 5, epoch, MIXTURE)
+        assert len(set(order.tolist())) == 36  # a repeat within the epoch comes as index + r * 36
+        counts += torch.bincount(order % 36, minlength=36)
+    assert counts[30:].tolist() == [15] * 6  # 5 epochs x 18 draws over 6 samples
+    assert counts[:30].tolist() == [3] * 30  # 5 epochs x 18 = 90 draws = 3 full passes over 30 samples
+
+
+def test_mixture_order_is_deterministic_and_resumes_mid_epoch():
+    whole = mixed_batches(first_step=9)  # epoch 1 (9 steps of 4)
+    assert whole == mixed_batches(first_step=9)
+    assert mixed_batches(first_step=13) == whole[4:]
+    assert mixed_batches(first_step=9, seed=6) != whole
+    assert mixed_batches(first_step=0) != whole
+
+
+def test_processes_split_each_mixed_global_batch():
+    single = mixed_batches(first_step=0)
+    shares = [mixed_batches(first_step=0, rank=r, world=2) for r in range(2)]
+    for step, batch in enumerate(single):
+        assert sorted(shares[0][step] + shares[1][step]) == sorted(batch)

@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 
+from cli_helpers import MIXED_SIZES, mixed_size_folder, run_cli
+
 import trustseg.training.loop as loop
 from trustseg.engine.checkpoint import load_checkpoint
 from trustseg.data.spec import load_dataset
@@ -181,3 +183,36 @@ def test_class_weights_and_ohem_run_end_to_end(tiny_config):
     assert weights.shape == (7,) and torch.isfinite(weights).all() and (weights >= 0).all()
     saved = yaml.safe_load(open(config.out + "/config.yaml"))
     assert saved["loss"]["class_weights"] == "median_frequency"
+
+
+def test_cli_train_on_a_combined_spec_of_mixed_sizes_validates_like_batch_size_1(tiny_values, tmp_path, monkeypatch):
+    # two sources with one class table, drawn 1:3; images of several sizes; validation 4 images a batch
+    first = mixed_size_folder(tmp_path / "first")
+    second = mixed_size_folder(tmp_path / "second+more", sizes=((10, 13), (12, 16), (21, 9)), seed=1)
+    spec = f"folder:{first}+folder:{second}#ratio=1:3"
+    values = {**tiny_values, "steps": 4, "val_every": 4, "batch_size": 2,
+              "data": {"train": "synthetic", "crop": [8, 8], "val_batch_size": 4}}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(values))
+    out = tmp_path / "run"
+    code = run_cli(["train", "--config", str(recipe), "--data", spec, "--out", str(out), "--no-progress"], monkeypatch)
+    assert code in (0, None)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 4 and len(metrics["per_class"]["IoU"]) == 3
+    # the run validated on both parts together (split=val: each part whole) at batch size 4
+    val = load_dataset(spec, split="val")
+    assert len(val) == len(MIXED_SIZES) + 3
+    single = evaluate(predictor_from_checkpoint(load_checkpoint(out / "last.pt")), val, [ConfusionMatrix(3)],
+                      batch_size=1, progress=False)
+    assert single["mIoU"] == metrics["mIoU"] and single["aAcc"] == metrics["aAcc"]
+
+
+def test_cli_train_refuses_parts_with_different_classes(tiny_values, tmp_path, monkeypatch, capsys):
+    first = mixed_size_folder(tmp_path / "first")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**tiny_values, "data": {**tiny_values["data"], "val": None}}))
+    code = run_cli(["train", "--config", str(recipe), "--data", f"folder:{first}+synthetic", "--out",
+                    str(tmp_path / "run"), "--no-progress"], monkeypatch)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"'folder:{first}' has 3 classes but 'synthetic' has 7" in err

@@ -1,6 +1,7 @@
 """`run_predict` with uncertainty maps: values against the softmax computed by hand, MC dropout seeded."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
+from trustseg.data.base import ClassInfo
+from trustseg.data.classes import bit_palette
 from trustseg.engine.checkpoint import Checkpoint, save_checkpoint
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
@@ -113,3 +116,38 @@ def test_mc_dropout_without_dropout_fails_before_writing(tmp_path, images, model
 def test_bad_uncertainty_options_are_refused(options, message):
     with pytest.raises(UserError, match=message):
         PredictConfig(checkpoint="m.pt", input="in", out="out", **options)
+
+
+def test_outputs_keep_subfolders_and_colliding_stems_keep_their_suffix(tmp_path):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "in"
+    files = ["a.png", "a.jpg", "b.png", "sub/a.png", "sub/deeper/c.bmp"]
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(folder / name)
+    model = save_tiny_unet(tmp_path / "unet.pt")
+    result = predict(folder, folder / "out", tmp_path / "unet.pt")  # --out inside --input is not re-read
+    labels = {str(o["image"].relative_to(folder)): o["labels"].relative_to(folder / "out" / "labels")
+              for o in result.outputs}
+    assert labels == {"a.jpg": Path("a.jpg.png"), "a.png": Path("a.png.png"), "b.png": Path("b.png"),
+                      "sub/a.png": Path("sub/a.png"), "sub/deeper/c.bmp": Path("sub/deeper/c.png")}
+    # every image got its own labels: each file holds the prediction of its own image
+    for output in result.outputs:
+        written = np.asarray(Image.open(output["labels"]))
+        assert np.array_equal(written, reference_probs(model, output["image"]).argmax(0)), output["image"]
+    assert len({o["overlay"] for o in result.outputs}) == len(files)
+
+
+def test_labels_are_16_bit_above_255_classes(tmp_path, images):
+    classes = ClassInfo(names=tuple(f"c{i}" for i in range(300)), palette=bit_palette(300))
+    torch.manual_seed(0)
+    model = build_model("unet", num_classes=300, base_width=4, depth=2)
+    with torch.no_grad():  # push the predictions above 255, where 8-bit labels would wrap
+        model.classifier.bias[260:] += 5.0
+    save_checkpoint(Checkpoint({"name": "unet", "options": {"base_width": 4, "depth": 2}}, model.state_dict(), classes),
+                    tmp_path / "wide.pt")
+    output = predict(images / "im0.png", tmp_path / "out", tmp_path / "wide.pt").outputs[0]
+    written = np.asarray(Image.open(output["labels"]))
+    expected = reference_probs(model.eval(), images / "im0.png").argmax(0)
+    assert written.dtype == np.uint16 and expected.max() > 255
+    assert np.array_equal(written, expected)

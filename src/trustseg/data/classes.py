@@ -2,8 +2,8 @@
 
 Each dataset stores labels its own way (CamVid's void 11, ADE20K's 0 = "other", Cityscapes' 34 label
 ids). A :class:`LabelMap` turns a raw mask into the internal convention once, on load: class ids
-``0..K-1`` and ``IGNORE_INDEX`` (255) for pixels that count nowhere; any other value is a user error
-that names the mask file.
+``0..K-1`` and the ignore label (255, or 65535 above 255 classes: ``ignore_index_for``) for pixels
+that count nowhere; any other value is a user error that names the mask file.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trustseg.data.base import IGNORE_INDEX, ClassInfo
+from trustseg.data.base import IGNORE_INDEX, ClassInfo, ignore_index_for
 from trustseg.errors import UserError
 
 Color = tuple[int, int, int]
@@ -155,10 +155,11 @@ def format_values(values: Iterable[int], limit: int = 12) -> str:
 class LabelMap:
     """Raw mask value -> class id via a lookup table; table entries of -1 are values that must not occur.
 
-    The table covers at least the 256 values of an 8-bit mask; ``beyond`` is what larger raw values
-    (16-bit masks) become (-1: not allowed). ``expected`` describes the valid raw values for error
-    messages; ``suggest_reduce_zero`` adds the reduce_zero_label hint when a mask holds exactly the
-    value ``num_classes`` (ADE-style labels 0..K).
+    The table covers at least the 256 values of an 8-bit mask (all 65536 of a 16-bit one above 255
+    classes); ``beyond`` is what larger raw values become (-1: not allowed). Ignored values become
+    ``ignore_index_for(num_classes)``. ``expected`` describes the valid raw values for error messages;
+    ``suggest_reduce_zero`` adds the reduce_zero_label hint when a mask holds exactly the value
+    ``num_classes`` (ADE-style labels 0..K).
     """
 
     table: np.ndarray  # int64 (V,), V >= 256
@@ -167,38 +168,45 @@ class LabelMap:
     beyond: int = -1
     suggest_reduce_zero: bool = False
 
-    @classmethod
-    def _empty(cls, fill: int) -> np.ndarray:
-        return np.full(IGNORE_INDEX + 1, fill, dtype=np.int64)
+    @property
+    def ignore_index(self) -> int:
+        return ignore_index_for(self.num_classes)
 
     @classmethod
-    def identity(cls, num_classes: int, *, ignore: Iterable[int] = (IGNORE_INDEX,),
+    def _empty(cls, fill: int, largest_raw: int) -> np.ndarray:
+        return np.full(max(IGNORE_INDEX, largest_raw) + 1, fill, dtype=np.int64)
+
+    @classmethod
+    def identity(cls, num_classes: int, *, ignore: Iterable[int] | None = None,
                  suggest_reduce_zero: bool = False) -> LabelMap:
-        """Raw value k is class k for k < num_classes; values in ``ignore`` become IGNORE_INDEX."""
-        ignore = tuple(ignore)
-        table = cls._empty(-1)
+        """Raw value k is class k for k < num_classes; values in ``ignore`` (default: the ignore label
+        of ``num_classes`` classes) are ignored."""
+        ignore = (ignore_index_for(num_classes),) if ignore is None else tuple(ignore)
+        table = cls._empty(-1, max(num_classes - 1, *ignore))
         table[:num_classes] = np.arange(num_classes)
-        table[list(ignore)] = IGNORE_INDEX
+        table[list(ignore)] = ignore_index_for(num_classes)
         ignored = " and ".join(str(v) for v in ignore)
         return cls(table, num_classes, f"0..{num_classes - 1}, or {ignored} for ignore",
                    suggest_reduce_zero=suggest_reduce_zero)
 
     @classmethod
     def reduce_zero(cls, num_classes: int) -> LabelMap:
-        """Raw 0 is ignored and raw k in 1..num_classes is class k-1 (ADE20K); raw 255 stays ignored."""
-        table = cls._empty(-1)
-        table[0] = IGNORE_INDEX
+        """Raw 0 is ignored and raw k in 1..num_classes is class k-1 (ADE20K); the largest value of
+        the raw mask dtype (255, or 65535 when raw labels reach 255) stays ignored."""
+        raw_ignore = ignore_index_for(num_classes + 1)
+        table = cls._empty(-1, raw_ignore)
+        table[[0, raw_ignore]] = ignore_index_for(num_classes)
         table[1:num_classes + 1] = np.arange(num_classes)
-        table[IGNORE_INDEX] = IGNORE_INDEX
-        return cls(table, num_classes, f"0 (ignored), 1..{num_classes} or {IGNORE_INDEX} with reduce_zero_label")
+        return cls(table, num_classes, f"0 (ignored), 1..{num_classes} or {raw_ignore} with reduce_zero_label")
 
     @classmethod
     def from_table(cls, mapping: Mapping[int, int], num_classes: int) -> LabelMap:
         """Raw values listed in ``mapping`` become their class id; every other value is ignored."""
-        table = cls._empty(IGNORE_INDEX)
+        ignore = ignore_index_for(num_classes)
+        table = cls._empty(ignore, max(mapping))
         for raw, class_id in mapping.items():
             table[raw] = class_id
-        return cls(table, num_classes, "any value (unlisted ids are ignored)", beyond=IGNORE_INDEX)
+        return cls(table, num_classes, "any value (unlisted ids are ignored)", beyond=ignore)
 
     def __call__(self, raw: np.ndarray | torch.Tensor, path: object) -> torch.Tensor:
         """Map an integer mask (H, W) to class ids, int64 (H, W); ``path`` names the file in errors.

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from trustseg.data import classes as tables
-from trustseg.data.base import IGNORE_INDEX, ClassInfo, Sample
+from trustseg.data.base import IGNORE_INDEX, MAX_CLASSES, WIDE_IGNORE_INDEX, ClassInfo, Sample, mask_dtype
 from trustseg.data.classes import LabelMap
+from trustseg.data.paths import inside
 from trustseg.data.readers import IMAGE_EXTENSIONS, read_image, read_mask_array
 from trustseg.errors import UserError
 
@@ -29,9 +30,9 @@ log = logging.getLogger(__name__)
 class FileDataset:
     """Map-style dataset over (image file, mask file) pairs.
 
-    Masks are mapped to class ids ``0..K-1`` / 255 by ``label_map`` when read. With ``cache=True``
-    every sample is decoded once, up front (which also validates every file), and kept in memory as
-    uint8; CamVid train takes about 250 MB that way.
+    Masks are mapped to class ids ``0..K-1`` / the ignore label by ``label_map`` when read. With
+    ``cache=True`` every sample is decoded once, up front (which also validates every file), and kept
+    in memory as uint8 (masks as uint16 above 255 classes); CamVid train takes about 250 MB that way.
     """
 
     def __init__(self, pairs: Sequence[tuple[Path | str, Path | str]], classes: ClassInfo,
@@ -49,8 +50,9 @@ class FileDataset:
             workers = min(4, os.cpu_count() or 1)
             with ThreadPoolExecutor(max_workers=workers) as pool:  # Pillow decodes without the GIL
                 decoded = list(pool.map(self._decode, range(len(self.pairs))))
-            # class ids are < 255 and ignore is 255, so uint8 holds every mask losslessly
-            self._cache = [(image.numpy(), mask.numpy().astype(np.uint8)) for image, mask in decoded]
+            # class ids and the ignore label fit the mask dtype of the class count (8 or 16 bits)
+            dtype = mask_dtype(classes.num_classes)
+            self._cache = [(image.numpy(), mask.numpy().astype(dtype)) for image, mask in decoded]
             megabytes = sum(i.nbytes + m.nbytes for i, m in self._cache) / 2**20
             log.info("%s: cached %d samples in memory (%.0f MB)", name, len(self._cache), megabytes)
 
@@ -230,13 +232,14 @@ def voc(root: Path | str, split: str = "train", *, cache: bool = False,
     for sample_id in (line.strip() for line in list_file.read_text().splitlines()):
         if not sample_id:
             continue
-        image = root / "JPEGImages" / f"{sample_id}.jpg"
+        image = inside(root / "JPEGImages", f"{sample_id}.jpg", f"{list_file}: sample id")
         if not image.is_file():
             raise UserError(f"{list_file}: lists '{sample_id}' but {image} does not exist")
         images.append(image)
     if not images:
         raise UserError(f"{list_file}: split list is empty")
-    pairs = _match(images, lambda image: labels / f"{image.stem}.png")
+    pairs = _match(images, lambda image: inside(labels, image.relative_to(root / "JPEGImages").with_suffix(".png"),
+                                                f"{list_file}: sample id"))
     label_map = LabelMap.identity(tables.VOC.num_classes)
     return FileDataset(pairs, tables.VOC, label_map, name=_dataset_name("voc", root, split), cache=cache)
 
@@ -277,6 +280,7 @@ def folder(root: Path | str, split: str = "train", *, cache: bool = False, num_c
     Class names come from ``classes.txt`` (one per line) next to ``images/``; without it the number
     of classes is ``num_classes`` or, failing that, inferred once from the largest label value over
     all masks (logged as a warning). ``reduce_zero_label=True`` reads labels 1..K with 0 = ignore.
+    Up to 255 classes masks are 8-bit with 255 = ignore; above, 16-bit PNGs with 65535 = ignore.
     """
     root = _root(root, "folder")
     split = _split_name(split)
@@ -306,7 +310,7 @@ def folder(root: Path | str, split: str = "train", *, cache: bool = False, num_c
 
 
 def _folder_classes(root: Path, mask_root: Path, num_classes: object, reduce_zero_label: bool) -> ClassInfo:
-    limit = IGNORE_INDEX - 1 if reduce_zero_label else IGNORE_INDEX
+    limit = MAX_CLASSES - 1 if reduce_zero_label else MAX_CLASSES
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or not 1 <= num_classes <= limit):
         raise UserError(f"folder: num_classes must be an integer in 1..{limit}, got {num_classes!r}")
@@ -328,10 +332,14 @@ def _infer_num_classes(mask_root: Path, reduce_zero_label: bool) -> int:
     seen: set[int] = set()
     for mask in masks:
         values = np.unique(read_mask_array(mask)).tolist()
-        if values[0] < 0 or values[-1] > IGNORE_INDEX:
-            raise UserError(f"{mask}: label values outside 0..{IGNORE_INDEX}; expected 8-bit class indices")
+        if values[0] < 0 or values[-1] > WIDE_IGNORE_INDEX:
+            raise UserError(f"{mask}: label values outside 0..{WIDE_IGNORE_INDEX}; expected 8- or 16-bit "
+                            f"class indices")
         seen.update(values)
-    seen.discard(IGNORE_INDEX)
+    seen.discard(WIDE_IGNORE_INDEX)
+    # 255 is the ignore label unless the labels go beyond it (then it is a class, and 65535 ignores)
+    if max(seen, default=0) <= IGNORE_INDEX:
+        seen.discard(IGNORE_INDEX)
     if reduce_zero_label:
         seen.discard(0)
     present = sorted(seen)

@@ -334,6 +334,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class TransformedDataset:
     """A dataset whose samples pass through ``transform`` with a generator seeded by (seed, epoch, index).
 
+    Indices past the end wrap around (``index % len``) with a seed of their own, for samples drawn
+    repeatedly within one epoch.
+
     Call :meth:`set_epoch` before iterating each epoch. The epoch lives in shared memory, so DataLoader
     workers see it too, even persistent ones.
     """
@@ -357,7 +360,9 @@ class TransformedDataset:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Sample:
-        sample = self.dataset[index]
+        # index + r * len(self) is sample `index` drawn again in the same epoch (weighted sampling of
+        # combined datasets): the same sample with an augmentation of its own
+        sample = self.dataset[index % len(self.dataset)]
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         image, mask = self.transform(sample["image"], sample["mask"], generator)
         return {"image": image, "mask": mask, "path": sample["path"]}
@@ -366,7 +371,8 @@ class TransformedDataset:
 def collate(samples: Sequence[Sample]) -> dict:
     """Stack samples into ``{"image": (B, 3, H, W), "mask": (B, H, W), "path": [...]}``.
 
-    ``mask`` is None when no sample has one. Samples of different sizes are a user error.
+    ``mask`` is None when no sample has one. Samples of different sizes are a user error. Samples that
+    carry their dataset ``index`` keep it as a list.
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
@@ -381,8 +387,24 @@ def collate(samples: Sequence[Sample]) -> dict:
     masks = [sample["mask"] for sample in samples]
     if any(m is None for m in masks) and not all(m is None for m in masks):
         raise ValueError("collate: some samples have masks and some do not")
-    return {
+    batch = {
         "image": torch.stack([sample["image"] for sample in samples]),
         "mask": None if masks[0] is None else torch.stack(masks),
         "path": [sample["path"] for sample in samples],
     }
+    if "index" in first:
+        batch["index"] = [sample["index"] for sample in samples]
+    return batch
+
+
+def collate_by_size(samples: Sequence[Sample]) -> list[dict]:
+    """Batches of one image size each, as :func:`collate` makes them, for data of mixed sizes.
+
+    Samples are grouped by their image shape in order of first appearance, keeping their order within
+    a group. Evaluation uses this instead of padding: padding changes what a global model (a ViT's
+    attention, a pooled context) sees, so only same-size batches give the logits of batch size 1.
+    """
+    groups: dict[tuple[int, ...], list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(tuple(sample["image"].shape), []).append(sample)
+    return [collate(group) for group in groups.values()]

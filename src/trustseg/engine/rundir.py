@@ -8,11 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
 
+from trustseg.data.paths import inside
 from trustseg.engine.checkpoint import atomic_write
 from trustseg.errors import UserError
 
@@ -43,8 +44,9 @@ class RunDir:
             raise UserError(f"--out {self.path} exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def file(self, name: str) -> Path:
-        return self.path / name
+    def file(self, name: str | PurePath) -> Path:
+        """The path of output `name` (relative, may hold subfolders); a name leaving the folder is refused."""
+        return inside(self.path, name, "output")
 
     def write_json(self, name: str, data: Any) -> Path:
         text = json.dumps(to_plain(data), indent=2, allow_nan=False) + "\n"

@@ -13,10 +13,11 @@ from trustseg.data.base import ClassInfo
 
 def colorize(mask: torch.Tensor, classes: ClassInfo) -> np.ndarray:
     """Class-index mask (H, W) -> RGB uint8 (H, W, 3); ignore and unknown labels are black."""
-    lookup = np.zeros((256, 3), dtype=np.uint8)
-    lookup[: classes.num_classes] = np.asarray(classes.palette, dtype=np.uint8)
+    k = classes.num_classes
+    lookup = np.zeros((k + 1, 3), dtype=np.uint8)  # row k: black for every other label
+    lookup[:k] = np.asarray(classes.palette, dtype=np.uint8)
     indices = mask.detach().cpu().numpy()
-    return lookup[np.where((indices >= 0) & (indices < classes.num_classes), indices, 255)]
+    return lookup[np.where((indices >= 0) & (indices < k), indices, k)]
 
 
 def overlay(image: torch.Tensor, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:

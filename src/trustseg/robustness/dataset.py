@@ -1,10 +1,15 @@
-"""Corrupted views of a dataset, produced on the fly per sample (never stored).
+"""Corrupted views of a dataset, produced on the fly (never stored): per sample in the DataLoader
+(`CorruptedDataset`, CPU workers), or per batch on the batch's device (`corrupt_batch`, a GPU).
 
-Each sample is corrupted with its own generator seeded by (seed, condition, index), so an image gets
-the same corruption whatever the batch size, the number of DataLoader workers or torchrun processes.
+Each image is corrupted with its own generator seeded by (seed, condition, index), so an image gets
+the same corruption whatever the batch size, the number of DataLoader workers or torchrun processes,
+and on either path (the random draws are made on the CPU generator in both).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -41,3 +46,17 @@ class CorruptedDataset:
         image, moved = corrupt(sample["image"][None], self.name, self.severity, generator,
                                None if mask is None else mask[None])
         return {"image": image[0], "mask": None if moved is None else moved[0], "path": sample["path"]}
+
+
+def corrupt_batch(name: str, severity: int, seed: int = 0) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A batch transform for `evaluate()` that corrupts a batch where it lies, e.g. on the GPU, each image
+    with the generator `CorruptedDataset` would give it (from the batch's ``"index"`` list)."""
+    check_corruption(name, severity)
+
+    def transform(batch: dict[str, Any]) -> dict[str, Any]:
+        generators = [torch.Generator().manual_seed(condition_seed(seed, name, severity, index))
+                      for index in batch["index"]]
+        image, mask = corrupt(batch["image"], name, severity, generators, batch["mask"])
+        return {**batch, "image": image, "mask": mask}
+
+    return transform

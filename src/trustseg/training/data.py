@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import Subset
 
 from trustseg.data.base import ClassInfo, SegmentationDataset
-from trustseg.data.spec import load_dataset, parse_spec
+from trustseg.data.combined import CombinedDataset, Mixture
+from trustseg.data.spec import load_dataset, resolve_split
 from trustseg.data.transforms import TransformedDataset, train_transform
 from trustseg.engine.distributed import is_distributed, shard_indices
 from trustseg.errors import UserError
@@ -23,13 +24,14 @@ class TrainData:
     raw_train: SegmentationDataset  # the same samples untouched (class statistics)
     val: SegmentationDataset  # uint8 images; the predictor normalises
     classes: ClassInfo
+    mixture: Mixture | None = None  # sampling weights of a combined train set (``A+B#ratio=...``)
 
 
 def val_spec(config: TrainConfig) -> tuple[str, str | None]:
     """(spec, split override): the explicit val spec keeps its own split (default val); else train's, split=val."""
     if config.data.val is None:
         return config.data.train, "val"
-    return config.data.val, None if "split" in parse_spec(config.data.val).options else "val"
+    return config.data.val, resolve_split(config.data.val, None, "val")
 
 
 def load_train_data(config: TrainConfig) -> TrainData:
@@ -51,7 +53,8 @@ def load_train_data(config: TrainConfig) -> TrainData:
         std=data.std,
         ignore_index=classes.ignore_index,
     )
-    return TrainData(TransformedDataset(raw_train, transform, seed=config.seed), raw_train, val, classes)
+    mixture = raw_train.mixture if isinstance(raw_train, CombinedDataset) else None
+    return TrainData(TransformedDataset(raw_train, transform, seed=config.seed), raw_train, val, classes, mixture)
 
 
 def compute_class_weights(

@@ -198,7 +198,8 @@ class _Run:
         self.window = {"loss": 0.0, "steps": 0, "grad_norm": 0.0, "time_s": 0.0}
         while (reason := self.stop_reason()) is None:
             sampler = EpochBatches(len(self.data.train), self.config.batch_size, seed=self.config.seed,
-                                   first_step=self.step, rank=rank(), world_size=world_size())
+                                   first_step=self.step, rank=rank(), world_size=world_size(),
+                                   mixture=self.data.mixture)
             self.data.train.set_epoch(sampler.epoch)
             loader = DataLoader(self.data.train, batch_sampler=sampler, num_workers=self.config.data.num_workers,
                                 collate_fn=collate, generator=torch.Generator(), **loader_options(self.device))

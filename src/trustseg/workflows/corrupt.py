@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from trustseg.data.datasets import FileDataset
+from trustseg.data.paths import inside
 from trustseg.data.readers import read_image, read_mask_array
 from trustseg.data.spec import load_dataset, parse_spec, resolve_split
 from trustseg.errors import UserError
@@ -67,9 +68,9 @@ def run_corrupt(config: CorruptConfig) -> CorruptResult:
     written = []
     conditions = [(name, severity) for name in config.corruptions for severity in config.severities]
     for name, severity in conditions:
-        target = run_dir.path / name / str(severity)
+        target = run_dir.file(Path(name) / str(severity))
         for path in metadata:
-            destination = target / path.relative_to(root)
+            destination = inside(target, path.relative_to(root), "output")
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, destination)
         for index, (image_path, mask_path) in track(list(enumerate(pairs)), total=len(pairs),
@@ -92,8 +93,8 @@ def _write_pair(root: Path, target: Path, image_path: Path, mask_path: Path, nam
     raw_mask = torch.from_numpy(read_mask_array(mask_path).astype(np.int64)) if geometric else None
     image, moved = corrupt(read_image(image_path)[None], name, severity, generator,
                            None if raw_mask is None else raw_mask[None])
-    image_out = target / image_path.relative_to(root)
-    mask_out = target / mask_path.relative_to(root)
+    image_out = inside(target, image_path.relative_to(root), "output")
+    mask_out = inside(target, mask_path.relative_to(root), "output")
     image_out.parent.mkdir(parents=True, exist_ok=True)
     mask_out.parent.mkdir(parents=True, exist_ok=True)
     picture = Image.fromarray(image[0].permute(1, 2, 0).numpy())

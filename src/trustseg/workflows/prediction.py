@@ -1,14 +1,20 @@
-"""`trustseg predict`: label maps, colour masks, overlays and uncertainty maps for one image or a folder."""
+"""`trustseg predict`: label maps, colour masks, overlays and uncertainty maps for one image or a folder.
+
+Outputs keep the input folder's subfolders and are named by stem (``a.jpg`` -> ``labels/a.png``);
+stems that would collide keep their suffix. Label PNGs are 8-bit, or 16-bit above 255 classes.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from collections import Counter
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
 
 from trustseg.engine.checkpoint import load_checkpoint
+from trustseg.data.base import mask_dtype
 from trustseg.data.readers import IMAGE_EXTENSIONS, read_image
 from trustseg.errors import UserError
 from trustseg.engine.inference import InferenceConfig, Predictor, predictor_from_checkpoint
@@ -49,17 +55,40 @@ class PredictResult:
     outputs: list[dict[str, Path]] = field(default_factory=list)
 
 
-def list_images(path: str | Path) -> list[Path]:
-    """One image file, or every image file directly inside a folder (sorted)."""
+def list_images(path: str | Path, *, exclude: str | Path | None = None) -> list[Path]:
+    """One image file, or every image file in a folder and its subfolders (sorted), except under `exclude`
+    (the output folder, when it lies inside the input folder)."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise UserError(f"--input {path} does not exist")
-    images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    skip = None if exclude is None else Path(exclude).resolve()
+    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                    and not (skip is not None and p.resolve().is_relative_to(skip)))
     if not images:
         raise UserError(f"--input {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return images
+
+
+def output_names(images: list[Path], input_path: str | Path) -> list[PurePath]:
+    """Output name (no suffix) of each image: its path relative to the input folder without the suffix.
+
+    Images whose names would collide (``a.png`` and ``a.jpg``) keep their suffix (``a.png``, ``a.jpg``,
+    to which the outputs add theirs: ``a.jpg.png``), so no output overwrites another.
+    """
+    base = Path(input_path)
+    relative = [PurePath(image.name) if base.is_file() else PurePath(image.relative_to(base)) for image in images]
+    stems = [r.with_suffix("") for r in relative]
+    counts = Counter(str(stem).lower() for stem in stems)  # case-insensitive file systems collide too
+    names = [r if counts[str(stem).lower()] > 1 else stem for r, stem in zip(relative, stems)]
+    seen: dict[str, Path] = {}
+    for image, name in zip(images, names):  # only contrived names get here, e.g. a.png, a.jpg and a.jpg.png
+        if str(name).lower() in seen:
+            raise UserError(f"--input {image} and {seen[str(name).lower()]} would write the same outputs "
+                            f"({name}.png); rename one of them")
+        seen[str(name).lower()] = image
+    return names
 
 
 def check_mc_samples(samples: object) -> None:
@@ -88,14 +117,17 @@ def uncertainty_map(
 
 def run_predict(config: PredictConfig) -> PredictResult:
     checkpoint = load_checkpoint(config.checkpoint)
-    images = list_images(config.input)
+    images = list_images(config.input, exclude=config.out)
+    names = output_names(images, config.input)
     predictor = predictor_from_checkpoint(checkpoint, config.inference)
     if config.uncertainty == MC_DROPOUT:  # fail before writing anything
         require_dropout(predictor, dropout_fix(checkpoint.model["name"]))
     run_dir = RunDir(config.out)
     run_dir.write_config({"command": "predict", **vars(config)})
     result = PredictResult(run_dir=run_dir.path)
-    for path in track(images, total=len(images), description="predict", enabled=config.progress):
+    labels_dtype = mask_dtype(checkpoint.classes.num_classes)  # 16-bit PNGs above 255 classes
+    for path, name in track(list(zip(images, names)), total=len(images), description="predict",
+                            enabled=config.progress):
         image = read_image(path)
         with torch.inference_mode():
             logits = predictor(image[None])
@@ -104,14 +136,14 @@ def run_predict(config: PredictConfig) -> PredictResult:
         colours = colorize(labels, checkpoint.classes)
         outputs = {
             "image": path,
-            "labels": save_png(labels.numpy().astype(np.uint8), run_dir.file(f"labels/{path.stem}.png")),
-            "mask": save_png(colours, run_dir.file(f"masks/{path.stem}.png")),
-            "overlay": save_png(overlay(image, colours, config.alpha), run_dir.file(f"overlays/{path.stem}.png")),
+            "labels": save_png(labels.numpy().astype(labels_dtype), run_dir.file(f"labels/{name}.png")),
+            "mask": save_png(colours, run_dir.file(f"masks/{name}.png")),
+            "overlay": save_png(overlay(image, colours, config.alpha), run_dir.file(f"overlays/{name}.png")),
         }
         if uncertainty is not None:
             values = uncertainty.float().numpy()
-            outputs["uncertainty_png"] = save_png(heatmap(values), run_dir.file(f"uncertainty/{path.stem}.png"))
-            outputs["uncertainty"] = run_dir.file(f"uncertainty/{path.stem}.npy")
+            outputs["uncertainty_png"] = save_png(heatmap(values), run_dir.file(f"uncertainty/{name}.png"))
+            outputs["uncertainty"] = run_dir.file(f"uncertainty/{name}.npy")
             np.save(outputs["uncertainty"], values)
         result.outputs.append(outputs)
     return result

@@ -25,7 +25,7 @@ from trustseg.report.document import Document
 from trustseg.report.plots import heatmap, line_plot
 from trustseg.report.tables import percent
 from trustseg.robustness.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, frost_source
-from trustseg.robustness.dataset import CorruptedDataset
+from trustseg.robustness.dataset import CorruptedDataset, corrupt_batch
 from trustseg.robustness.summary import CLEAN, condition_key, miou_grid, summarize
 from trustseg.engine.rundir import RunDir, to_plain
 from trustseg.workflows.evaluation import check_same_classes, default_accumulators, first_images
@@ -113,13 +113,18 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
 
     todo = [key for key in [CLEAN, *keys] if key not in conditions]
     for number, key in enumerate(todo, 1):
-        data = dataset if key == CLEAN else CorruptedDataset(dataset, *_parse_key(key), seed=config.seed)
+        # CPU: corrupt in the DataLoader (workers in parallel); GPU: corrupt each batch where it lies
+        data, transform = dataset, None
+        if key != CLEAN and device.type == "cpu":
+            data = CorruptedDataset(dataset, *_parse_key(key), seed=config.seed)
+        elif key != CLEAN:
+            transform = corrupt_batch(*_parse_key(key), seed=config.seed)
         conditions[key] = evaluate(
             predictor, data, default_accumulators(classes, boundary_iou=config.boundary_iou,
                                                   calibration=config.calibration,
                                                   uncertainty=("msp",) if config.calibration else ()),
-            batch_size=config.batch_size, num_workers=config.num_workers, progress=config.progress,
-            description=f"{key} ({number}/{len(todo)})", device=device,
+            batch_size=config.batch_size, batch_transform=transform, num_workers=config.num_workers,
+            progress=config.progress, description=f"{key} ({number}/{len(todo)})", device=device,
         )
         if is_main_process():
             run_dir.write_json(RESULTS, {**header, "conditions": conditions})
