@@ -203,6 +203,7 @@ def predict_command(
     stride: Optional[str] = StrideOption,
     short_side: Optional[int] = ShortSideOption,
     bf16: bool = Bf16Option,
+    device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
     """Predict label maps, colour masks, overlays and (optionally) per-pixel uncertainty maps."""
@@ -218,6 +219,7 @@ def predict_command(
             uncertainty=uncertainty,
             mc_samples=mc_samples,
             seed=seed,
+            device=device,
             progress=progress,
         )
     )

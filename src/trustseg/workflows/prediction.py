@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from trustseg.engine.checkpoint import load_checkpoint
+from trustseg.engine.devices import resolve_device
 from trustseg.data.base import mask_dtype
 from trustseg.data.readers import IMAGE_EXTENSIONS, read_image
 from trustseg.errors import UserError
@@ -41,6 +42,7 @@ class PredictConfig:
     uncertainty: str | None = None
     mc_samples: int = 8
     seed: int = 0
+    device: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -119,7 +121,8 @@ def run_predict(config: PredictConfig) -> PredictResult:
     checkpoint = load_checkpoint(config.checkpoint)
     images = list_images(config.input, exclude=config.out)
     names = output_names(images, config.input)
-    predictor = predictor_from_checkpoint(checkpoint, config.inference)
+    device = resolve_device(config.device)
+    predictor = predictor_from_checkpoint(checkpoint, config.inference, device=device)
     if config.uncertainty == MC_DROPOUT:  # fail before writing anything
         require_dropout(predictor, dropout_fix(checkpoint.model["name"]))
     run_dir = RunDir(config.out)
@@ -129,10 +132,11 @@ def run_predict(config: PredictConfig) -> PredictResult:
     for path, name in track(list(zip(images, names)), total=len(images), description="predict",
                             enabled=config.progress):
         image = read_image(path)
+        batch = image[None].to(device)
         with torch.inference_mode():
-            logits = predictor(image[None])
-            uncertainty = uncertainty_map(config, predictor, image[None], logits)[0] if config.uncertainty else None
-        labels = logits[0].max(0).indices
+            logits = predictor(batch)
+            uncertainty = uncertainty_map(config, predictor, batch, logits)[0].cpu() if config.uncertainty else None
+        labels = logits[0].max(0).indices.cpu()
         colours = colorize(labels, checkpoint.classes)
         outputs = {
             "image": path,
