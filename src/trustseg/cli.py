@@ -411,11 +411,13 @@ def bench_model_command(
     batch_size: int = BatchSizeOption,
     runs: int = typer.Option(10, "--runs", min=1, help="Timed runs per dtype (after warm-up)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Append a timm-schema CSV row here."),
+    device: str = typer.Option("cpu", "--device", help="Where the model runs: " + DEVICE_HELP + "."),
 ) -> None:
     """Inference img/s, GFLOP/img and achieved GFLOP/s as a fraction of the matmul peak (same run)."""
     from trustseg.bench.model import bench_model, format_model_bench
 
-    result = bench_model(model, size=parse_pair(size, "--size"), batch_size=batch_size, runs=runs, csv_path=csv)
+    result = bench_model(model, size=parse_pair(size, "--size"), batch_size=batch_size, runs=runs, csv_path=csv,
+                         device=device)
     typer.echo(format_model_bench(result))
 
 

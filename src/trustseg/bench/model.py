@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from trustseg.bench.machine import cpu_name
+from trustseg.engine.devices import autocast, resolve_device, synchronize
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
 from trustseg.models.flops import count_flops
@@ -86,6 +87,7 @@ def bench_model(
     mm_reps: int = 3,
     seed: int = 0,
     csv_path: str | Path | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Time ``runs`` inference forwards of ``model`` per dtype, interleaved with the matmul peak.
 
@@ -98,12 +100,15 @@ def bench_model(
         threads: intra-op threads for the run (restored afterwards); None keeps torch's setting.
         mm_size, mm_reps: side of the square peak matmul and how many are timed per dtype per round.
         csv_path: if given, append one timm-schema row per dtype (header written for a new file).
+        device: where the model and the peak matmul run (``auto``, ``cpu``, ``cuda[:N]``); GPU work is
+            synchronised before each clock reading.
 
     Returns a dict with ``config``, ``machine``, ``params_m``, ``gflops_per_image`` and, per dtype,
     ``results[dtype]`` holding the raw per-round times (``step_ms``, ``mm_ms``) and their summaries.
     """
     height, width = _parse_size(size)
     _check_args(batch_size, num_classes, dtypes, warmup, runs, threads, mm_size, mm_reps)
+    target = resolve_device(device)
     net = build_bench_model(model, num_classes)
     check_input_size(net, model, height, width, "bench model")
 
@@ -113,6 +118,7 @@ def bench_model(
     try:
         x = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed))
         flops = count_flops(net, tuple(x.shape))
+        net, x = net.to(target), x.to(target)
         load_before = os.getloadavg()
         step_ms, mm_ms = _time_interleaved(net, x, dtypes, warmup, runs, mm_size, mm_reps)
         load_after = os.getloadavg()
@@ -146,6 +152,7 @@ def bench_model(
         },
         "machine": {
             "cpu": cpu_name(),
+            "device": str(target) if target.type == "cpu" else f"{target} ({torch.cuda.get_device_name(target)})",
             "torch": torch.__version__,
             "threads": used_threads,
             "date": datetime.date.today().isoformat(),
@@ -246,7 +253,8 @@ def _time_interleaved(
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per dtype: ms of each kept model forward (one per round) and of each kept peak matmul."""
     g = torch.Generator().manual_seed(1)
-    mats = {name: [torch.randn(mm_size, mm_size, generator=g).to(DTYPES[name]) for _ in range(2)] for name in dtypes}
+    mats = {name: [torch.randn(mm_size, mm_size, generator=g).to(x.device, DTYPES[name]) for _ in range(2)]
+            for name in dtypes}
     tasks: list[tuple[str, str, Callable[[], Any]]] = []
     for name in dtypes:
         tasks.append(("model", name, _forward(net, x, name)))
@@ -258,8 +266,10 @@ def _time_interleaved(
         shift = round_ % len(tasks)
         for kind, name, fn in tasks[shift:] + tasks[:shift]:
             for _ in range(1 if kind == "model" else mm_reps):
+                synchronize(x.device)
                 start = time.perf_counter()
                 fn()
+                synchronize(x.device)
                 elapsed_ms = (time.perf_counter() - start) * 1e3
                 if round_ >= warmup:
                     (step_ms if kind == "model" else mm_ms)[name].append(elapsed_ms)
@@ -268,7 +278,7 @@ def _time_interleaved(
 
 def _forward(net: nn.Module, x: torch.Tensor, dtype: str) -> Callable[[], Any]:
     def run() -> Any:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.inference_mode(), autocast(x.device, bf16=dtype == "bf16"):
             return net(x)
 
     return run
