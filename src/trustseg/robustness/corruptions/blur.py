@@ -77,6 +77,7 @@ def defocus_blur(images: Tensor, severity: int, generator: Generators) -> Tensor
 def motion_blur(images: Tensor, severity: int, generator: Generators) -> Tensor:
     """Linear motion blur along a random direction per image, U(-45, 45) degrees from the horizontal."""
     radius, sigma = MOTION[severity - 1]
+    # The angles stay on the CPU: they only choose each image's shifts.
     angles = ops.draw(generator, images.shape[0], lambda g: ops.uniform(g, -MOTION_ANGLE_DEG, MOTION_ANGLE_DEG))
     return ops.motion_blur(images, radius, sigma, angles).clamp_(0, 1)
 
@@ -181,6 +182,6 @@ def glass_blur(images: Tensor, severity: int, generator: Generators) -> Tensor:
     b, c, h, w = images.shape
     # The reference quantises with np.uint8(x * 255): truncation.
     x = ops.gaussian_filter(images, sigma).clamp_(0, 1).mul_(255).floor_().div_(255)
-    index = ops.draw(generator, b, lambda g: glass_sources(g, h, w, max_delta, passes))
+    index = ops.draw(generator, b, lambda g: glass_sources(g, h, w, max_delta, passes), images.device)
     x = torch.gather(x.reshape(b, c, h * w), 2, index[:, None].expand(b, c, h * w)).view(b, c, h, w)
     return ops.gaussian_filter(x, sigma).clamp_(0, 1)

@@ -73,7 +73,7 @@ def saturate(images: Tensor, severity: int, generator: Generators) -> Tensor:
     spread = value - _channel_min(images)
     sat = torch.where(value > 0, spread / value, 0.0)
     new_sat = sat.mul_(gain).add_(offset).clamp_(0.0, 1.0)
-    grey = torch.tensor([0.0, 1.0, 1.0], dtype=images.dtype).view(1, 3, 1, 1)
+    grey = torch.tensor([0.0, 1.0, 1.0], dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     weight = torch.where(spread > 0, (value - images) / spread, grey)
     return weight.mul_(new_sat).neg_().add_(1.0).mul_(value).clamp_(0.0, 1.0)
 
@@ -110,7 +110,8 @@ def jpeg_compression_uint8(images: Tensor, severity: int, generator: Generators)
     """Encode and decode each uint8 (3, H, W) image as JPEG at the severity's quality (4:2:0, libjpeg-turbo).
 
     OpenCV's codec gives the bytes and pixels of the reference's Pillow ``save(quality=q)``; it codes
-    interleaved BGR.
+    interleaved BGR. On the CPU whatever the images' device (torch has no JPEG encoder; a GPU codec such
+    as nvJPEG would not give libjpeg's pixels): images on another device are copied there and back.
     """
     params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY[severity - 1]]
 
@@ -124,14 +125,15 @@ def jpeg_compression_uint8(images: Tensor, severity: int, generator: Generators)
 def elastic_transform(images: Tensor, severity: int, generator: Generators) -> Tensor:
     """Move every pixel by a smooth random displacement (bilinear resampling, reflected borders)."""
     b, _, h, w = images.shape
-    return warp(images, elastic_field(b, h, w, severity, generator), "bilinear").clamp_(0.0, 1.0)
+    return warp(images, elastic_field(b, h, w, severity, generator, images.device), "bilinear").clamp_(0.0, 1.0)
 
 
-def elastic_field(batch: int, height: int, width: int, severity: int, generator: Generators) -> Tensor:
-    """Displacement (dy, dx) in pixels, (B, 2, H, W): uniform noise in +-0.005 H, Gaussian-smoothed with
-    sigma 0.01 (H, W) (reflect borders, truncate 3), times alpha; one field per image generator."""
+def elastic_field(batch: int, height: int, width: int, severity: int, generator: Generators,
+                  device: torch.device | str | None = None) -> Tensor:
+    """Displacement (dy, dx) in pixels, (B, 2, H, W) on ``device``: uniform noise in +-0.005 H, Gaussian-smoothed
+    with sigma 0.01 (H, W) (reflect borders, truncate 3), times alpha; one field per image generator."""
     amplitude = ELASTIC_NOISE * height
-    noise = ops.draw(generator, batch, lambda g: ops.uniform(g, -amplitude, amplitude, (2, height, width)))
+    noise = ops.draw(generator, batch, lambda g: ops.uniform(g, -amplitude, amplitude, (2, height, width)), device)
     smooth = ops.gaussian_filter(noise, (ELASTIC_SIGMA * height, ELASTIC_SIGMA * width), mode="reflect",
                                  truncate=ELASTIC_TRUNCATE)
     return smooth.mul_(ELASTIC_ALPHA[severity - 1])
@@ -148,8 +150,8 @@ def warp(x: Tensor, field: Tensor, mode: str) -> Tensor:
         raise ValueError(f"unknown warp mode {mode!r}; expected bilinear or nearest")
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
-    rows, wy = _linear_taps(field[:, 0], h, torch.arange(h, dtype=field.dtype).view(h, 1))
-    cols, wx = _linear_taps(field[:, 1], w, torch.arange(w, dtype=field.dtype))
+    rows, wy = _linear_taps(field[:, 0], h, torch.arange(h, dtype=field.dtype, device=field.device).view(h, 1))
+    cols, wx = _linear_taps(field[:, 1], w, torch.arange(w, dtype=field.dtype, device=field.device))
     if mode == "nearest":
         # Rounding half up in the reflected frame, as scipy reflects the coordinate before rounding.
         index = _flat_index(rows + (wy >= 0.5), cols + (wx >= 0.5), w).view(b, 1, h * w).expand(b, c, h * w)
@@ -208,8 +210,9 @@ def _on_levels(fn: Callable[[Tensor, int, Generators], Tensor], images: Tensor, 
 def _per_image_hwc(images: Tensor, fn: Callable[[np.ndarray], np.ndarray], channels: tuple[int, ...]) -> Tensor:
     """Apply ``fn`` to the planes (C, H, W) of each image of uint8 (B, C, H, W); it returns an interleaved
     (H, W, C) array whose channels are the planes in ``channels`` order, extracted straight into the output
-    planes. Images run in parallel threads (OpenCV and Pillow release the GIL)."""
-    planes = images.contiguous().numpy()
+    planes. Images run in parallel threads (OpenCV and Pillow release the GIL), on the CPU: images on
+    another device are copied there and the result copied back."""
+    planes = images.cpu().contiguous().numpy()
     out = torch.empty(images.shape, dtype=torch.uint8)
     out_planes = out.numpy()
 
@@ -219,4 +222,4 @@ def _per_image_hwc(images: Tensor, fn: Callable[[np.ndarray], np.ndarray], chann
             cv2.extractChannel(result, k, dst=out_planes[i, c])
 
     ops.parallel_map(one, len(planes))
-    return out
+    return out.to(images.device)
