@@ -11,9 +11,10 @@ function on float (B, 3, H, W) in [0, 1]:
   rescaling of RGB, with no hue arithmetic.
 - pixelate and jpeg_compression are defined on 8-bit levels, so they are uint8 -> uint8 functions
   (``pixelate_uint8``, ``jpeg_compression_uint8``, which ``corrupt`` calls directly) with float wrappers.
-  pixelate makes the reference's own two Pillow resizes; JPEG coding uses libjpeg-turbo through OpenCV,
-  which gives the bytes and pixels of Pillow's ``save(quality=q)`` (same quantisation tables, 4:2:0
-  chroma subsampling, ISLOW DCT).
+  pixelate makes the reference's own two Pillow resizes on the CPU, and Pillow's fixed-point arithmetic
+  in torch on other devices (the same levels); JPEG coding uses libjpeg-turbo through OpenCV, which
+  gives the bytes and pixels of Pillow's ``save(quality=q)`` (same quantisation tables, 4:2:0 chroma
+  subsampling, ISLOW DCT), on the CPU for every device.
 - elastic_transform draws a smooth random displacement field and resamples bilinearly with scipy's
   ``map_coordinates(order=1, mode='reflect')`` boundary rule; ``elastic_field`` and ``warp`` are exposed so
   that label maps can be moved with the same field.
@@ -38,6 +39,9 @@ CONTRAST_FACTOR = (0.4, 0.3, 0.2, 0.1, 0.05)  # deviation from the channel mean 
 SATURATE = ((0.3, 0.0), (0.1, 0.0), (2.0, 0.0), (5.0, 0.1), (20.0, 0.2))  # S -> S * a + b
 PIXELATE_RATIO = (0.6, 0.5, 0.4, 0.3, 0.25)  # downscale factor before the nearest upscale
 JPEG_QUALITY = (25, 18, 15, 10, 7)
+# Pillow's 8-bit resampling coefficients are fixed point with this many fraction bits (Resample.c:
+# PRECISION_BITS = 32 - 8 - 2).
+PILLOW_PRECISION_BITS = 22
 ELASTIC_ALPHA = tuple(250 * f for f in (0.05, 0.065, 0.085, 0.1, 0.12))  # gain on the smoothed noise
 ELASTIC_SIGMA = 0.01  # Gaussian sigma as a fraction of (H, W)
 ELASTIC_NOISE = 0.005  # noise amplitude as a fraction of H (for dy and dx alike, as in the reference)
@@ -91,12 +95,17 @@ def jpeg_compression(images: Tensor, severity: int, generator: Generators) -> Te
 def pixelate_uint8(images: Tensor, severity: int, generator: Generators) -> Tensor:
     """Pillow's BOX downscale to int(W c) x int(H c), then NEAREST upscale back, on uint8 (B, 3, H, W).
 
-    The reference's own two Pillow resizes, so equal to it by construction. (Resizing the three planes as
-    grey images instead is ~40% slower: Pillow's RGB path resamples 4 bytes at once.)
+    OpenCV backend (CPU tensors; ``ops.backend``): the reference's own two Pillow resizes, so equal to it
+    by construction. (Resizing the three planes as grey images instead is ~40% slower: Pillow's RGB path
+    resamples 4 bytes at once.) Torch backend (other devices): ``_pillow_box`` and ``_pillow_nearest``,
+    the same integer arithmetic and sample positions, so the same levels.
     """
     ratio = PIXELATE_RATIO[severity - 1]
     h, w = images.shape[-2:]
     small = (int(w * ratio), int(h * ratio))
+    if ops.backend(images) == "torch":
+        x = _pillow_box(_pillow_box(images.int(), -1, small[0]), -2, small[1])
+        return _pillow_nearest(_pillow_nearest(x, -1, w), -2, h).to(torch.uint8)
 
     def resize(planes: np.ndarray) -> np.ndarray:
         # Image.merge interleaves the planes into Pillow's RGBX in one pass (cv2.merge + fromarray take two).
@@ -167,6 +176,51 @@ def warp(x: Tensor, field: Tensor, mode: str) -> Tensor:
     top = torch.lerp(at(0), at(1), wx)
     bottom = torch.lerp(at(w), at(w + 1), wx)
     return torch.lerp(top, bottom, wy)
+
+
+def _pillow_box(x: Tensor, dim: int, size: int) -> Tensor:
+    """Pillow's 8-bit BOX resampling of integer levels along ``dim`` (-1 or -2) of (..., H, W) to ``size``.
+
+    Pillow (Resample.c: ``precompute_coeffs``, ``normalize_coeffs_8bpc``, ``clip8``): output sample j
+    averages the inputs whose centres fall in the box (j + 0.5) * scale +- scale / 2 (at least one), the
+    normalised weights rounded to fixed point, the sum rounded and clipped to 0..255. Pillow does the
+    width first and stores 8 bits in between, so callers resize -1 then -2. Exact in int32: the sums
+    stay below 2^31.
+    """
+    n = x.shape[dim]
+    scale = n / size
+    reciprocal = 1.0 / max(scale, 1.0)
+    support = 0.5 * max(scale, 1.0)
+    taps = [[] for _ in range(size)]
+    for j, row in enumerate(taps):
+        centre = (j + 0.5) * scale
+        first = max(int(centre - support + 0.5), 0)
+        count = min(int(centre + support + 0.5), n) - first
+        weights = [1.0 if -0.5 < (i + first - centre + 0.5) * reciprocal <= 0.5 else 0.0 for i in range(count)]
+        total = sum(weights)
+        row.extend((first + i, int(0.5 + weight / total * (1 << PILLOW_PRECISION_BITS)))
+                   for i, weight in enumerate(weights) if weight)
+    width = max(len(row) for row in taps)
+    index = torch.tensor([[i for i, _ in row] + [0] * (width - len(row)) for row in taps], device=x.device)
+    coeff = torch.tensor([[c for _, c in row] + [0] * (width - len(row)) for row in taps], dtype=torch.int32,
+                         device=x.device)
+    shape = [1] * x.ndim
+    shape[dim] = size
+    acc = torch.full((), 1 << (PILLOW_PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
+    for k in range(width):
+        acc = acc + x.index_select(dim, index[:, k]) * coeff[:, k].view(shape)
+    return (acc >> PILLOW_PRECISION_BITS).clamp_(0, 255)
+
+
+def _pillow_nearest(x: Tensor, dim: int, size: int) -> Tensor:
+    """Pillow's NEAREST resize along ``dim`` of (..., H, W) to ``size``: output j reads input
+    int(x_j), x_j = scale / 2 + j * scale accumulated in float64 as Geometry.c ``ImagingScaleAffine`` does."""
+    scale = x.shape[dim] / size
+    index, position = [], scale * 0.5
+    for _ in range(size):
+        index.append(int(position))
+        position += scale
+    return x.index_select(dim, torch.tensor(index, device=x.device))
 
 
 def _channel_max(images: Tensor) -> Tensor:
