@@ -97,12 +97,23 @@ def test_torch_backend_reads_host_memory_only_where_documented(batch, monkeypatc
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 def test_cuda_agrees_with_cpu(batch, name):
+    """CUDA against the CPU's default (OpenCV) run. Besides the filters, GPU kernels may round elementwise
+    arithmetic differently (fused multiply-adds), so an output level may differ by one wherever the exact
+    result is a whole level; away from such ties the levels must be equal. Glass blur and spatter
+    quantise inside, where a tie's flip is carried on: those are held to the share bound instead."""
     images, masks = batch
     for severity in SEVERITIES:
         want, want_masks = corrupt(images, name, severity, generators(), masks)
         got, got_masks = corrupt(images.cuda(), name, severity, generators(), masks.cuda())
         assert got.device.type == "cuda" and got.dtype == torch.uint8 and got.shape == images.shape
-        assert_levels_agree(got, want, name, severity)
+        got = got.cpu()
+        assert (got.int() - want.int()).abs().max() <= 1, f"{name} severity {severity}"
+        if name in QUANTISE_INSIDE:
+            assert_levels_agree(got, want, name, severity)
+        else:
+            levels = CORRUPTIONS[name](images.float() / 255, severity, generators()).clamp_(0, 1).mul_(255)
+            distance = (levels - levels.round()).abs()[got != want]
+            assert (distance < 1e-3).all(), f"{name} severity {severity}: levels differ away from a tie"
         if name in DISPLACEMENTS:
             assert got_masks.device.type == "cuda"
             assert (got_masks.cpu() != want_masks).float().mean() <= LEVEL_FLIPS_DEFAULT
