@@ -23,6 +23,7 @@ function on float (B, 3, H, W) in [0, 1]:
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -178,49 +179,61 @@ def warp(x: Tensor, field: Tensor, mode: str) -> Tensor:
     return torch.lerp(top, bottom, wy)
 
 
-def _pillow_box(x: Tensor, dim: int, size: int) -> Tensor:
-    """Pillow's 8-bit BOX resampling of integer levels along ``dim`` (-1 or -2) of (..., H, W) to ``size``.
+@lru_cache(maxsize=64)
+def _pillow_box_taps(n: int, size: int) -> tuple[Tensor, Tensor]:
+    """Pillow's 8-bit BOX taps from ``n`` samples to ``size``: source index (size, K) and int32 weight (size, K),
+    zero-padded.
 
-    Pillow (Resample.c: ``precompute_coeffs``, ``normalize_coeffs_8bpc``, ``clip8``): output sample j
-    averages the inputs whose centres fall in the box (j + 0.5) * scale +- scale / 2 (at least one), the
-    normalised weights rounded to fixed point, the sum rounded and clipped to 0..255. Pillow does the
-    width first and stores 8 bits in between, so callers resize -1 then -2. Exact in int32: the sums
-    stay below 2^31.
+    Pillow (Resample.c: ``precompute_coeffs``, ``normalize_coeffs_8bpc``): output sample j averages the
+    inputs whose centres fall in the box (j + 0.5) * scale +- scale / 2 (at least one), with weights
+    normalised in float64 and then rounded to fixed point, each step in Pillow's order and precision.
     """
-    n = x.shape[dim]
     scale = n / size
     reciprocal = 1.0 / max(scale, 1.0)
     support = 0.5 * max(scale, 1.0)
-    taps = [[] for _ in range(size)]
-    for j, row in enumerate(taps):
+    taps = []
+    for j in range(size):
         centre = (j + 0.5) * scale
         first = max(int(centre - support + 0.5), 0)
         count = min(int(centre + support + 0.5), n) - first
         weights = [1.0 if -0.5 < (i + first - centre + 0.5) * reciprocal <= 0.5 else 0.0 for i in range(count)]
         total = sum(weights)
-        row.extend((first + i, int(0.5 + weight / total * (1 << PILLOW_PRECISION_BITS)))
-                   for i, weight in enumerate(weights) if weight)
+        taps.append([(first + i, int(0.5 + weight / total * (1 << PILLOW_PRECISION_BITS)))
+                     for i, weight in enumerate(weights) if weight])
     width = max(len(row) for row in taps)
-    index = torch.tensor([[i for i, _ in row] + [0] * (width - len(row)) for row in taps], device=x.device)
-    coeff = torch.tensor([[c for _, c in row] + [0] * (width - len(row)) for row in taps], dtype=torch.int32,
-                         device=x.device)
+    padded = [row + [(0, 0)] * (width - len(row)) for row in taps]
+    table = torch.tensor(padded)
+    return table[..., 0], table[..., 1].int()
+
+
+def _pillow_box(x: Tensor, dim: int, size: int) -> Tensor:
+    """Pillow's 8-bit BOX resampling of integer levels along ``dim`` (-1 or -2) of (..., H, W) to ``size``:
+    the ``_pillow_box_taps`` sum, rounded and clipped to 0..255 (``clip8``). Pillow does the width first
+    and stores 8 bits in between, so callers resize -1 then -2. Exact in int32: the sums stay below 2^31."""
+    index, coeff = (t.to(x.device) for t in _pillow_box_taps(x.shape[dim], size))
     shape = [1] * x.ndim
     shape[dim] = size
     acc = torch.full((), 1 << (PILLOW_PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
-    for k in range(width):
+    for k in range(index.shape[1]):
         acc = acc + x.index_select(dim, index[:, k]) * coeff[:, k].view(shape)
     return (acc >> PILLOW_PRECISION_BITS).clamp_(0, 255)
 
 
-def _pillow_nearest(x: Tensor, dim: int, size: int) -> Tensor:
-    """Pillow's NEAREST resize along ``dim`` of (..., H, W) to ``size``: output j reads input
-    int(x_j), x_j = scale / 2 + j * scale accumulated in float64 as Geometry.c ``ImagingScaleAffine`` does."""
-    scale = x.shape[dim] / size
+@lru_cache(maxsize=64)
+def _pillow_nearest_index(n: int, size: int) -> Tensor:
+    """Source of each of ``size`` samples in Pillow's NEAREST resize of ``n``: int(x_j), x_j = scale / 2 +
+    j * scale accumulated in float64 as Geometry.c ``ImagingScaleAffine`` does."""
+    scale = n / size
     index, position = [], scale * 0.5
     for _ in range(size):
         index.append(int(position))
         position += scale
-    return x.index_select(dim, torch.tensor(index, device=x.device))
+    return torch.tensor(index)
+
+
+def _pillow_nearest(x: Tensor, dim: int, size: int) -> Tensor:
+    """Pillow's NEAREST resize along ``dim`` of (..., H, W) to ``size``."""
+    return x.index_select(dim, _pillow_nearest_index(x.shape[dim], size).to(x.device))
 
 
 def _channel_max(images: Tensor) -> Tensor:
