@@ -63,7 +63,8 @@ def test_pixelate_and_jpeg_equal_the_reference_exactly(photos, name, size, backe
     photo = photos[size]
     with ops.use_backend(backend):
         for severity in range(1, 6):
-            assert np.array_equal(ours(photo, name, severity), imagecorruptions.corrupt(photo, severity, name)), severity
+            want = imagecorruptions.corrupt(photo, severity, name)
+            assert np.array_equal(ours(photo, name, severity), want), severity
 
 
 @pytest.mark.parametrize("size", [(32, 32), (33, 47), (41, 203), (256, 255)])
