@@ -34,12 +34,14 @@ def assert_close_uint8(got: np.ndarray, want: np.ndarray, exact_fraction: float 
     assert (diff == 0).mean() >= exact_fraction, f"only {(diff == 0).mean():.3f} of values equal"
 
 
+@pytest.mark.parametrize("backend", ops.BACKENDS)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("name", ["gaussian_blur", "defocus_blur", "zoom_blur"])
-def test_deterministic_blurs_match_reference(photo, name, size):
+def test_deterministic_blurs_match_reference(photo, name, size, backend):
     image = np.ascontiguousarray(photo[:size[0], :size[1]])
-    for severity in range(1, 6):
-        assert_close_uint8(ours(image, name, severity), imagecorruptions.corrupt(image, severity, name))
+    with ops.use_backend(backend):
+        for severity in range(1, 6):
+            assert_close_uint8(ours(image, name, severity), imagecorruptions.corrupt(image, severity, name))
 
 
 @pytest.mark.parametrize("size", [(97, 131), (64, 64), (40, 203)])

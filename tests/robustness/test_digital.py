@@ -17,8 +17,8 @@ from PIL import Image
 from scipy.ndimage import map_coordinates
 
 import trustseg.robustness.corruptions as corruptions
-from trustseg.robustness.corruptions import corrupt
-from trustseg.robustness.corruptions.digital import elastic_field, warp
+from trustseg.robustness.corruptions import corrupt, ops
+from trustseg.robustness.corruptions.digital import PIXELATE_RATIO, elastic_field, pixelate_uint8, warp
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small images: a second thread only adds OpenMP waits
 
@@ -56,12 +56,29 @@ def test_photometric_corruptions_match_the_reference_except_at_exact_level_ties(
         assert np.all(np.abs(off - np.round(off)) < 1e-3), f"{name} {severity}: mismatch away from a level tie"
 
 
+@pytest.mark.parametrize("backend", ops.BACKENDS)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("name", ["pixelate", "jpeg_compression"])
-def test_pixelate_and_jpeg_equal_the_reference_exactly(photos, name, size):
+def test_pixelate_and_jpeg_equal_the_reference_exactly(photos, name, size, backend):
     photo = photos[size]
-    for severity in range(1, 6):
-        assert np.array_equal(ours(photo, name, severity), imagecorruptions.corrupt(photo, severity, name)), severity
+    with ops.use_backend(backend):
+        for severity in range(1, 6):
+            want = imagecorruptions.corrupt(photo, severity, name)
+            assert np.array_equal(ours(photo, name, severity), want), severity
+
+
+@pytest.mark.parametrize("size", [(32, 32), (33, 47), (41, 203), (256, 255)])
+def test_pixelate_torch_backend_equals_pillow_on_noise(size):
+    """Pillow's own BOX-then-NEAREST resizes on random levels at sizes whose box edges fall between pixels."""
+    images = torch.randint(0, 256, (2, 3, *size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with ops.use_backend("torch"):
+        for severity, ratio in enumerate(PIXELATE_RATIO, 1):
+            got = pixelate_uint8(images, severity, torch.Generator())
+            for image, mine in zip(images, got):
+                small = (int(size[1] * ratio), int(size[0] * ratio))
+                want = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(small, Image.BOX)
+                want = np.asarray(want.resize(size[::-1], Image.NEAREST))
+                assert np.array_equal(mine.permute(1, 2, 0).numpy(), want), (size, severity)
 
 
 def test_warp_equals_scipy_map_coordinates_with_reflect_borders():

@@ -1,4 +1,5 @@
-"""Shared corruption primitives against scipy.ndimage, the library the reference's filters come from."""
+"""Shared corruption primitives against scipy.ndimage, the library the reference's filters come from, on both
+filter backends (OpenCV, the CPU default, and torch, what other devices run)."""
 
 import numpy as np
 import pytest
@@ -12,9 +13,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MODES = ("nearest", "reflect", "mirror")
 
 
+@pytest.fixture(params=ops.BACKENDS)
+def backend(request):
+    with ops.use_backend(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", [(67, 131), (3, 40), (1, 9)])  # the small ones: kernels wider than the image
-def test_gaussian_filter_equals_scipy(mode, size):
+def test_gaussian_filter_equals_scipy(backend, mode, size):
     x = np.random.default_rng(0).random((2, 3, *size)).astype(np.float32)
     for sigma, truncate in ((0.7, 4.0), (6.0, 4.0), ((5.12, 10.24), 3.0), ((0.0, 2.0), 4.0)):
         sigmas = (0, 0, *sigma) if isinstance(sigma, tuple) else (0, 0, sigma, sigma)
@@ -25,7 +32,7 @@ def test_gaussian_filter_equals_scipy(mode, size):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_filter1d_equals_scipy_correlate1d_in_float64(mode):
+def test_filter1d_equals_scipy_correlate1d_in_float64(backend, mode):
     x = np.random.default_rng(1).random((4, 17, 23))
     taps = torch.tensor([0.1, 0.2, 0.4, 0.2, 0.1], dtype=torch.float64)
     for dim, axis in ((-1, 2), (-2, 1)):
@@ -36,7 +43,7 @@ def test_filter1d_equals_scipy_correlate1d_in_float64(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_correlate2d_equals_scipy_correlate(mode):
+def test_correlate2d_equals_scipy_correlate(backend, mode):
     x = np.random.default_rng(2).random((3, 41, 57)).astype(np.float32)
     kernel = np.random.default_rng(3).random((15, 15))
     kernel /= kernel.sum()
@@ -45,7 +52,7 @@ def test_correlate2d_equals_scipy_correlate(mode):
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6)
 
 
-def test_filters_reject_unknown_modes():
+def test_filters_reject_unknown_modes(backend):
     with pytest.raises(ValueError, match="wrap"):
         ops.gaussian_filter(torch.rand(1, 8, 8), 1.0, mode="wrap")
 
@@ -55,3 +62,18 @@ def test_planes_filtered_in_parallel_threads_give_the_same_result():
     alone = ops.gaussian_filter(x, 2.0, mode="reflect")
     torch.set_num_threads(2)  # the one_thread fixture restores it
     torch.testing.assert_close(ops.gaussian_filter(x, 2.0, mode="reflect"), alone, atol=0, rtol=0)
+
+
+def test_backend_follows_the_device_unless_overridden():
+    assert ops.backend(torch.zeros(1)) == "opencv"
+    assert ops.backend(torch.zeros(1, device="meta")) == "torch"
+    with ops.use_backend("torch"):
+        assert ops.backend(torch.zeros(1)) == "torch"
+        torch.set_num_threads(2)  # a pool of two threads; the one_thread fixture restores it
+        seen = []
+        ops.parallel_map(lambda i: seen.append(ops.backend(torch.zeros(1))), 4)
+        assert seen == ["torch"] * 4, "pool threads inherit the override"
+    assert ops.backend(torch.zeros(1)) == "opencv"
+    with pytest.raises(ValueError, match="cuda"):
+        with ops.use_backend("cuda"):
+            pass

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trustseg.robustness.corruptions import corrupt
+from trustseg.robustness.corruptions import corrupt, ops
 from trustseg.robustness.corruptions.weather import (FOG, FROST_PHOTOS, PROCEDURAL_FROST_MEAN, PROCEDURAL_FROST_STD,
                                                      SNOW, _frost_photo_dir, _rescaled_frost, fog, fog_from_fractal,
                                                      frost, frost_from_texture, frost_source, plasma_fractal,
@@ -123,7 +123,8 @@ def test_frost_falls_back_to_a_procedural_texture_without_imagecorruptions(monke
                                                                                for s in (1, 2)]), 3))
 
 
-def test_spatter_equals_the_reference_given_the_same_noise(photo):
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+def test_spatter_equals_the_reference_given_the_same_noise(photo, backend):
     """np.random.normal(loc, scale) is loc + scale * standard_normal from the same stream: replay it."""
     for clean, x in crops(photo):
         for severity in range(1, 6):
@@ -132,7 +133,9 @@ def test_spatter_equals_the_reference_given_the_same_noise(photo):
                 noise = torch.from_numpy(np.random.standard_normal(clean.shape[:2])).float()[None]
                 np.random.seed(seed)
                 expected = reference.spatter(Image.fromarray(clean), severity)
-                np.testing.assert_allclose(as_255(spatter_from_noise(x, noise, severity)), expected, atol=1e-3)
+                with ops.use_backend(backend):
+                    got = as_255(spatter_from_noise(x, noise, severity))
+                np.testing.assert_allclose(got, expected, atol=1e-3)
 
 
 def test_snow_equals_the_reference_given_the_same_noise_and_angle(photo):

@@ -77,6 +77,7 @@ def defocus_blur(images: Tensor, severity: int, generator: Generators) -> Tensor
 def motion_blur(images: Tensor, severity: int, generator: Generators) -> Tensor:
     """Linear motion blur along a random direction per image, U(-45, 45) degrees from the horizontal."""
     radius, sigma = MOTION[severity - 1]
+    # The angles stay on the CPU: they only choose each image's shifts.
     angles = ops.draw(generator, images.shape[0], lambda g: ops.uniform(g, -MOTION_ANGLE_DEG, MOTION_ANGLE_DEG))
     return ops.motion_blur(images, radius, sigma, angles).clamp_(0, 1)
 
@@ -147,20 +148,25 @@ def _glass_sampler(max_delta: int, passes: int) -> tuple[Tensor, Tensor, Tensor,
     return table, bounds, start[:-1], int((start[1:] - start[:-1]).max())
 
 
-def glass_sources(generator: torch.Generator, height: int, width: int, max_delta: int, passes: int) -> Tensor:
-    """Flat source index (H * W,) per output pixel: offsets drawn from ``glass_displacements``, kept inside.
+def glass_sources(generator: torch.Generator, height: int, width: int, max_delta: int, passes: int,
+                  device: torch.device | str | None = None) -> Tensor:
+    """Flat source index (H * W,) per output pixel on ``device``: offsets drawn from ``glass_displacements``,
+    kept inside.
 
     Draw u ~ U[0, 1) and take the offset at searchsorted(cdf, u, right=True), found from the bin of u by a
-    guide table and a step or two along the cdf: the same picks, 3x faster than ``searchsorted``.
+    guide table and a step or two along the cdf: the same picks, 3x faster than ``searchsorted``. u is
+    drawn on the CPU and the look-ups run on ``device``, exact integer and float64 steps, so every device
+    picks the same offsets.
     """
     table, bounds, start, steps = _glass_sampler(max_delta, passes)
-    u = torch.rand(height * width, generator=generator, dtype=torch.float64)
+    table, bounds, start = table.to(device), bounds.to(device), start.to(device)
+    u = torch.rand(height * width, generator=generator, dtype=torch.float64).to(device)
     pick = start[(u * _GLASS_BINS).long()]
     for _ in range(steps):
         pick += bounds[pick] <= u
     offsets = table[pick.clamp_(max=len(table) - 1)]
-    rows = (torch.arange(height).repeat_interleave(width) + offsets[:, 0]).clamp(0, height - 1)
-    cols = (torch.arange(width).repeat(height) + offsets[:, 1]).clamp(0, width - 1)
+    rows = (torch.arange(height, device=u.device).repeat_interleave(width) + offsets[:, 0]).clamp(0, height - 1)
+    cols = (torch.arange(width, device=u.device).repeat(height) + offsets[:, 1]).clamp(0, width - 1)
     return rows * width + cols
 
 
@@ -181,6 +187,6 @@ def glass_blur(images: Tensor, severity: int, generator: Generators) -> Tensor:
     b, c, h, w = images.shape
     # The reference quantises with np.uint8(x * 255): truncation.
     x = ops.gaussian_filter(images, sigma).clamp_(0, 1).mul_(255).floor_().div_(255)
-    index = ops.draw(generator, b, lambda g: glass_sources(g, h, w, max_delta, passes))
+    index = ops.draw(generator, b, lambda g: glass_sources(g, h, w, max_delta, passes, images.device))
     x = torch.gather(x.reshape(b, c, h * w), 2, index[:, None].expand(b, c, h * w)).view(b, c, h, w)
     return ops.gaussian_filter(x, sigma).clamp_(0, 1)

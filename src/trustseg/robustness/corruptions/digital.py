@@ -11,9 +11,10 @@ function on float (B, 3, H, W) in [0, 1]:
   rescaling of RGB, with no hue arithmetic.
 - pixelate and jpeg_compression are defined on 8-bit levels, so they are uint8 -> uint8 functions
   (``pixelate_uint8``, ``jpeg_compression_uint8``, which ``corrupt`` calls directly) with float wrappers.
-  pixelate makes the reference's own two Pillow resizes; JPEG coding uses libjpeg-turbo through OpenCV,
-  which gives the bytes and pixels of Pillow's ``save(quality=q)`` (same quantisation tables, 4:2:0
-  chroma subsampling, ISLOW DCT).
+  pixelate makes the reference's own two Pillow resizes on the CPU, and Pillow's fixed-point arithmetic
+  in torch on other devices (the same levels); JPEG coding uses libjpeg-turbo through OpenCV, which
+  gives the bytes and pixels of Pillow's ``save(quality=q)`` (same quantisation tables, 4:2:0 chroma
+  subsampling, ISLOW DCT), on the CPU for every device.
 - elastic_transform draws a smooth random displacement field and resamples bilinearly with scipy's
   ``map_coordinates(order=1, mode='reflect')`` boundary rule; ``elastic_field`` and ``warp`` are exposed so
   that label maps can be moved with the same field.
@@ -22,6 +23,7 @@ function on float (B, 3, H, W) in [0, 1]:
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -38,6 +40,9 @@ CONTRAST_FACTOR = (0.4, 0.3, 0.2, 0.1, 0.05)  # deviation from the channel mean 
 SATURATE = ((0.3, 0.0), (0.1, 0.0), (2.0, 0.0), (5.0, 0.1), (20.0, 0.2))  # S -> S * a + b
 PIXELATE_RATIO = (0.6, 0.5, 0.4, 0.3, 0.25)  # downscale factor before the nearest upscale
 JPEG_QUALITY = (25, 18, 15, 10, 7)
+# Pillow's 8-bit resampling coefficients are fixed point with this many fraction bits (Resample.c:
+# PRECISION_BITS = 32 - 8 - 2).
+PILLOW_PRECISION_BITS = 22
 ELASTIC_ALPHA = tuple(250 * f for f in (0.05, 0.065, 0.085, 0.1, 0.12))  # gain on the smoothed noise
 ELASTIC_SIGMA = 0.01  # Gaussian sigma as a fraction of (H, W)
 ELASTIC_NOISE = 0.005  # noise amplitude as a fraction of H (for dy and dx alike, as in the reference)
@@ -73,7 +78,7 @@ def saturate(images: Tensor, severity: int, generator: Generators) -> Tensor:
     spread = value - _channel_min(images)
     sat = torch.where(value > 0, spread / value, 0.0)
     new_sat = sat.mul_(gain).add_(offset).clamp_(0.0, 1.0)
-    grey = torch.tensor([0.0, 1.0, 1.0], dtype=images.dtype).view(1, 3, 1, 1)
+    grey = torch.tensor([0.0, 1.0, 1.0], dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     weight = torch.where(spread > 0, (value - images) / spread, grey)
     return weight.mul_(new_sat).neg_().add_(1.0).mul_(value).clamp_(0.0, 1.0)
 
@@ -91,12 +96,17 @@ def jpeg_compression(images: Tensor, severity: int, generator: Generators) -> Te
 def pixelate_uint8(images: Tensor, severity: int, generator: Generators) -> Tensor:
     """Pillow's BOX downscale to int(W c) x int(H c), then NEAREST upscale back, on uint8 (B, 3, H, W).
 
-    The reference's own two Pillow resizes, so equal to it by construction. (Resizing the three planes as
-    grey images instead is ~40% slower: Pillow's RGB path resamples 4 bytes at once.)
+    OpenCV backend (CPU tensors; ``ops.backend``): the reference's own two Pillow resizes, so equal to it
+    by construction. (Resizing the three planes as grey images instead is ~40% slower: Pillow's RGB path
+    resamples 4 bytes at once.) Torch backend (other devices): ``_pillow_box`` and ``_pillow_nearest``,
+    the same integer arithmetic and sample positions, so the same levels.
     """
     ratio = PIXELATE_RATIO[severity - 1]
     h, w = images.shape[-2:]
     small = (int(w * ratio), int(h * ratio))
+    if ops.backend(images) == "torch":
+        x = _pillow_box(_pillow_box(images.int(), -1, small[0]), -2, small[1])
+        return _pillow_nearest(_pillow_nearest(x, -1, w), -2, h).to(torch.uint8)
 
     def resize(planes: np.ndarray) -> np.ndarray:
         # Image.merge interleaves the planes into Pillow's RGBX in one pass (cv2.merge + fromarray take two).
@@ -110,7 +120,8 @@ def jpeg_compression_uint8(images: Tensor, severity: int, generator: Generators)
     """Encode and decode each uint8 (3, H, W) image as JPEG at the severity's quality (4:2:0, libjpeg-turbo).
 
     OpenCV's codec gives the bytes and pixels of the reference's Pillow ``save(quality=q)``; it codes
-    interleaved BGR.
+    interleaved BGR. On the CPU whatever the images' device (torch has no JPEG encoder; a GPU codec such
+    as nvJPEG would not give libjpeg's pixels): images on another device are copied there and back.
     """
     params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY[severity - 1]]
 
@@ -124,14 +135,15 @@ def jpeg_compression_uint8(images: Tensor, severity: int, generator: Generators)
 def elastic_transform(images: Tensor, severity: int, generator: Generators) -> Tensor:
     """Move every pixel by a smooth random displacement (bilinear resampling, reflected borders)."""
     b, _, h, w = images.shape
-    return warp(images, elastic_field(b, h, w, severity, generator), "bilinear").clamp_(0.0, 1.0)
+    return warp(images, elastic_field(b, h, w, severity, generator, images.device), "bilinear").clamp_(0.0, 1.0)
 
 
-def elastic_field(batch: int, height: int, width: int, severity: int, generator: Generators) -> Tensor:
-    """Displacement (dy, dx) in pixels, (B, 2, H, W): uniform noise in +-0.005 H, Gaussian-smoothed with
-    sigma 0.01 (H, W) (reflect borders, truncate 3), times alpha; one field per image generator."""
+def elastic_field(batch: int, height: int, width: int, severity: int, generator: Generators,
+                  device: torch.device | str | None = None) -> Tensor:
+    """Displacement (dy, dx) in pixels, (B, 2, H, W) on ``device``: uniform noise in +-0.005 H, Gaussian-smoothed
+    with sigma 0.01 (H, W) (reflect borders, truncate 3), times alpha; one field per image generator."""
     amplitude = ELASTIC_NOISE * height
-    noise = ops.draw(generator, batch, lambda g: ops.uniform(g, -amplitude, amplitude, (2, height, width)))
+    noise = ops.draw(generator, batch, lambda g: ops.uniform(g, -amplitude, amplitude, (2, height, width)), device)
     smooth = ops.gaussian_filter(noise, (ELASTIC_SIGMA * height, ELASTIC_SIGMA * width), mode="reflect",
                                  truncate=ELASTIC_TRUNCATE)
     return smooth.mul_(ELASTIC_ALPHA[severity - 1])
@@ -148,8 +160,8 @@ def warp(x: Tensor, field: Tensor, mode: str) -> Tensor:
         raise ValueError(f"unknown warp mode {mode!r}; expected bilinear or nearest")
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
-    rows, wy = _linear_taps(field[:, 0], h, torch.arange(h, dtype=field.dtype).view(h, 1))
-    cols, wx = _linear_taps(field[:, 1], w, torch.arange(w, dtype=field.dtype))
+    rows, wy = _linear_taps(field[:, 0], h, torch.arange(h, dtype=field.dtype, device=field.device).view(h, 1))
+    cols, wx = _linear_taps(field[:, 1], w, torch.arange(w, dtype=field.dtype, device=field.device))
     if mode == "nearest":
         # Rounding half up in the reflected frame, as scipy reflects the coordinate before rounding.
         index = _flat_index(rows + (wy >= 0.5), cols + (wx >= 0.5), w).view(b, 1, h * w).expand(b, c, h * w)
@@ -165,6 +177,63 @@ def warp(x: Tensor, field: Tensor, mode: str) -> Tensor:
     top = torch.lerp(at(0), at(1), wx)
     bottom = torch.lerp(at(w), at(w + 1), wx)
     return torch.lerp(top, bottom, wy)
+
+
+@lru_cache(maxsize=64)
+def _pillow_box_taps(n: int, size: int) -> tuple[Tensor, Tensor]:
+    """Pillow's 8-bit BOX taps from ``n`` samples to ``size``: source index (size, K) and int32 weight (size, K),
+    zero-padded.
+
+    Pillow (Resample.c: ``precompute_coeffs``, ``normalize_coeffs_8bpc``): output sample j averages the
+    inputs whose centres fall in the box (j + 0.5) * scale +- scale / 2 (at least one), with weights
+    normalised in float64 and then rounded to fixed point, each step in Pillow's order and precision.
+    """
+    scale = n / size
+    reciprocal = 1.0 / max(scale, 1.0)
+    support = 0.5 * max(scale, 1.0)
+    taps = []
+    for j in range(size):
+        centre = (j + 0.5) * scale
+        first = max(int(centre - support + 0.5), 0)
+        count = min(int(centre + support + 0.5), n) - first
+        weights = [1.0 if -0.5 < (i + first - centre + 0.5) * reciprocal <= 0.5 else 0.0 for i in range(count)]
+        total = sum(weights)
+        taps.append([(first + i, int(0.5 + weight / total * (1 << PILLOW_PRECISION_BITS)))
+                     for i, weight in enumerate(weights) if weight])
+    width = max(len(row) for row in taps)
+    padded = [row + [(0, 0)] * (width - len(row)) for row in taps]
+    table = torch.tensor(padded)
+    return table[..., 0], table[..., 1].int()
+
+
+def _pillow_box(x: Tensor, dim: int, size: int) -> Tensor:
+    """Pillow's 8-bit BOX resampling of integer levels along ``dim`` (-1 or -2) of (..., H, W) to ``size``:
+    the ``_pillow_box_taps`` sum, rounded and clipped to 0..255 (``clip8``). Pillow does the width first
+    and stores 8 bits in between, so callers resize -1 then -2. Exact in int32: the sums stay below 2^31."""
+    index, coeff = (t.to(x.device) for t in _pillow_box_taps(x.shape[dim], size))
+    shape = [1] * x.ndim
+    shape[dim] = size
+    acc = torch.full((), 1 << (PILLOW_PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
+    for k in range(index.shape[1]):
+        acc = acc + x.index_select(dim, index[:, k]) * coeff[:, k].view(shape)
+    return (acc >> PILLOW_PRECISION_BITS).clamp_(0, 255)
+
+
+@lru_cache(maxsize=64)
+def _pillow_nearest_index(n: int, size: int) -> Tensor:
+    """Source of each of ``size`` samples in Pillow's NEAREST resize of ``n``: int(x_j), x_j = scale / 2 +
+    j * scale accumulated in float64 as Geometry.c ``ImagingScaleAffine`` does."""
+    scale = n / size
+    index, position = [], scale * 0.5
+    for _ in range(size):
+        index.append(int(position))
+        position += scale
+    return torch.tensor(index)
+
+
+def _pillow_nearest(x: Tensor, dim: int, size: int) -> Tensor:
+    """Pillow's NEAREST resize along ``dim`` of (..., H, W) to ``size``."""
+    return x.index_select(dim, _pillow_nearest_index(x.shape[dim], size).to(x.device))
 
 
 def _channel_max(images: Tensor) -> Tensor:
@@ -208,8 +277,9 @@ def _on_levels(fn: Callable[[Tensor, int, Generators], Tensor], images: Tensor, 
 def _per_image_hwc(images: Tensor, fn: Callable[[np.ndarray], np.ndarray], channels: tuple[int, ...]) -> Tensor:
     """Apply ``fn`` to the planes (C, H, W) of each image of uint8 (B, C, H, W); it returns an interleaved
     (H, W, C) array whose channels are the planes in ``channels`` order, extracted straight into the output
-    planes. Images run in parallel threads (OpenCV and Pillow release the GIL)."""
-    planes = images.contiguous().numpy()
+    planes. Images run in parallel threads (OpenCV and Pillow release the GIL), on the CPU: images on
+    another device are copied there and the result copied back."""
+    planes = images.cpu().contiguous().numpy()
     out = torch.empty(images.shape, dtype=torch.uint8)
     out_planes = out.numpy()
 
@@ -219,4 +289,4 @@ def _per_image_hwc(images: Tensor, fn: Callable[[np.ndarray], np.ndarray], chann
             cv2.extractChannel(result, k, dst=out_planes[i, c])
 
     ops.parallel_map(one, len(planes))
-    return out
+    return out.to(images.device)

@@ -2,7 +2,8 @@
 
 Severity constants are those of Hendrycks & Dietterich (ICLR 2019) as shipped in the ``imagecorruptions``
 package; the noise is drawn independently for every channel of every pixel, as the reference does on an
-(H, W, 3) array. Each image's noise comes from its own generator (see ``ops.per_image``).
+(H, W, 3) array. Each image's noise comes from its own generator (see ``ops.per_image``), drawn on the
+CPU and moved to the images' device.
 """
 
 from __future__ import annotations
@@ -30,25 +31,25 @@ _BUCKET_BITS = 10
 _BUCKETS = 1 << _BUCKET_BITS
 
 
-def _normal(shape: torch.Size, generator: Generators) -> Tensor:
-    """Standard normal noise (B, ...), each image's from its own generator."""
+def _normal(shape: torch.Size, generator: Generators, device: torch.device) -> Tensor:
+    """Standard normal noise (B, ...) on ``device``, each image's from its own generator."""
     out = torch.empty(shape)
     for image, g in zip(out, ops.per_image(generator, shape[0])):
         image.normal_(generator=g)
-    return out
+    return out.to(device)
 
 
 @ops.image_by_image
 def gaussian_noise(images: Tensor, severity: int, generator: Generators) -> Tensor:
     """Additive white Gaussian noise of std 0.08-0.38 (images (B, 3, H, W) in [0, 1])."""
-    noise = _normal(images.shape, generator)
+    noise = _normal(images.shape, generator, images.device)
     return torch.add(images, noise, alpha=GAUSSIAN_STD[severity - 1], out=noise).clamp_(0, 1)
 
 
 @ops.image_by_image
 def speckle_noise(images: Tensor, severity: int, generator: Generators) -> Tensor:
     """Multiplicative Gaussian noise ``x + x * n``, n of std 0.15-0.6."""
-    noise = _normal(images.shape, generator)
+    noise = _normal(images.shape, generator, images.device)
     return torch.addcmul(images, images, noise, value=SPECKLE_STD[severity - 1], out=noise).clamp_(0, 1)
 
 
@@ -61,7 +62,7 @@ def impulse_noise(images: Tensor, severity: int, generator: Generators) -> Tenso
     the same joint law (pepper for u < amount / 2, salt for amount / 2 <= u < amount) at half the draws.
     """
     flip = round(IMPULSE_AMOUNT[severity - 1] * 2 ** 31)
-    bits = ops.random_bits(images.shape, generator)
+    bits = ops.random_bits(images.shape, generator, images.device)
     # Clamp x to [low, high]: [0, 0] for pepper, [1, 1] for salt, [0, 1] (x unchanged) otherwise; twice
     # as fast as masked_fill, whose masked writes do not vectorise on CPU.
     high = torch.ge(bits, flip // 2, out=torch.empty_like(images))
@@ -69,8 +70,8 @@ def impulse_noise(images: Tensor, severity: int, generator: Generators) -> Tenso
     return torch.clamp(images, low, high, out=low)
 
 
-@lru_cache(maxsize=len(SHOT_RATE))
-def _shot_tables(rate: int) -> tuple[Tensor, Tensor, Tensor]:
+@lru_cache(maxsize=2 * len(SHOT_RATE))
+def _shot_tables(rate: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Inverse-CDF tables of Poisson(rate * level / 255), counts saturated at ``rate``.
 
     The output is ``min(count, rate) / rate`` (the reference clips at 1), so counts above ``rate`` need not
@@ -78,7 +79,8 @@ def _shot_tables(rate: int) -> tuple[Tensor, Tensor, Tensor]:
     flat entries ``level * (rate + 1) + k``, ``cdf`` float64 and ``value`` = k / rate float32, and
     ``guide`` (levels * _BUCKETS,) int32: for bucket [t, t + 1) / _BUCKETS the entry of the smallest
     count reachable from it, stored as ``-(entry + 1)`` when a CDF step falls inside the bucket (those
-    samples must compare u with the CDF; the others are decided by their bucket alone).
+    samples must compare u with the CDF; the others are decided by their bucket alone). Computed on the
+    CPU (the same table for every device) and kept on ``device``.
     """
     lam = rate * torch.arange(_LEVELS, dtype=torch.float64)[:, None] / (_LEVELS - 1)
     k = torch.arange(rate, dtype=torch.float64)
@@ -91,13 +93,13 @@ def _shot_tables(rate: int) -> tuple[Tensor, Tensor, Tensor]:
     entry = first + torch.arange(_LEVELS)[:, None] * (rate + 1)
     guide = torch.where(stepped, -(entry + 1), entry).int()
     value = (torch.arange(rate + 1, dtype=torch.float32) / rate).repeat(_LEVELS)
-    return cdf.flatten(), value, guide.flatten()
+    return cdf.flatten().to(device), value.to(device), guide.flatten().to(device)
 
 
 def _shot_noise_quantised(levels: Tensor, bits: Tensor, rate: int) -> Tensor:
     """Poisson(rate * levels / 255) / rate clipped to 1, by inversion; levels float 0..255 and
     ``random_bits`` (u = bits / 2^31, resolving probabilities to 5e-10), all (N,)."""
-    cdf, value, guide = _shot_tables(rate)
+    cdf, value, guide = _shot_tables(rate, levels.device)
     bucket = (bits >> (31 - _BUCKET_BITS)).add_(levels.int().mul_(_BUCKETS))
     entry = guide.index_select(0, bucket)
     todo = (entry < 0).nonzero().squeeze(1)
@@ -117,18 +119,18 @@ def shot_noise(images: Tensor, severity: int, generator: Generators) -> Tensor:
     """Poisson photon noise: ``Poisson(rate * x) / rate`` clipped to [0, 1], rate 60 down to 3.
 
     Exact for any input; 8-bit-quantised images take a fast inversion path (``_shot_tables``), others
-    ``torch.poisson``.
+    ``torch.poisson``, which runs on the CPU (its generator's device) and is moved back.
     """
     rate = SHOT_RATE[severity - 1]
     scaled = images.reshape(-1) * (_LEVELS - 1)
     levels = scaled.round()
     # 1e-3 of a grey level is far above float32 rounding of k / 255 yet far below any real intensity step.
     if scaled.sub_(levels).abs_().amax() < 1e-3:
-        bits = ops.random_bits((images.shape[0], levels.numel() // images.shape[0]), generator)
+        bits = ops.random_bits((images.shape[0], levels.numel() // images.shape[0]), generator, images.device)
         return _shot_noise_quantised(levels, bits.view(-1), rate).view(images.shape)
     generators = ops.per_image(generator, images.shape[0])
-    counts = torch.stack([torch.poisson(image * rate, generator=g) for image, g in zip(images, generators)])
-    return counts.div_(rate).clamp_(max=1)
+    counts = torch.stack([torch.poisson(image.cpu() * rate, generator=g) for image, g in zip(images, generators)])
+    return counts.to(images.device).div_(rate).clamp_(max=1)
 
 
 __all__ = ["gaussian_noise", "impulse_noise", "shot_noise", "speckle_noise"]

@@ -1,16 +1,24 @@
 """Tensor primitives shared by the corruption families: per-image random draws, the scipy.ndimage-style
-filters (one OpenCV-backed mechanism: ``correlate_separable`` under ``gaussian_filter`` and ``filter1d``,
-``correlate2d``), the clipped zoom and motion blur.
+filters (``correlate_separable`` under ``gaussian_filter`` and ``filter1d``, ``correlate2d``), the
+clipped zoom and motion blur.
 
 Images inside the corruption functions are float32 (B, 3, H, W) in [0, 1], as the reference
-``imagecorruptions`` package works on ``x / 255``.
+``imagecorruptions`` package works on ``x / 255``, on any device.
+
+Devices: random draws always come from CPU ``torch.Generator``s and are moved to the images' device, so
+a seed gives the same corruption on every device. Operations that have a fast CPU library form (the
+filters: OpenCV) and a pure-torch form pick one by ``backend(x)``: OpenCV for CPU tensors, torch for
+every other device; ``use_backend`` overrides the choice (the tests run the torch forms on CPU and
+compare them with the OpenCV ones).
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import wraps
 
 import cv2
@@ -20,6 +28,37 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Generators = torch.Generator | Sequence[torch.Generator]
+
+BACKENDS = ("opencv", "torch")
+_FORCED_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("corruption_backend", default=None)
+
+
+def backend(x: Tensor) -> str:
+    """``"opencv"`` for CPU tensors (SIMD library code, several times faster there), ``"torch"`` for tensors
+    on any other device; ``use_backend`` overrides this."""
+    return _FORCED_BACKEND.get() or ("opencv" if x.device.type == "cpu" else "torch")
+
+
+@contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Run the corruptions inside the ``with`` block on backend ``name`` whatever the device (None: by device).
+
+    ``"opencv"`` on a non-CPU tensor copies it to the CPU and back. Threads started by the corruptions
+    (``parallel_map``, ``corrupt``'s chunks) inherit the choice.
+    """
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown corruption backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    token = _FORCED_BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _FORCED_BACKEND.reset(token)
+
+
+def in_caller_context(fn: Callable[[int], None]) -> Callable[[int], None]:
+    """``fn`` run in a copy of the calling thread's context (so pool threads see ``use_backend``)."""
+    context = contextvars.copy_context()
+    return lambda i: context.copy().run(fn, i)
 
 
 def per_image(generator: Generators, batch: int) -> list[torch.Generator]:
@@ -35,9 +74,11 @@ def per_image(generator: Generators, batch: int) -> list[torch.Generator]:
     return generators
 
 
-def draw(generator: Generators, batch: int, sample: Callable[[torch.Generator], Tensor]) -> Tensor:
-    """Stack ``sample(g)`` over the per-image generators: random fields of shape (B, ...)."""
-    return torch.stack([sample(g) for g in per_image(generator, batch)])
+def draw(generator: Generators, batch: int, sample: Callable[[torch.Generator], Tensor],
+         device: torch.device | str | None = None) -> Tensor:
+    """Stack ``sample(g)`` over the per-image generators: random fields of shape (B, ...), drawn on the CPU
+    (where the generators live, so every device sees the same draw) and then moved to ``device``."""
+    return torch.stack([sample(g) for g in per_image(generator, batch)]).to(device)
 
 
 def uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0, shape: Sequence[int] = ()) -> Tensor:
@@ -93,7 +134,7 @@ def parallel_map(fn: Callable[[int], None], count: int) -> None:
             fn(i)
         return
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(fn, range(count)))
+        list(pool.map(in_caller_context(fn), range(count)))
 
 
 def _cv2_border(mode: str) -> int:
@@ -103,27 +144,65 @@ def _cv2_border(mode: str) -> int:
 
 
 def _per_plane(x: Tensor, fn: Callable[[np.ndarray, np.ndarray], None]) -> Tensor:
-    """Apply ``fn(src, dst)`` to every (H, W) plane of float (..., H, W); dst is the plane's output array."""
+    """Apply ``fn(src, dst)`` to every (H, W) plane of float (..., H, W); dst is the plane's output array.
+
+    Runs on the CPU: a tensor on another device is copied there and the result copied back.
+    """
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     h, w = x.shape[-2:]
-    planes = x.detach().reshape(-1, h, w).contiguous()
+    planes = x.detach().reshape(-1, h, w).cpu().contiguous()
     out = torch.empty_like(planes)
     src, dst = planes.numpy(), out.numpy()
     parallel_map(lambda i: fn(src[i], dst[i]), len(src))
-    return out.view(x.shape)
+    return out.view(x.shape).to(x.device)
+
+
+def _padded(planes: Tensor, dim: int, radius: int, mode: str) -> Tensor:
+    """``planes`` extended by ``radius`` samples on both sides of ``dim`` with scipy.ndimage's ``mode``.
+
+    An index gather rather than ``F.pad``: it also covers 'reflect' (edge repeated, which ``F.pad`` lacks)
+    and pads wider than the signal (OpenCV and scipy fold such indices repeatedly, ``F.pad`` refuses).
+    """
+    if radius == 0:
+        return planes
+    index = extend_indices(planes.shape[dim], radius, mode).to(planes.device)
+    return planes.index_select(dim, index)
+
+
+def _torch_correlate(x: Tensor, kernels: Sequence[Tensor], mode: str) -> Tensor:
+    """Correlate each (H, W) plane of float (..., H, W) with (K_y, K_x) ``kernels`` in turn, edges in scipy
+    ``mode``: ``conv2d`` on any device, the pure-torch form of the OpenCV filters.
+
+    Computed in float64 and rounded once to the input's precision (float32 for other dtypes): TF32, which
+    cuDNN uses for float32 convolutions on recent GPUs by default, would cost three decimal digits, and
+    float64 keeps the result within float rounding of scipy's float64 filters on every device.
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h, w = x.shape[-2:]
+    planes = x.detach().reshape(-1, 1, h, w).double()
+    for kernel in kernels:
+        if kernel.ndim != 2 or kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
+            raise ValueError(f"filter kernels must be 2-D with odd sides, got {tuple(kernel.shape)}")
+        planes = _padded(planes, 2, kernel.shape[0] // 2, mode)
+        planes = _padded(planes, 3, kernel.shape[1] // 2, mode)
+        planes = F.conv2d(planes, kernel.to(planes.device, torch.float64)[None, None])
+    return planes.to(dtype).view(x.shape)
 
 
 def correlate_separable(x: Tensor, taps_y: Tensor, taps_x: Tensor, mode: str = "nearest") -> Tensor:
     """Correlate each (H, W) plane of float (..., H, W) with odd 1-D ``taps_y`` down and ``taps_x`` across.
 
-    Edges follow scipy.ndimage ``mode``. OpenCV's ``sepFilter2D`` (SIMD, one call per plane, planes in
-    parallel threads) accumulates in the input's precision: float32 results are within ~3e-7 of
-    scipy's float64 ones. Several times faster than ``conv2d`` with (1, K) kernels on CPU.
+    Edges follow scipy.ndimage ``mode``. OpenCV backend (``backend``): ``sepFilter2D`` (SIMD, one call per
+    plane, planes in parallel threads), which accumulates in the input's precision: float32 results are
+    within ~3e-7 of scipy's float64 ones; several times faster than ``conv2d`` with (1, K) kernels on CPU.
+    Torch backend: two ``conv2d`` passes (``_torch_correlate``).
     """
     border = _cv2_border(mode)
+    if backend(x) == "torch":
+        return _torch_correlate(x, (taps_y.reshape(-1, 1), taps_x.reshape(1, -1)), mode)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ky, kx = (t.to(dtype).contiguous().numpy() for t in (taps_y, taps_x))
+    ky, kx = (t.to(dtype).contiguous().cpu().numpy() for t in (taps_y, taps_x))
     depth = cv2.CV_64F if dtype == torch.float64 else cv2.CV_32F
     return _per_plane(x, lambda src, dst: cv2.sepFilter2D(src, depth, kx, ky, dst=dst, borderType=border))
 
@@ -131,10 +210,13 @@ def correlate_separable(x: Tensor, taps_y: Tensor, taps_x: Tensor, mode: str = "
 def correlate2d(x: Tensor, kernel: Tensor, mode: str = "mirror") -> Tensor:
     """Correlate each (H, W) plane of float (..., H, W) with an odd (K, K) ``kernel``, edges in scipy ``mode``.
 
-    OpenCV's ``filter2D`` (which switches to a DFT for large kernels), as the reference calls it.
+    OpenCV backend: ``filter2D`` (which switches to a DFT for large kernels), as the reference calls it.
+    Torch backend: one ``conv2d`` (``_torch_correlate``).
     """
     border = _cv2_border(mode)
-    weights = kernel.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous().numpy()
+    if backend(x) == "torch":
+        return _torch_correlate(x, (kernel,), mode)
+    weights = kernel.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous().cpu().numpy()
     return _per_plane(x, lambda src, dst: cv2.filter2D(src, -1, weights, dst=dst, borderType=border))
 
 
@@ -196,6 +278,8 @@ def clipped_zoom(x: Tensor, factor: float) -> Tensor:
     top, row_lo, row_hi, row_t, row_out = _zoom_taps(h, factor)
     left, col_lo, col_hi, col_t, col_out = _zoom_taps(w, factor)
     crop = x.reshape(-1, h, w)[:, top:top + int(row_hi.max()) + 1, left:left + int(col_hi.max()) + 1]
+    row_lo, row_hi, row_t, row_out, col_lo, col_hi, col_t, col_out = (
+        t.to(x.device) for t in (row_lo, row_hi, row_t, row_out, col_lo, col_hi, col_t, col_out))
     rows = torch.lerp(crop.index_select(1, row_lo), crop.index_select(1, row_hi), row_t.to(x.dtype)[:, None])
     size = (rows.shape[0], h, w)
     out = torch.lerp(rows.gather(2, col_lo.expand(size)), rows.gather(2, col_hi.expand(size)), col_t.to(x.dtype))
@@ -262,8 +346,9 @@ def image_by_image(corruption: CorruptionFn) -> CorruptionFn:
     return run
 
 
-def random_bits(shape: tuple[int, ...], generator: Generators) -> Tensor:
-    """Uniform integers in [0, 2^31), int32 (B, ...) = ``shape``; image i's from its generator.
+def random_bits(shape: tuple[int, ...], generator: Generators, device: torch.device | str | None = None) -> Tensor:
+    """Uniform integers in [0, 2^31), int32 (B, ...) = ``shape``; image i's from its generator, drawn on
+    the CPU and moved to ``device``.
 
     Two per 64-bit draw: ``random_`` fills int64 with the generator's 64-bit output modulo 2^63 (63
     uniform bits), and both 32-bit halves masked to 31 bits are uniform. Twice as fast per value as
@@ -276,4 +361,4 @@ def random_bits(shape: tuple[int, ...], generator: Generators) -> Tensor:
     bits = words.view(torch.int32)
     if n % 2:
         bits = bits[:, :n].contiguous()
-    return bits.bitwise_and_(0x7FFFFFFF).view(shape)
+    return bits.bitwise_and_(0x7FFFFFFF).view(shape).to(device)

@@ -5,6 +5,8 @@ Behaviour and per-severity constants follow Hendrycks & Dietterich (ICLR 2019) a
 field, streak angle; one generator per image, see ``ops.per_image``) and a pure function of the images
 and that draw (``fog_from_fractal``, ``frost_from_texture``, ``spatter_from_noise``,
 ``snow_from_noise``), so the deterministic part can be checked against the reference given the same draw.
+The draws are made on the CPU and moved to the images' device, where the rest runs, except for the steps
+noted as running on the CPU (the frost photographs' resizing, spatter's water highlights).
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ def _mean_plus_noise(total: Tensor, bits: Tensor, amplitude: float) -> Tensor:
     return total.mul_(0.25).add_(bits, alpha=2 * amplitude / 2 ** 31).sub_(amplitude)
 
 
-def plasma_fractal(batch: int, size: int, wibbledecay: float, generator: Generators) -> Tensor:
-    """Diamond-square plasma fractals (B, size, size) in [0, 1], ``size`` a power of two.
+def plasma_fractal(batch: int, size: int, wibbledecay: float, generator: Generators,
+                   device: torch.device | str | None = None) -> Tensor:
+    """Diamond-square plasma fractals (B, size, size) in [0, 1] on ``device``, ``size`` a power of two.
 
     The reference's heightmap: from a zero corner, each level sets square centres to the mean of their
     4 corners and edge midpoints to the mean of their 4 neighbours (2 centres, 2 corners; wrapping
@@ -78,8 +81,8 @@ def plasma_fractal(batch: int, size: int, wibbledecay: float, generator: Generat
         raise ValueError(f"plasma fractal size must be a power of two, got {size}")
     # All of an image's noise in one draw (3 n^2 values at each level n = 1, 2, 4, ..., size / 2, that
     # is size^2 - 1), so that one generator serving the batch gives each image a contiguous stream.
-    bits = ops.random_bits((batch, size * size - 1), generator)
-    corners = torch.zeros(batch, 1, 1)
+    bits = ops.random_bits((batch, size * size - 1), generator, device)
+    corners = torch.zeros(batch, 1, 1, device=device)
     wibble, used = 100.0, 0
     while corners.shape[1] < size:
         n, amplitude = corners.shape[1], wibble ** 2
@@ -117,7 +120,7 @@ def fog_from_fractal(images: Tensor, fractal: Tensor, severity: int) -> Tensor:
 def fog(images: Tensor, severity: int, generator: Generators) -> Tensor:
     """Fog: a plasma fractal over the next power of two of the longer side, cropped to the image."""
     b, _, h, w = images.shape
-    fractal = plasma_fractal(b, ops.next_power_of_two(max(h, w)), FOG[severity - 1][1], generator)
+    fractal = plasma_fractal(b, ops.next_power_of_two(max(h, w)), FOG[severity - 1][1], generator, images.device)
     return fog_from_fractal(images, fractal[:, :h, :w], severity)
 
 
@@ -162,9 +165,14 @@ def _rescaled_frost(path: str, height: int, width: int) -> Tensor:
     return rescaled.permute(2, 0, 1).float().div_(255)
 
 
-def photo_frost(batch: int, height: int, width: int, generator: Generators, folder: Path) -> Tensor:
+def photo_frost(batch: int, height: int, width: int, generator: Generators, folder: Path,
+                device: torch.device | str | None = None) -> Tensor:
     """Random crops (B, 3, H, W) in [0, 1] of the reference's frost photographs: per image, a photograph,
-    then a crop's top row and left column, drawn uniformly as the reference does."""
+    then a crop's top row and left column, drawn uniformly as the reference does.
+
+    The photographs are rescaled once per image size on the CPU (OpenCV's 8-bit bicubic, as the reference's
+    texture is) and cached there; only the crops move to ``device``.
+    """
     crops = torch.empty(batch, 3, height, width)
     for crop, g in zip(crops, ops.per_image(generator, batch)):
         name = FROST_PHOTOS[int(torch.randint(len(FROST_PHOTOS), (), generator=g))]
@@ -172,11 +180,13 @@ def photo_frost(batch: int, height: int, width: int, generator: Generators, fold
         top = int(torch.randint(photo.shape[1] - height, (), generator=g))
         left = int(torch.randint(photo.shape[2] - width, (), generator=g))
         crop.copy_(photo[:, top:top + height, left:left + width])
-    return crops
+    return crops.to(device)
 
 
-def procedural_frost(batch: int, height: int, width: int, generator: Generators) -> Tensor:
-    """Frost-like textures (B, 3, H, W) in [0, 1] made from noise, for when the photographs are missing.
+def procedural_frost(batch: int, height: int, width: int, generator: Generators,
+                     device: torch.device | str | None = None) -> Tensor:
+    """Frost-like textures (B, 3, H, W) in [0, 1] on ``device`` made from noise, for when the photographs
+    are missing.
 
     Frost on glass is patchy cover crossed by thin bright crystal edges. Patches: a plasma fractal
     (wibble decay 2, as mild fog). Crystal edges: the zero crossings of smoothed Gaussian noise form a
@@ -185,15 +195,15 @@ def procedural_frost(batch: int, height: int, width: int, generator: Generators)
     six reference photographs (``PROCEDURAL_FROST_MEAN``, ``PROCEDURAL_FROST_STD``), so its brightness
     and contrast, and hence the corruption's strength, are in the photographs' range.
     """
-    patches = plasma_fractal(batch, ops.next_power_of_two(max(height, width)), 2.0, generator)
+    patches = plasma_fractal(batch, ops.next_power_of_two(max(height, width)), 2.0, generator, device)
     texture = patches[:, :height, :width] * 0.5
     for sigma, weight in ((1.0, 0.3), (3.0, 0.2)):
-        noise = ops.draw(generator, batch, lambda g: torch.randn(height, width, generator=g))
+        noise = ops.draw(generator, batch, lambda g: torch.randn(height, width, generator=g), device)
         smooth = ops.gaussian_filter(noise[:, None], sigma)[:, 0]
         smooth /= smooth.std(dim=(1, 2), keepdim=True)
         texture += weight * torch.exp(-(smooth / 0.35) ** 2)
     texture = (texture - texture.mean(dim=(1, 2), keepdim=True)) / texture.std(dim=(1, 2), keepdim=True)
-    mean = torch.tensor(PROCEDURAL_FROST_MEAN)[:, None, None]
+    mean = torch.tensor(PROCEDURAL_FROST_MEAN, device=texture.device)[:, None, None]
     return (mean + PROCEDURAL_FROST_STD * texture[:, None]).clamp_(0, 1)
 
 
@@ -209,8 +219,8 @@ def frost(images: Tensor, severity: int, generator: Generators) -> Tensor:
     ``imagecorruptions`` is not installed; ``frost_source`` says which) blended over the image."""
     b, _, h, w = images.shape
     folder = _frost_photo_dir()
-    texture = (procedural_frost(b, h, w, generator) if folder is None
-               else photo_frost(b, h, w, generator, folder))
+    texture = (procedural_frost(b, h, w, generator, images.device) if folder is None
+               else photo_frost(b, h, w, generator, folder, images.device))
     return frost_from_texture(images, texture, severity)
 
 
@@ -241,18 +251,21 @@ def spatter_from_noise(images: Tensor, noise: Tensor, severity: int) -> Tensor:
     below a threshold. Severities 1-3 add pale turquoise water drops (``_water_highlights``, per
     image); 4-5 paint brown mud over the blurred liquid mask where it exceeds 0.8. The reference
     applies its BGR conversions to an RGB array without swapping channels, so its water is RGB
-    (175, 238, 238) added to the image, which is what this does.
+    (175, 238, 238) added to the image, which is what this does. The water highlights are OpenCV's
+    edge, distance and histogram operators on 8-bit layers, with no torch equivalent that gives the same
+    levels: they run on the CPU (one (H, W) uint8 layer per image each way) and everything else on the
+    images' device.
     """
     mean, std, sigma, threshold, strength, mud = SPATTER[severity - 1]
     liquid = ops.gaussian_filter((noise * std + mean)[:, None], sigma)[:, 0]
     if mud:
         cover = ops.gaussian_filter((liquid > threshold).float()[:, None], strength)[:, 0]
         cover = cover.masked_fill_(cover < 0.8, 0)[:, None]
-        return torch.lerp(images, torch.tensor(MUD_RGB)[:, None, None], cover).clamp_(0, 1)
+        return torch.lerp(images, torch.tensor(MUD_RGB, device=images.device)[:, None, None], cover).clamp_(0, 1)
     # The reference truncates liquid * 255 to uint8; a layer above 1 would need an 8-sigma excursion.
-    quantised = (liquid.masked_fill_(liquid < threshold, 0) * 255).clamp_(max=255).to(torch.uint8).numpy()
-    shade = torch.from_numpy(np.stack([_water_highlights(layer) for layer in quantised]))
-    return torch.addcmul(images, shade[:, None], torch.tensor(WATER_RGB)[:, None, None],
+    quantised = (liquid.masked_fill_(liquid < threshold, 0) * 255).clamp_(max=255).to(torch.uint8).cpu().numpy()
+    shade = torch.from_numpy(np.stack([_water_highlights(layer) for layer in quantised])).to(images.device)
+    return torch.addcmul(images, shade[:, None], torch.tensor(WATER_RGB, device=images.device)[:, None, None],
                          value=strength).clamp_(0, 1)
 
 
@@ -260,7 +273,7 @@ def spatter_from_noise(images: Tensor, noise: Tensor, severity: int) -> Tensor:
 def spatter(images: Tensor, severity: int, generator: Generators) -> Tensor:
     """Spatter: water drops (severities 1-3) or mud (4-5) from a thresholded smooth noise layer."""
     b, _, h, w = images.shape
-    noise = ops.draw(generator, b, lambda g: torch.randn(h, w, generator=g))
+    noise = ops.draw(generator, b, lambda g: torch.randn(h, w, generator=g), images.device)
     return spatter_from_noise(images, noise, severity)
 
 
@@ -298,7 +311,7 @@ def snow(images: Tensor, severity: int, generator: Generators) -> Tensor:
     for i, g in enumerate(ops.per_image(generator, b)):
         noise[i].normal_(generator=g)
         angles[i] = ops.uniform(g, -135.0, -45.0)
-    return snow_from_noise(images, noise, angles, severity)
+    return snow_from_noise(images, noise.to(images.device), angles, severity)
 
 
 __all__ = ["fog", "fog_from_fractal", "frost", "frost_from_texture", "frost_source", "photo_frost",
