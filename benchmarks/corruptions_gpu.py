@@ -20,7 +20,8 @@ import argparse
 
 import torch
 
-from trustseg.bench.corruptions import bench_corruptions, bench_images, device_name, format_corruptions_bench
+from trustseg.bench.corruptions import bench_corruptions, bench_images, format_corruptions_bench
+from trustseg.engine.devices import describe_device, resolve_device
 from trustseg.robustness.corruptions import CORRUPTIONS, corrupt, ops
 
 
@@ -56,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     height, width = (int(v) for v in args.size.split(","))
 
-    print(f"torch {torch.__version__}, ours on {device_name(args.device)}, reference on the CPU")
+    print(f"torch {torch.__version__}, ours on {describe_device(resolve_device(args.device))}, reference on the CPU")
     failed = []
     print(f"agreement with the CPU, {args.check_images} images, severity {args.severity}:")
     for name, largest, share in agreement(args.data, args.check_images, height, width, args.severity,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from trustseg.engine.devices import resolve_device
+from trustseg.engine.devices import describe_device, resolve_device
 from trustseg.training.config import load_train_config
 from trustseg.training.history import read_history
 from trustseg.training.loop import BEST, train
@@ -63,8 +63,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args()
     device = str(resolve_device(args.device))
-    if device.startswith("cuda"):
-        print(torch.__version__, torch.cuda.get_device_name(torch.device(device)))
+    print(f"torch {torch.__version__} on {describe_device(torch.device(device))}")
     checkpoint, device_rate = trained(args.out / "train", device, args.steps)
     _, cpu_rate = trained(args.out / "train_cpu", "cpu", args.steps)
     print(f"demo training throughput: cpu {cpu_rate:.1f} img/s, {device} {device_rate:.1f} img/s "

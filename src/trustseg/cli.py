@@ -429,6 +429,7 @@ def bench_corruptions_command(
     severity: int = typer.Option(3, "--severity", min=1, max=5),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Timed rounds (after one warm-up round)."),
     corruptions: str = CorruptionsOption,
+    device: str = typer.Option("cpu", "--device", help="Where ours run (the reference runs on the CPU): " + DEVICE_HELP + "."),
 ) -> None:
     """Our batched corruptions vs the reference imagecorruptions package, per image, same images."""
     from trustseg.bench.corruptions import bench_corruptions, format_corruptions_bench
@@ -436,7 +437,7 @@ def bench_corruptions_command(
 
     height, width = parse_pair(size, "--size")
     result = bench_corruptions(data=data, num_images=num_images, height=height, width=width, severity=severity,
-                               rounds=rounds, corruptions=parse_corruptions(corruptions))
+                               rounds=rounds, corruptions=parse_corruptions(corruptions), device=device)
     typer.echo(format_corruptions_bench(result))
 
 

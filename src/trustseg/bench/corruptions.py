@@ -23,6 +23,7 @@ import torch
 from trustseg.bench.machine import cpu_name
 from trustseg.data.spec import load_dataset
 from trustseg.data.transforms import resize_image
+from trustseg.engine.devices import describe_device, resolve_device, synchronize
 from trustseg.errors import UserError
 from trustseg.robustness.corruptions import CORRUPTIONS, corrupt, ops
 
@@ -60,6 +61,7 @@ def bench_corruptions(
     reference = _reference()
     images = bench_images(data, num_images, height, width)
     arrays = [np.ascontiguousarray(image.permute(1, 2, 0).numpy()) for image in images]
+    device = resolve_device(device)
     on_device = images.to(device)
 
     def ours(name: str) -> float:
@@ -98,21 +100,9 @@ def bench_corruptions(
         "slowest_ratio": min(speedups),
         "setup": {"data": data, "num_images": num_images, "height": height, "width": width, "severity": severity,
                   "rounds": rounds, "threads": torch.get_num_threads(), "cpu": cpu_name(),
-                  "device": device_name(device), "backend": backend or ops.backend(on_device),
+                  "device": describe_device(device), "backend": backend or ops.backend(on_device),
                   "torch": torch.__version__, "reference": f"imagecorruptions {_version()}"},
     }
-
-
-def synchronize(device: str | torch.device) -> None:
-    """Wait for the work queued on ``device`` (a no-op on the CPU), so that a timer sees it finished."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: str | torch.device) -> str:
-    device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _version() -> str:

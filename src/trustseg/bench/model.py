@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from trustseg.bench.machine import cpu_name
-from trustseg.engine.devices import autocast, resolve_device, synchronize
+from trustseg.engine.devices import autocast, describe_device, resolve_device, synchronize
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
 from trustseg.models.flops import count_flops
@@ -152,7 +152,7 @@ def bench_model(
         },
         "machine": {
             "cpu": cpu_name(),
-            "device": str(target) if target.type == "cpu" else f"{target} ({torch.cuda.get_device_name(target)})",
+            "device": describe_device(target),
             "torch": torch.__version__,
             "threads": used_threads,
             "date": datetime.date.today().isoformat(),

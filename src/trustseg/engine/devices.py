@@ -81,3 +81,10 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued work on ``device`` (timings); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu``, or the GPU's name with its index, for benchmark tables and logs."""
+    if device.type != "cuda":
+        return device.type
+    return f"{device} ({torch.cuda.get_device_name(device)})"
