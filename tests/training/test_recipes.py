@@ -11,7 +11,6 @@ head (our fresh weights, applied by hand) on the transformers tokens.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import torch.nn.functional as F
 import transformers
 from data_trees import ade20k_tree, cityscapes_tree, foodseg103_tree
 
-import trustseg.training.loop as loop
 from cli_helpers import run_cli
 from trustseg.data.spec import load_dataset
 from trustseg.engine.checkpoint import load_checkpoint
@@ -37,21 +35,6 @@ TINY_RUN = ["steps=2", "batch_size=2", "log_every=1", "val_every=0", "bf16=false
             "data.val_batch_size=1"]
 SEGFORMER_RUN = [*TINY_RUN, "data.crop=[64,64]", "data.base_size=[64,96]", "model.options.drop_path_rate=0",
                  "model.options.dropout=0"]
-
-
-@pytest.fixture
-def first_step(monkeypatch):
-    """Records the first training step's input batch and a copy of the model as it was before it."""
-    seen: dict = {}
-    original = loop._Run._train_step
-
-    def spy(run, images, masks):
-        if not seen:
-            seen.update(images=images.clone(), masks=masks.clone(), model=copy.deepcopy(run.model))
-        return original(run, images, masks)
-
-    monkeypatch.setattr(loop._Run, "_train_step", spy)
-    return seen
 
 
 def train_cli(recipe: str, data: str, out: Path, overrides: list[str], monkeypatch) -> dict:
