@@ -206,3 +206,36 @@ def test_resume_restores_last_pt_and_never_rereads_the_initial_weights(tiny_conf
     theirs = load_checkpoint(reference.run_dir / "last.pt").state_dict
     for key, tensor in theirs.items():
         assert torch.equal(ours[key], tensor), key
+
+
+# (transformers model with ViT-S widths and one block, our options, CLS + register tokens, an image size)
+def dinov2_with_registers():
+    config = transformers.Dinov2WithRegistersConfig(hidden_size=384, num_hidden_layers=1, num_attention_heads=6,
+                                                    image_size=56, patch_size=14, num_register_tokens=4)
+    options = {"backbone": "vit_s14", "num_register_tokens": 4, "depth": 1, "pos_grid": 4}
+    return transformers.Dinov2WithRegistersModel(config), options, 5, (56, 70)
+
+
+def dinov3():
+    config = transformers.DINOv3ViTConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=1,
+                                          num_attention_heads=6, image_size=32, patch_size=16, num_register_tokens=4)
+    return transformers.DINOv3ViTModel(config), {"backbone": "vit_s16_dinov3", "depth": 1}, 5, (32, 48)
+
+
+@pytest.mark.parametrize("layout", [dinov2_with_registers, dinov3])
+def test_vit_layouts_through_model_weights_match_transformers(tmp_path, layout):
+    torch.manual_seed(0)
+    hf, options, num_prefix, size = layout()
+    with torch.no_grad():  # random LayerScale and biases, so that a wrong map shows
+        for tensor in hf.parameters():
+            tensor.add_(0.1 * torch.randn(tensor.shape))
+    hf.save_pretrained(tmp_path / "weights")
+    model = build_model("vit_segmenter", num_classes=3, **options)
+    record = load_initial_weights(model, ModelConfig(name="vit_segmenter", options=options,
+                                                     weights=str(tmp_path / "weights")))
+    assert record.new == ["head.proj.weight", "head.proj.bias"]
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        expected = hf.eval()(pixel_values=images).last_hidden_state[:, num_prefix:]
+        patches, _, _ = model.backbone.eval().forward_features(images)
+    torch.testing.assert_close(patches, expected, atol=1e-4, rtol=0)

@@ -360,8 +360,7 @@ def load_vit_weights(
     ``source`` names what is loaded in messages (default: the path).
 
     The model must be built with the matching architecture: e.g. DINOv2 ViT-S/14 from the hub is
-    ``vit_s14()`` (``registers=True`` for the register variant), DINOv3 ViT-S/16 is
-    ``vit_s16(pos="rope", num_register_tokens=4, layerscale=1.0, norm_eps=1e-5)``.
+    ``vit_s14()`` (``registers=True`` for the register variant), DINOv3 ViT-S/16 is ``vit_s16_dinov3()``.
     """
     if source is None:
         source = f"ViT weights {path_or_state}" if isinstance(path_or_state, (str, Path)) else "ViT state dict"
