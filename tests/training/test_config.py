@@ -100,7 +100,8 @@ def test_shipped_configs_load_and_their_crops_fit_the_model(name):
 
 
 def test_sliding_window_validation_needs_crop_and_stride_together():
-    assert config_from_dict({"steps": 1}, ["data.val_crop=[64,64]", "data.val_stride=[32,32]"]).data.val_crop == (64, 64)
+    config = config_from_dict({"steps": 1}, ["data.val_crop=[64,64]", "data.val_stride=[32,32]"])
+    assert (config.data.val_crop, config.data.val_stride) == ((64, 64), (32, 32))
     with pytest.raises(UserError, match="data.val_stride=None: expected set together with data.val_crop"):
         config_from_dict({"steps": 1}, ["data.val_crop=[64,64]"])
     with pytest.raises(UserError, match=r"data.val_crop=\(0, 64\): expected two positive ints"):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from trustseg.errors import UserError
-from trustseg.models.weights import LoadReport, StateDict, detect_vit_layout, read_state_dict
+from trustseg.models.weights import LoadReport, StateDict, detect_vit_layout, load_vit_weights, read_state_dict
 
 # What each model takes; unet has no published pretrained layout (start it from a trustseg checkpoint).
 FAMILIES = {"segformer": "segformer", "vit_segmenter": "vit"}
@@ -142,8 +142,6 @@ def load_pretrained(
         report = load_segformer_weights(model, state, reinitialise=reinitialise, source=f"SegFormer weights {source}")
         encoder_only = any(key.startswith("decoder.") for key in report.missing)
         return report, "segformer, encoder only" if encoder_only else "segformer"
-    from trustseg.models.weights import load_vit_weights
-
     backbone = model.backbone
     layout = detect_vit_layout(state)
     report = load_vit_weights(backbone, state, layout=layout, source=f"ViT weights {source}")

@@ -119,10 +119,10 @@ def as_state_dict(path_or_state: str | Path | Mapping[str, Tensor], *, source: s
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What ``load_mapped`` did not load: our keys left as initialised (``missing``; empty when
-    ``strict=True``, except ``reinitialised`` ones), checkpoint keys that are not ours (``unexpected``)
-    or were dropped by the rename (``dropped``), and our keys whose checkpoint tensor had another shape
-    and was skipped on purpose (``reinitialised``, e.g. a classifier for another number of classes)."""
+    """What ``load_mapped`` did not load: our keys without a checkpoint tensor (``missing``; always
+    empty when ``strict=True``), checkpoint keys that are not ours (``unexpected``) or were dropped by
+    the rename (``dropped``), and our keys whose checkpoint tensor had another shape and was skipped on
+    purpose (``reinitialised``, e.g. a classifier for another number of classes)."""
 
     missing: list[str]
     unexpected: list[str]
