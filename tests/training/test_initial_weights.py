@@ -239,3 +239,21 @@ def test_vit_layouts_through_model_weights_match_transformers(tmp_path, layout):
         expected = hf.eval()(pixel_values=images).last_hidden_state[:, num_prefix:]
         patches, _, _ = model.backbone.eval().forward_features(images)
     torch.testing.assert_close(patches, expected, atol=1e-4, rtol=0)
+
+
+def test_a_sharded_save_pretrained_folder_loads_like_a_single_file(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.SegformerConfig(num_labels=3, decoder_hidden_size=16)
+    hf = transformers.SegformerForSemanticSegmentation(config)
+    hf.save_pretrained(tmp_path / "whole")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="2MB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    models = []
+    for seed, folder in enumerate(("whole", "sharded")):
+        model = built("segformer", 3, seed=seed)
+        record = load_initial_weights(model, ModelConfig(name="segformer", options=MODELS["segformer"],
+                                                         weights=str(tmp_path / folder)))
+        assert record.new == [] and len(record.loaded) == len(model.state_dict())
+        models.append(model.state_dict())
+    for key, tensor in models[0].items():
+        assert torch.equal(models[1][key], tensor), key
