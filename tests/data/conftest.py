@@ -7,8 +7,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_trees import (CITYSCAPES_FILES, VOC_IDS, VOC_LABELS, label_grid, size_of, voc_palette, write_image,
-                        write_mask)
+from data_trees import (
+    CITYSCAPES_FILES,
+    VOC_IDS,
+    VOC_LABELS,
+    ade20k_tree,
+    cityscapes_tree,
+    foodseg103_tree,
+    label_grid,
+    size_of,
+    voc_palette,
+    write_image,
+    write_mask,
+)
 
 
 @pytest.fixture
@@ -24,26 +35,14 @@ def camvid_root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cityscapes_root(tmp_path: Path) -> Path:
-    root = tmp_path / "cityscapes"
-    for split, items in CITYSCAPES_FILES.items():
-        for i, (city, stem) in enumerate(items):
-            write_image(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", seed=i, size=size_of(i))
-            write_mask(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png",
-                       label_grid(list(range(34)), size_of(i)))
-            # the other gtFine files sit beside the label ids in the real release
-            write_mask(root / "gtFine" / split / city / f"{stem}_gtFine_instanceIds.png", label_grid([0], size_of(i)))
-    return root
+    sizes = {split: [size_of(i) for i in range(len(items))] for split, items in CITYSCAPES_FILES.items()}
+    return cityscapes_tree(tmp_path / "cityscapes", sizes, CITYSCAPES_FILES)
 
 
 @pytest.fixture
 def ade20k_root(tmp_path: Path) -> Path:
-    root = tmp_path / "ADEChallengeData2016"
-    for split, folder, count in (("train", "training", 3), ("val", "validation", 2)):
-        for i in range(count):
-            stem = f"ADE_{split}_{i + 1:08d}"
-            write_image(root / "images" / folder / f"{stem}.jpg", seed=i, size=size_of(i))
-            write_mask(root / "annotations" / folder / f"{stem}.png", label_grid(list(range(151)), size_of(i)))
-    return root
+    return ade20k_tree(tmp_path / "ADEChallengeData2016",
+                       {"train": [size_of(i) for i in range(3)], "val": [size_of(i) for i in range(2)]})
 
 
 @pytest.fixture
@@ -62,12 +61,7 @@ def voc_root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def foodseg_root(tmp_path: Path) -> Path:
-    images = tmp_path / "FoodSeg103" / "Images"
-    for split, count in (("train", 3), ("test", 2)):
-        for i in range(count):
-            write_image(images / "img_dir" / split / f"{i:08d}.jpg", seed=i, size=size_of(i))
-            write_mask(images / "ann_dir" / split / f"{i:08d}.png", label_grid([0, 1, 58, 103], size_of(i)))
-    return tmp_path / "FoodSeg103"
+    return foodseg103_tree(tmp_path, {"train": [size_of(i) for i in range(3)], "test": [size_of(i) for i in range(2)]})
 
 
 @pytest.fixture

@@ -48,7 +48,6 @@ def label_grid(values: list[int], size: tuple[int, int] = (H, W), dtype=np.uint8
 
 
 
-
 CITYSCAPES_FILES = {
     "train": [("aachen", "aachen_000000_000019"), ("bochum", "bochum_000000_000313")],
     "val": [("frankfurt", "frankfurt_000000_000294")],
@@ -60,3 +59,42 @@ VOC_LABELS = [0, 1, 15, 20, 255]
 def voc_palette() -> list[int]:
     # any distinct colours will do: the loader must read the indices, not these colours
     return [(i * 37 + c * 91) % 256 for i in range(256) for c in range(3)]
+
+
+# Trees in the real layouts; ``sizes`` maps a split to one (height, width) per image, so a tree can mix
+# image sizes as the real datasets do.
+Sizes = dict[str, list[tuple[int, int]]]
+
+
+def ade20k_tree(root: Path, sizes: Sizes) -> Path:
+    """ADEChallengeData2016: images/{training,validation}/*.jpg, annotations/.../*.png with raw labels 0..150."""
+    for split, folder in (("train", "training"), ("val", "validation")):
+        for i, size in enumerate(sizes.get(split, [])):
+            stem = f"ADE_{split}_{i + 1:08d}"
+            write_image(root / "images" / folder / f"{stem}.jpg", seed=i, size=size)
+            write_mask(root / "annotations" / folder / f"{stem}.png", label_grid(list(range(151)), size))
+    return root
+
+
+def cityscapes_tree(root: Path, sizes: Sizes, files: dict[str, list[tuple[str, str]]] | None = None) -> Path:
+    """leftImg8bit/{split}/{city}/*_leftImg8bit.png and gtFine/.../*_gtFine_labelIds.png (raw ids 0..33);
+    ``files`` names the (city, stem) of each image, by default made up."""
+    for split, size_list in sizes.items():
+        for i, size in enumerate(size_list):
+            city, stem = files[split][i] if files else (("aachen", "bochum")[i % 2], f"city_{i:06d}_000019")
+            write_image(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", seed=i, size=size)
+            labels = root / "gtFine" / split / city
+            write_mask(labels / f"{stem}_gtFine_labelIds.png", label_grid(list(range(34)), size))
+            # the other gtFine files sit beside the label ids in the real release
+            write_mask(labels / f"{stem}_gtFine_instanceIds.png", label_grid([0], size))
+    return root
+
+
+def foodseg103_tree(root: Path, sizes: Sizes, labels: tuple[int, ...] = (0, 1, 58, 103)) -> Path:
+    """FoodSeg103/Images/{img_dir,ann_dir}/{train,test}/; returns the FoodSeg103 folder."""
+    images = root / "FoodSeg103" / "Images"
+    for split, size_list in sizes.items():
+        for i, size in enumerate(size_list):
+            write_image(images / "img_dir" / split / f"{i:08d}.jpg", seed=i, size=size)
+            write_mask(images / "ann_dir" / split / f"{i:08d}.png", label_grid(list(labels), size))
+    return root / "FoodSeg103"

@@ -2,6 +2,8 @@ import copy
 
 import pytest
 
+import trustseg.training.loop as loop
+
 from trustseg.training import config_from_dict
 
 # Tiny synthetic runs: 32x32 scenes, a 2-level U-Net of width 4.
@@ -36,3 +38,18 @@ def tiny_config(tmp_path):
 @pytest.fixture(autouse=True)
 def _training_tests_on_one_thread(one_thread):
     """Every training test runs on one thread (see tests/conftest.py)."""
+
+
+@pytest.fixture
+def first_step(monkeypatch):
+    """Records the first training step's input batch and a copy of the model as it was before it."""
+    seen: dict = {}
+    original = loop._Run._train_step
+
+    def spy(run, images, masks):
+        if not seen:
+            seen.update(images=images.clone(), masks=masks.clone(), model=copy.deepcopy(run.model))
+        return original(run, images, masks)
+
+    monkeypatch.setattr(loop._Run, "_train_step", spy)
+    return seen

@@ -1,9 +1,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from trustseg.errors import UserError
-from trustseg.training import TrainConfig, load_train_config
+from trustseg.models.factory import build_model
+from trustseg.training import TrainConfig, config_from_dict, load_train_config
 from trustseg.training.config import apply_overrides
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -86,10 +88,24 @@ def test_bad_files(tmp_path):
         load_train_config(write(tmp_path, "- 1\n- 2\n"))
 
 
-@pytest.mark.parametrize("name", ["demo_synthetic", "camvid_unet", "camvid_segformer_b0", "camvid_vit_s16_linear"])
-def test_shipped_configs_load(name):
+@pytest.mark.parametrize("name", sorted(path.stem for path in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load_and_their_crops_fit_the_model(name):
     config = load_train_config(CONFIGS / f"{name}.yaml")
     assert config.steps or config.epochs or config.time_budget_min
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        model = build_model(config.model.name, num_classes=2, **config.model.options)
+    divisor = getattr(model, "size_divisor", 1)
+    for crop in (config.data.crop, config.data.val_crop or (divisor, divisor)):
+        assert crop[0] % divisor == 0 and crop[1] % divisor == 0, (crop, divisor)
+
+
+def test_sliding_window_validation_needs_crop_and_stride_together():
+    config = config_from_dict({"steps": 1}, ["data.val_crop=[64,64]", "data.val_stride=[32,32]"])
+    assert (config.data.val_crop, config.data.val_stride) == ((64, 64), (32, 32))
+    with pytest.raises(UserError, match="data.val_stride=None: expected set together with data.val_crop"):
+        config_from_dict({"steps": 1}, ["data.val_crop=[64,64]"])
+    with pytest.raises(UserError, match=r"data.val_crop=\(0, 64\): expected two positive ints"):
+        config_from_dict({"steps": 1}, ["data.val_crop=[0,64]", "data.val_stride=[32,32]"])
 
 
 def test_packaged_demo_recipe_is_the_configs_one():

@@ -1,5 +1,4 @@
 import pytest
-import torch
 from torch import nn
 
 from trustseg.errors import UserError
@@ -51,18 +50,24 @@ def test_layer_decay_needs_a_vit_backbone():
         parameter_groups(nn.Sequential(nn.Linear(2, 2)), OptimConfig(layer_decay=0.9))
 
 
-def test_model_weights_initialise_the_vit_backbone(tmp_path):
-    from safetensors.torch import save_file
+def test_lr_mult_scales_a_module_path_on_top_of_layer_decay():
+    model = vit_segmenter(num_classes=3, depth=2)
+    config = OptimConfig(layer_decay=0.5, lr_mult={"head": 10.0, "backbone.blocks.1": 3.0})
+    scales = {name: scale for name, (scale, _) in scales_by_name(model, config).items()}
+    assert scales["head.proj.weight"] == 10.0
+    assert scales["backbone.blocks.1.attn.qkv.weight"] == 3.0 * 0.5
+    assert scales["backbone.blocks.0.attn.qkv.weight"] == 0.5**2  # not under "backbone.blocks.1"
+    assert scales["backbone.norm.weight"] == 1.0
 
-    from trustseg.training.loop import _load_backbone_weights
 
-    torch.manual_seed(1)
-    source = vit_segmenter(num_classes=3, backbone="vit_ti16")
-    save_file(source.backbone.state_dict(), tmp_path / "backbone.safetensors")
-    torch.manual_seed(2)
-    model = vit_segmenter(num_classes=3, backbone="vit_ti16")
-    _load_backbone_weights(model, str(tmp_path / "backbone.safetensors"))
-    for name, tensor in source.backbone.state_dict().items():
-        assert torch.equal(model.backbone.state_dict()[name], tensor), name
-    with pytest.raises(UserError, match="only models with a ViT backbone"):
-        _load_backbone_weights(unet(num_classes=3, base_width=4, depth=2), str(tmp_path / "backbone.safetensors"))
+def test_lr_mult_takes_the_longest_matching_path_and_refuses_unknown_ones():
+    model = unet(num_classes=2, base_width=4, depth=2)
+    names = [name for name, _ in model.named_parameters()]
+    top = names[0].split(".")[0]
+    scales = scales_by_name(model, OptimConfig(lr_mult={top: 2.0, names[0]: 5.0}))
+    assert scales[names[0]][0] == 5.0
+    assert all(scales[n][0] == (2.0 if n.startswith(top + ".") else 1.0) for n in names[1:])
+    with pytest.raises(UserError, match=r"optim.lr_mult.decodr: no parameter .* under 'decodr'"):
+        parameter_groups(model, OptimConfig(lr_mult={"decodr": 10.0}))
+    with pytest.raises(UserError, match=r"optim.lr_mult.head=-1"):
+        OptimConfig(lr_mult={"head": -1})

@@ -6,6 +6,7 @@ import inspect
 from importlib import import_module
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from trustseg.errors import UserError
@@ -38,3 +39,14 @@ def build_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
     if unknown:
         raise UserError(f"model {name!r}: unknown option(s) {unknown}; accepted: {sorted(accepted)}")
     return builder(num_classes=num_classes, **options)
+
+
+def class_dependent_keys(name: str, **options: Any) -> set[str]:
+    """State-dict keys of model `name` whose shape depends on num_classes: its classifier.
+
+    Found by building the model twice on the meta device (no memory, no initialisation cost) with two
+    class counts and comparing shapes, so every architecture answers without a hand-kept list.
+    """
+    with torch.device("meta"):
+        one, two = (build_model(name, num_classes=k, **options).state_dict() for k in (2, 3))
+    return {key for key, tensor in one.items() if tensor.shape != two[key].shape}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -371,7 +371,12 @@ def hf_segformer_key(key: str) -> str | None:
 
 
 def load_segformer_weights(
-    model: SegFormer, path_or_state: str | Path | Mapping[str, Tensor], *, encoder_only: bool = False
+    model: SegFormer,
+    path_or_state: str | Path | Mapping[str, Tensor],
+    *,
+    encoder_only: bool = False,
+    reinitialise: Collection[str] = (),
+    source: str | None = None,
 ) -> LoadReport:
     """Load a Hugging Face SegFormer checkpoint (file or state dict) into ``model``, strictly.
 
@@ -382,16 +387,21 @@ def load_segformer_weights(
     ``encoder_only=True`` (e.g. to fine-tune an ADE20K model on other classes), only the encoder is
     loaded and the decoder keeps its initialisation.
 
+    ``reinitialise`` names our keys that keep their initialisation when the checkpoint's tensor has
+    another shape (pass the classifier's keys to fine-tune a whole model on another number of classes).
+    ``source`` names what is loaded in messages (default: the path).
+
     Returns what was not loaded: ``missing`` lists our keys left as initialised (the decoder's, for
-    an encoder-only load), ``dropped`` the checkpoint keys that were ignored. Any other mismatch
-    (a missing or extra encoder key, a wrong variant, a different class count) raises ``UserError``.
+    an encoder-only load), ``dropped`` the checkpoint keys that were ignored, ``reinitialised`` the
+    skipped classifier keys. Any other mismatch (a missing or extra encoder key, a wrong variant, a
+    different class count without ``reinitialise``) raises ``UserError``.
     """
     is_path = isinstance(path_or_state, (str, Path))
-    source = f"SegFormer checkpoint {path_or_state}" if is_path else "SegFormer state dict"
+    source = source or (f"SegFormer checkpoint {path_or_state}" if is_path else "SegFormer state dict")
     state = as_state_dict(path_or_state, source=source)
     has_head = any(key.removeprefix("segformer.").startswith("decode_head.") for key in state)
     if has_head and not encoder_only:
-        return load_mapped(model, state, hf_segformer_key, source=source)
+        return load_mapped(model, state, hf_segformer_key, source=source, reinitialise=reinitialise)
 
     def encoder_key(key: str) -> str | None:
         ours = hf_segformer_key(key)

@@ -34,8 +34,8 @@ def vit_segmenter(
     num_classes: int,
     backbone: str = "vit_ti16",
     head: str = "linear",
-    pos: Pos = "ape",
-    num_register_tokens: int = 0,
+    pos: Pos | None = None,
+    num_register_tokens: int | None = None,
     drop_path: float = 0.0,
     depth: int | None = None,
     pos_grid: int | None = None,
@@ -46,11 +46,13 @@ def vit_segmenter(
 
     Args:
         num_classes: K, the number of output channels.
-        backbone: one of ``vit_ti16``, ``vit_s16``, ``vit_b16``, ``vit_s14``, ``vit_b14``.
+        backbone: one of ``vit_ti16``, ``vit_s16``, ``vit_b16``, ``vit_s14``, ``vit_b14`` (DINOv2
+            layout), ``vit_s16_dinov3``, ``vit_b16_dinov3`` (DINOv3 layout).
         head: ``linear`` (per-patch classifier), ``mask`` (Segmenter mask transformer) or ``fpn``
             (light UPerNet on four intermediate layers).
-        pos: ``ape``, ``rope`` or ``none``.
-        num_register_tokens: register tokens of the backbone (the /14 presets accept 0 or 4).
+        pos: ``ape``, ``rope`` or ``none``; default: the preset's (``rope`` for DINOv3, else ``ape``).
+        num_register_tokens: register tokens of the backbone (the /14 presets accept 0 or 4); default:
+            the preset's (4 for DINOv3, else 0).
         drop_path: stochastic depth rate of the backbone.
         depth: number of backbone blocks, if not the preset's 12 (e.g. a small model for quick runs).
         pos_grid: patch-grid side of the absolute position embedding, if not the preset's (14 for /16
@@ -64,17 +66,16 @@ def vit_segmenter(
         raise UserError(f"unknown backbone {backbone!r}; expected one of {', '.join(VIT_PRESETS)}")
     if head not in HEADS:
         raise UserError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
-    backbone_options: dict[str, Any] = {}
-    if depth is not None:
-        backbone_options["depth"] = depth
-    if pos_grid is not None:
-        backbone_options["pos_grid"] = pos_grid
+    # options left at None take the preset's value (e.g. RoPE and 4 registers for the DINOv3 layouts)
+    given = {"depth": depth, "pos_grid": pos_grid, "pos": pos}
+    backbone_options: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     if backbone.endswith("14"):
-        if num_register_tokens not in (0, 4):
+        if num_register_tokens not in (None, 0, 4):
             raise UserError(f"{backbone} (DINOv2 layout) has 0 or 4 register tokens, not {num_register_tokens}")
-        vit = VIT_PRESETS[backbone](pos=pos, registers=num_register_tokens == 4, drop_path=drop_path, **backbone_options)
-    else:
-        vit = VIT_PRESETS[backbone](pos=pos, num_register_tokens=num_register_tokens, drop_path=drop_path, **backbone_options)
+        backbone_options["registers"] = num_register_tokens == 4
+    elif num_register_tokens is not None:
+        backbone_options["num_register_tokens"] = num_register_tokens
+    vit = VIT_PRESETS[backbone](drop_path=drop_path, **backbone_options)
     dim = vit.embed_dim
     decode: nn.Module
     if head == "linear":

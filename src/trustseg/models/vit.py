@@ -315,6 +315,8 @@ _S = ViTConfig(embed_dim=384, num_heads=6)
 _B = ViTConfig(embed_dim=768, num_heads=12)
 # DINOv2 layout: patch 14, APE trained on 518 px (37 x 37 patches), LayerScale.
 _DINOV2 = {"patch_size": 14, "pos_grid": 37, "layerscale": 1e-5}
+# DINOv3 layout: patch 16, RoPE (no APE), 4 registers, LayerScale, LayerNorm eps 1e-5.
+_DINOV3 = {"layerscale": 1e-5, "norm_eps": 1e-5}
 
 
 def _build(base: ViTConfig, pos: Pos, num_register_tokens: int, drop_path: float, overrides: dict[str, Any]) -> ViT:
@@ -352,10 +354,22 @@ def vit_b14(*, pos: Pos = "ape", registers: bool = False, drop_path: float = 0.0
     return _build(_B, pos, 4 if registers else 0, drop_path, options)
 
 
+def vit_s16_dinov3(*, pos: Pos = "rope", num_register_tokens: int = 4, drop_path: float = 0.0, **overrides: Any) -> ViT:
+    """DINOv3 ViT-S/16 layout (RoPE, 4 registers, LayerScale); its weights need ``pos="rope"``."""
+    return _build(_S, pos, num_register_tokens, drop_path, {**_DINOV3, **overrides})
+
+
+def vit_b16_dinov3(*, pos: Pos = "rope", num_register_tokens: int = 4, drop_path: float = 0.0, **overrides: Any) -> ViT:
+    """DINOv3 ViT-B/16 layout (RoPE, 4 registers, LayerScale); its weights need ``pos="rope"``."""
+    return _build(_B, pos, num_register_tokens, drop_path, {**_DINOV3, **overrides})
+
+
 VIT_PRESETS: dict[str, Callable[..., ViT]] = {
     "vit_ti16": vit_ti16,
     "vit_s16": vit_s16,
     "vit_b16": vit_b16,
     "vit_s14": vit_s14,
     "vit_b14": vit_b14,
+    "vit_s16_dinov3": vit_s16_dinov3,
+    "vit_b16_dinov3": vit_b16_dinov3,
 }

@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 import pickle
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -119,11 +119,20 @@ def as_state_dict(path_or_state: str | Path | Mapping[str, Tensor], *, source: s
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What ``load_mapped`` did not load (always empty lists when ``strict=True``)."""
+    """What ``load_mapped`` did not load: our keys without a checkpoint tensor (``missing``; always
+    empty when ``strict=True``), checkpoint keys that are not ours (``unexpected``) or were dropped by
+    the rename (``dropped``), and our keys whose checkpoint tensor had another shape and was skipped on
+    purpose (``reinitialised``, e.g. a classifier for another number of classes)."""
 
     missing: list[str]
     unexpected: list[str]
     dropped: list[str]
+    reinitialised: list[str] = field(default_factory=list)
+
+    def loaded(self, model: nn.Module) -> list[str]:
+        """Our keys that received a checkpoint tensor."""
+        kept = set(self.missing) | set(self.reinitialised)
+        return [key for key in model.state_dict() if key not in kept]
 
 
 def rename_keys(state: Mapping[str, Tensor], rename: Rename, *, source: str) -> tuple[StateDict, list[str]]:
@@ -154,6 +163,7 @@ def load_mapped(
     source: str,
     convert: Callable[[StateDict], StateDict] | None = None,
     strict: bool = True,
+    reinitialise: Collection[str] = (),
 ) -> LoadReport:
     """Rename, convert and load ``state`` into ``model``; mismatches raise one readable ``UserError``.
 
@@ -166,12 +176,18 @@ def load_mapped(
         convert: optional whole-dict step after renaming, for many-to-one maps (fusing q, k, v).
         strict: if False, missing and unexpected keys are reported in the result instead of raising;
             shape mismatches always raise.
+        reinitialise: our keys that keep their initialisation when the checkpoint's tensor has another
+            shape (a classifier trained for another number of classes); any other mismatch raises.
     """
     renamed, dropped = rename_keys(state, rename, source=source)
     if convert is not None:
         renamed = convert(renamed)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in renamed]
+    reinitialised = [
+        k for k in expected if k in reinitialise and k in renamed and renamed[k].shape != expected[k].shape
+    ]
+    renamed = {k: v for k, v in renamed.items() if k not in reinitialised}
+    missing = [k for k in expected if k not in renamed and k not in reinitialised]
     unexpected = [k for k in renamed if k not in expected]
     mismatched = [
         f"{k}: checkpoint {tuple(renamed[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -182,7 +198,7 @@ def load_mapped(
         raise UserError(describe_mismatch(source, type(model).__name__, missing, unexpected, mismatched))
     with torch.no_grad():
         model.load_state_dict(renamed, strict=False)
-    return LoadReport(missing=missing, unexpected=unexpected, dropped=dropped)
+    return LoadReport(missing=missing, unexpected=unexpected, dropped=dropped, reinitialised=reinitialised)
 
 
 def describe_mismatch(
@@ -337,14 +353,17 @@ def load_vit_weights(
     *,
     layout: str = "auto",
     strict: bool = True,
+    source: str | None = None,
 ) -> LoadReport:
     """Load DINOv2 / DINOv3 (transformers layout), timm or trustseg ViT weights into ``model``.
 
+    ``source`` names what is loaded in messages (default: the path).
+
     The model must be built with the matching architecture: e.g. DINOv2 ViT-S/14 from the hub is
-    ``vit_s14()`` (``registers=True`` for the register variant), DINOv3 ViT-S/16 is
-    ``vit_s16(pos="rope", num_register_tokens=4, layerscale=1.0, norm_eps=1e-5)``.
+    ``vit_s14()`` (``registers=True`` for the register variant), DINOv3 ViT-S/16 is ``vit_s16_dinov3()``.
     """
-    source = f"ViT weights {path_or_state}" if isinstance(path_or_state, (str, Path)) else "ViT state dict"
+    if source is None:
+        source = f"ViT weights {path_or_state}" if isinstance(path_or_state, (str, Path)) else "ViT state dict"
     state = as_state_dict(path_or_state, source=source)
     if layout == "auto":
         layout = detect_vit_layout(state)

@@ -36,6 +36,8 @@ class DataConfig:
     Training crops: rescale to ``base_size`` x a ratio from ``scale`` (skipped when ``base_size`` is
     None), random ``crop`` (redrawn while one class covers ``cat_max_ratio`` of it), horizontal flip,
     optional colour jitter, then normalisation with ``mean``/``std`` (stored in the checkpoint).
+    Validation predicts whole images (padded to the model's stride) or, with ``val_crop`` and
+    ``val_stride``, slides windows over them as ``trustseg eval --mode slide`` does.
     """
 
     train: str = "synthetic"
@@ -49,6 +51,9 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     num_workers: int = 0
     val_batch_size: int = 4
+    # sliding-window validation (windows of val_crop every val_stride), for images larger than the crop
+    val_crop: tuple[int, int] | None = None
+    val_stride: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         _check(all(c > 0 for c in self.crop), "data.crop", self.crop, "two positive ints (height, width)")
@@ -65,25 +70,48 @@ class DataConfig:
         _check(min(self.std) > 0, "data.std", self.std, "three positive values (0..1 units)")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "an int >= 0")
         _check(self.val_batch_size >= 1, "data.val_batch_size", self.val_batch_size, "an int >= 1")
+        for key in ("val_crop", "val_stride"):
+            value = getattr(self, key)
+            _check(value is None or min(value) > 0, f"data.{key}", value, "two positive ints (height, width) or null")
+        _check((self.val_crop is None) == (self.val_stride is None), "data.val_stride", self.val_stride,
+               "set together with data.val_crop (e.g. val_crop=[512,1024], val_stride=[341,683])")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``models.factory.build_model(name, num_classes=..., **options)``; optional initial ``weights``."""
+    """``models.factory.build_model(name, num_classes=..., **options)`` and where a fresh run starts.
+
+    ``weights``: pretrained weights in a published layout (``models.pretrained``): a transformers
+    SegFormer for ``segformer``, a DINOv2/DINOv3/timm ViT backbone for ``vit_segmenter``; as a
+    ``save_pretrained`` folder or one file. ``{option}`` in the path is replaced by that model
+    option, so ``weights/mit-{variant}`` follows ``options.variant``.
+    ``init_from``: a checkpoint written by ``trustseg train`` for the same model; a different class
+    count re-initialises only the classifier. Both are read only by a fresh run, never on --resume.
+    """
 
     name: str = "unet"
     options: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None  # a ViT backbone checkpoint (DINOv2/timm layout) for vit_segmenter
+    weights: str | None = None
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.weights is None or self.init_from is None, "model.init_from", self.init_from,
+               "null when model.weights is set (a run starts from one of the two)")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW. ``layer_decay`` < 1 scales block ``i`` of a ViT backbone by ``layer_decay**(depth - i)``."""
+    """AdamW. ``layer_decay`` < 1 scales block ``i`` of a ViT backbone by ``layer_decay**(depth - i)``.
+
+    ``lr_mult`` multiplies the lr of the parameters under a module path, e.g. ``{decoder: 10.0}``: a
+    freshly initialised SegFormer head learning 10x faster than its pretrained encoder (Xie et al. 2021).
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     layer_decay: float = 1.0
+    lr_mult: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
 
     def __post_init__(self) -> None:
@@ -91,6 +119,9 @@ class OptimConfig:
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a value >= 0")
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "two values in [0, 1)")
         _check(0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay, "a factor in (0, 1]")
+        for prefix, mult in self.lr_mult.items():
+            _check(isinstance(mult, (int, float)) and not isinstance(mult, bool) and mult > 0,
+                   f"optim.lr_mult.{prefix}", mult, "a factor > 0")
         _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "a norm > 0 or null")
 
 

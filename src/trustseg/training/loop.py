@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from rich import get_console
 from rich.progress import TextColumn
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -42,6 +42,7 @@ from trustseg.engine.rundir import RunDir, to_plain
 from trustseg.training.config import TrainConfig
 from trustseg.training.data import TrainData, compute_class_weights, load_train_data
 from trustseg.training.history import History
+from trustseg.training.initial_weights import WEIGHTS_JSON, load_initial_weights
 from trustseg.training.losses import segmentation_loss
 from trustseg.training.optim import build_optimizer, set_lr
 from trustseg.training.sampling import EpochBatches, step_seed
@@ -106,8 +107,7 @@ class _Run:
 
         torch.manual_seed(config.seed)
         self.model = build_model(config.model.name, num_classes=self.classes.num_classes, **config.model.options)
-        if config.model.weights and checkpoint is None:
-            _load_backbone_weights(self.model, config.model.weights)
+        initial_weights = load_initial_weights(self.model, config.model) if checkpoint is None else None
         self.model.to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -145,6 +145,9 @@ class _Run:
             self.trained = torch.compile(self.trained)
         if self.main:
             self.run_dir.write_config(config)
+            if initial_weights is not None:
+                self.run_dir.write_json(WEIGHTS_JSON, initial_weights.to_json())
+                get_console().print(initial_weights.summary())
 
     # --- time and stopping -------------------------------------------------------------------------
 
@@ -296,7 +299,9 @@ class _Run:
             self.bar.update(self.task, description="validate")
         self.model.eval()
         data = self.config.data
-        predictor = Predictor(self.model, data.mean, data.std, InferenceConfig(bf16=self.config.bf16)).to(self.device)
+        mode = "whole" if data.val_crop is None else "slide"
+        inference = InferenceConfig(mode=mode, crop=data.val_crop, stride=data.val_stride, bf16=self.config.bf16)
+        predictor = Predictor(self.model, data.mean, data.std, inference).to(self.device)
         accumulators = [ConfusionMatrix(self.classes.num_classes, self.classes.ignore_index)]
         try:
             # no nested bar: rich allows one live display, the training bar
@@ -354,13 +359,3 @@ def _check_crop(config: TrainConfig, divisor: int) -> None:
         fits = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
         raise UserError(f"data.crop={list(config.data.crop)} is not a multiple of {config.model.name}'s input "
                         f"stride {divisor}; use e.g. data.crop={list(fits)}")
-
-
-def _load_backbone_weights(model: nn.Module, path: str) -> None:
-    from trustseg.models.vit import ViT
-    from trustseg.models.weights import load_vit_weights
-
-    backbone = getattr(model, "backbone", None)
-    if not isinstance(backbone, ViT):
-        raise UserError(f"model.weights={path!r}: only models with a ViT backbone (vit_segmenter) take weights")
-    load_vit_weights(backbone, path)

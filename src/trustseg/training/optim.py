@@ -1,4 +1,5 @@
-"""AdamW parameter groups: no weight decay on biases, norms and tokens; optional layer-wise LR decay.
+"""AdamW parameter groups: no weight decay on biases, norms and tokens; optional layer-wise LR decay
+and per-module LR multipliers (``optim.lr_mult``, e.g. a decode head at 10x).
 
 Layer-wise decay (BEiT, Bao et al. 2022) gives the ViT backbone's embeddings depth 0, block ``i`` depth
 ``i + 1`` and everything after the last block (final norm, decode head) depth ``L + 1``; a parameter at
@@ -54,15 +55,31 @@ def layer_depth(name: str, prefix: str, num_blocks: int) -> int:
     return num_blocks + 1
 
 
+def lr_multiplier(name: str, lr_mult: dict[str, float]) -> float:
+    """The ``optim.lr_mult`` factor of parameter ``name``: that of its longest matching module path."""
+    matches = [path for path in lr_mult if name == path or name.startswith(path + ".")]
+    return float(lr_mult[max(matches, key=len)]) if matches else 1.0
+
+
+def _check_lr_mult(names: list[str], lr_mult: dict[str, float]) -> None:
+    for path in lr_mult:
+        if not any(name == path or name.startswith(path + ".") for name in names):
+            modules = sorted({name.split(".")[0] for name in names})
+            raise UserError(f"config optim.lr_mult.{path}: no parameter of the model lies under {path!r}; "
+                            f"expected a module path such as {', '.join(modules)}")
+
+
 def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     """AdamW groups keyed by (weight decay, lr scale); each group carries ``lr_scale`` and its ``names``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     prefix, num_blocks = vit_backbone_prefix([n for n, _ in named]) if config.layer_decay < 1.0 else ("", 0)
+    _check_lr_mult([n for n, _ in named], config.lr_mult)
 
     def scale_of(name: str) -> float:
+        mult = lr_multiplier(name, config.lr_mult)
         if config.layer_decay == 1.0:
-            return 1.0
-        return config.layer_decay ** (num_blocks + 1 - layer_depth(name, prefix, num_blocks))
+            return mult
+        return mult * config.layer_decay ** (num_blocks + 1 - layer_depth(name, prefix, num_blocks))
 
     groups: dict[tuple[float, float], dict] = {}
     for name, param in named:
