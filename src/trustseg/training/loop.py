@@ -74,7 +74,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     Raises ``UserError`` for bad configs or data, and when the loss or gradient becomes NaN/inf (the last
     good ``last.pt`` is kept).
     """
-    init_from_environment(resolve_device(config.device))
+    device = resolve_device(config.device)
+    init_from_environment(device)
     if config.batch_size % world_size():
         raise UserError(f"batch_size={config.batch_size} (global) is not divisible by {world_size()} processes")
     out = Path(config.out)
@@ -82,15 +83,16 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if not resume and (out / LAST).exists():
         raise UserError(f"{out} already holds a training run ({LAST}); pass --resume to continue it "
                         "or use another --out")
-    return _Run(config, checkpoint, progress=progress).run()
+    return _Run(config, checkpoint, device, progress=progress).run()
 
 
 class _Run:
     """One training session (fresh or resumed): owns the model, optimizer, data and counters."""
 
-    def __init__(self, config: TrainConfig, checkpoint: Checkpoint | None, *, progress: bool) -> None:
+    def __init__(self, config: TrainConfig, checkpoint: Checkpoint | None, device: torch.device, *,
+                 progress: bool) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = device
         autocast(self.device, bf16=config.bf16, fp16=config.fp16)  # refuses fp16 off CUDA before any work
         self.out = Path(config.out)
         self.main = is_main_process()
