@@ -15,6 +15,7 @@ from trustseg.bench.model import (
     bench_model,
     build_bench_model,
     format_model_bench,
+    summarize,
     write_csv_rows,
 )
 from trustseg.errors import UserError
@@ -71,24 +72,33 @@ def test_flops_and_params_match_independent_counts(tiny_result):
     assert result["params_m"] * 1e6 == pytest.approx(vit_ti16_hand_params(), rel=1e-12)
 
 
+def test_summarize_against_hand_computed_figures():
+    r = summarize([500.0, 250.0, 400.0], [100.0, 50.0, 200.0, 80.0], batch_size=2, gflops_per_image=10.0, mm_gflop=18.0)
+    # forwards: median 400 ms, best 250 ms for 2 images -> 5 and 8 img/s -> 50 and 80 GFLOP/s;
+    # matmuls: median 90 ms, best 50 ms for 18 GFLOP -> 200 and 360 GFLOP/s
+    assert (r["step_ms_median"], r["step_ms_best"]) == (400.0, 250.0)
+    assert (r["img_per_s_median"], r["img_per_s_best"]) == pytest.approx((5.0, 8.0))
+    assert (r["achieved_gflops_median"], r["achieved_gflops_best"]) == pytest.approx((50.0, 80.0))
+    assert (r["peak_gflops_median"], r["peak_gflops_best"]) == pytest.approx((200.0, 360.0))
+    assert (r["peak_fraction_median"], r["peak_fraction_best"]) == pytest.approx((0.25, 2 / 9))
+
+
 def test_summaries_follow_from_raw_timings(tiny_result):
+    """Every summary from the raw times, the hand FLOP count and the matmul size alone."""
     result, _, _ = tiny_result
-    gflops = result["gflops_per_image"]
+    gflops = vit_ti16_hand_flops_per_image() / 1e9
     mm_gflop = 2 * MM**3 / 1e9
     assert list(result["results"]) == ["fp32", "bf16"]
     for r in result["results"].values():
         assert len(r["step_ms"]) == RUNS and len(r["mm_ms"]) == RUNS * MM_REPS  # warm-up discarded
         assert all(t > 0 for t in r["step_ms"] + r["mm_ms"])
-        median, best = statistics.median(r["step_ms"]), min(r["step_ms"])
-        assert r["img_per_s_median"] == pytest.approx(B * 1e3 / median)
-        assert r["img_per_s_best"] == pytest.approx(B * 1e3 / best)
-        assert r["img_per_s_best"] >= r["img_per_s_median"]
-        assert r["achieved_gflops_median"] == pytest.approx(gflops * r["img_per_s_median"])
-        assert r["achieved_gflops_best"] == pytest.approx(gflops * r["img_per_s_best"])
-        assert r["peak_gflops_median"] == pytest.approx(mm_gflop * 1e3 / statistics.median(r["mm_ms"]))
-        assert r["peak_gflops_best"] == pytest.approx(mm_gflop * 1e3 / min(r["mm_ms"]))
-        assert r["peak_fraction_median"] == pytest.approx(r["achieved_gflops_median"] / r["peak_gflops_median"])
-        assert r["peak_fraction_best"] == pytest.approx(r["achieved_gflops_best"] / r["peak_gflops_best"])
+        for stat, pick in (("median", statistics.median), ("best", min)):
+            img_per_s = B * 1e3 / pick(r["step_ms"])
+            peak = mm_gflop * 1e3 / pick(r["mm_ms"])
+            assert r[f"img_per_s_{stat}"] == pytest.approx(img_per_s)
+            assert r[f"achieved_gflops_{stat}"] == pytest.approx(gflops * img_per_s)
+            assert r[f"peak_gflops_{stat}"] == pytest.approx(peak)
+            assert r[f"peak_fraction_{stat}"] == pytest.approx(gflops * img_per_s / peak)
 
 
 def test_machine_and_threads(tiny_result):

@@ -8,11 +8,21 @@ from PIL import Image
 CAMVID_VAL = Path(__file__).parents[2].parent / "shared/data/camvid/val"
 
 
+def _camvid_photos() -> list[Path]:
+    return sorted(CAMVID_VAL.glob("*.png")) if CAMVID_VAL.is_dir() else []
+
+
+@pytest.fixture(scope="session")
+def photo_is_camvid() -> bool:
+    """Whether `photo` is the real CamVid image (tolerances measured on it hold) or the synthetic fallback."""
+    return bool(_camvid_photos())
+
+
 @pytest.fixture(scope="session")
 def photo() -> np.ndarray:
     """A real street scene, uint8 (H, W, 3): the first CamVid val image (360 x 480) when ../shared is there,
     else a synthetic scene of 240 x 320 given camera-like blur and noise."""
-    files = sorted(CAMVID_VAL.glob("*.png")) if CAMVID_VAL.is_dir() else []
+    files = _camvid_photos()
     if files:
         return np.array(Image.open(files[0]).convert("RGB"))
     from trustseg.data.synthetic import SyntheticDataset

@@ -93,7 +93,7 @@ def test_motion_blur_corruption_uses_the_drawn_angle(photo):
         assert got.shape == batch.shape
 
 
-def test_glass_blur_matches_reference_statistics(photo):
+def test_glass_blur_matches_reference_statistics(photo, photo_is_camvid):
     image = np.ascontiguousarray(photo[:120, :160])
     seeds = range(2)
     for severity in range(1, 6):
@@ -103,11 +103,13 @@ def test_glass_blur_matches_reference_statistics(photo):
             stats.append(np.mean([(metrics.peak_signal_noise_ratio(image, c),
                                    metrics.structural_similarity(image, c, channel_axis=2)) for c in corrupted], 0))
         (ref_psnr, ref_ssim), (our_psnr, our_ssim) = stats
-        # Independent offsets vs. the reference's chained swaps. Measured: within 3.5% at every severity on
-        # the CamVid photo; up to 8% (PSNR, severity 3) on the synthetic fallback scene, whose flat
-        # textures and sharp edges make PSNR more sensitive to the chains' correlated displacements.
-        assert our_psnr == pytest.approx(ref_psnr, rel=0.1), severity
-        assert our_ssim == pytest.approx(ref_ssim, rel=0.1), severity
+        # Independent offsets vs. the reference's chained swaps. Measured on the CamVid photo: at most
+        # 3.54% (SSIM, severity 1; PSNR at most 3.3%, severity 3); up to 8% (PSNR, severity 3) on the
+        # synthetic fallback scene, whose flat textures and sharp edges make PSNR more sensitive to the
+        # chains' correlated displacements. The real photo is held to its own, tighter figure.
+        tolerance = 0.036 if photo_is_camvid else 0.1
+        assert our_psnr == pytest.approx(ref_psnr, rel=tolerance), severity
+        assert our_ssim == pytest.approx(ref_ssim, rel=tolerance), severity
 
 
 def test_glass_displacement_table_is_the_swap_process():

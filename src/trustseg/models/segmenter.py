@@ -25,7 +25,9 @@ class Segmenter(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         tokens, grid, layers = self.backbone.forward_features(images, return_layers=self.head.layers)
-        logits = self.head(tokens, grid, layers)
+        # The linear head's logits are a channels-last view; upsampling from it is 3-4x slower in fp32
+        # than copying the small (B, K, h, w) map first (benchmarks/RESULTS.md, "Model inference").
+        logits = self.head(tokens, grid, layers).contiguous()
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
