@@ -121,6 +121,13 @@ def test_crops_are_windows_of_the_outputs_and_small_images_stay_whole():
     assert whole_small <= 1  # an image no larger than the crop is one candidate, not four copies
 
 
+def test_an_image_offers_no_more_crops_than_would_tile_it():
+    # 12x16 in 6x6 crops: ceil(192 / 36) = 6 candidates, however many crops per image are allowed
+    data = collect(Images([(12, 16)] * 2, ignore=False), max_pixels=1, max_crops=100, crop_size=6,
+                   crops_per_image=10).fit_data()
+    assert len(data.maps) == 12
+
+
 def test_memory_does_not_grow_with_the_number_of_images():
     def peak(count):
         return peak_tensor_bytes(lambda: collect_fit_data(model, Images([(48, 64)] * count), max_pixels=500,

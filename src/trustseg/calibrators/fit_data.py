@@ -4,10 +4,10 @@ Pixel-wise methods get a uniform sample of the labelled pixels of the fit data, 
 size of its images: every labelled pixel draws a random key and the `max_pixels` largest keys are kept
 (reservoir sampling with random keys, a bounded top-k). Spatial methods (LTS, IBTS) get random crops of
 at most `crop_size` x `crop_size` pixels with their image and label map: `crops_per_image` candidate
-crops per image, each with a key, the `max_crops` largest kept. Memory is therefore bounded by
-max_pixels x (K + 4) x 4 B plus max_crops x crop_size² x (4 K + 11) B, not by the data: for Cityscapes
-(K = 19) with the defaults (10^6 pixels, 64 crops of 512²) about 92 MB + 1.5 GB, where keeping 64 whole
-1024x2048 logit maps took 11.6 GB (benchmarks/RESULTS.md has the measured peaks).
+crops per image (at most as many as would tile it), each with a key, the `max_crops` largest kept. Memory is therefore bounded by
+max_pixels x (4 K + 16) B plus max_crops x crop_size² x (4 K + 11) B, not by the data: for Cityscapes
+(K = 19) with the defaults (10^6 pixels, 64 crops of 512²) 88 MiB + 1.36 GiB, where keeping 64 whole
+1024x2048 logit maps with their images and masks took 11 GiB (benchmarks/RESULTS.md: measured peaks).
 
 A pixel's key and a crop's place depend only on the seed, the image's path and the position, never on
 the batch size, the order or the process: under torchrun each process keeps the top keys of its shard
@@ -155,7 +155,9 @@ class FitDataCollector:
     def _add_crops(self, logits: Tensor, image: Tensor, mask: Tensor, generator: torch.Generator) -> None:
         _, H, W = logits.shape
         h, w = min(self.crop_size, H), min(self.crop_size, W)
-        for _ in range(1 if (h, w) == (H, W) else self.crops_per_image):
+        # no more candidates than crops that would tile the image (one if the crop is the whole image):
+        # more would hold overlapping copies of the same pixels
+        for _ in range(min(self.crops_per_image, math.ceil(H * W / (h * w)))):
             # every draw happens whether or not the crop is kept, so later draws never depend on the sample
             key = float(torch.rand((), generator=generator, dtype=torch.float64))
             top = int(torch.randint(H - h + 1, (), generator=generator))
