@@ -115,11 +115,12 @@ class FitDataCollector:
 
     def _add_image(self, logits: Tensor, image: Tensor, mask: Tensor, path: str) -> None:
         K, ignore = self.num_classes, self.ignore_index
+        mask, image = mask.to(logits.device), image.to(logits.device)  # the sample lives with the logits
         valid = (mask != ignore).flatten()
         if bool((((mask < 0) | (mask >= K)).flatten() & valid).any()):
             raise UserError(f"fit image {path} has labels outside [0, {K}) other than {ignore}")
         generator = torch.Generator().manual_seed(sample_seed(self.seed, path))
-        keys = torch.rand(mask.numel(), generator=generator, dtype=torch.float64).to(mask.device)
+        keys = torch.rand(mask.numel(), generator=generator, dtype=torch.float64).to(logits.device)
         index = valid.nonzero().squeeze(1)
         self.images += 1
         self.labelled_pixels += index.numel()
