@@ -28,7 +28,17 @@ DECISION_PRESERVING = ("ts", "ccaffine", "ccaffine_argmax", "lts", "lts_ti", "ib
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def module_one_thread():
+    """One torch thread for the module-scoped runs as well: the function-scoped `one_thread` only starts
+    after them, and they are as small as the tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, module_one_thread):
     tmp = tmp_path_factory.mktemp("calibrate")
     root = folder_tree(tmp / "data")
     rng = np.random.default_rng(0)
