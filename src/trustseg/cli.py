@@ -313,11 +313,16 @@ def calibrate_command(
     fit_split: Optional[str] = typer.Option(None, "--fit-split", help="Split of --fit-data (default: the spec's #split, else val)."),
     split: Optional[str] = ValSplitOption,
     max_images: Optional[int] = MaxImagesOption,
-    max_pixels: int = typer.Option(1_000_000, "--max-pixels", min=1, help="Labelled pixels subsampled to fit pixel-wise methods."),
-    max_maps: int = typer.Option(64, "--max-maps", min=1, help="Fit images kept whole for LTS/IBTS."),
-    epochs: int = typer.Option(20, "--epochs", min=1, help="Passes over the maps when fitting LTS/IBTS."),
+    max_pixels: int = typer.Option(1_000_000, "--max-pixels", min=1,
+                                   help="Labelled fit pixels sampled uniformly to fit pixel-wise methods."),
+    max_crops: int = typer.Option(64, "--max-crops", min=1, help="Random fit crops kept to fit LTS/IBTS."),
+    fit_crop: int = typer.Option(512, "--fit-crop", min=1, help="Side of those crops in pixels (smaller images are kept whole)."),
+    epochs: int = typer.Option(20, "--epochs", min=1, help="Passes over the crops when fitting LTS/IBTS."),
     bins: int = typer.Option(15, "--bins", min=1, help="Equal-width confidence bins of ECE/MCE."),
-    save: str = typer.Option("best", "--save", help="Method written as calibrated checkpoint: best (lowest clean ECE), a name, or none."),
+    save: str = typer.Option("best", "--save", help="Method written as calibrated checkpoint: best (lowest NLL on held-out "
+                             "fit images among argmax-preserving methods), best-any (among all), a name, or none."),
+    holdout: float = typer.Option(0.2, "--holdout", help="Share of the fit images held out to choose --save best/best-any."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Accept --fit-data and --data that share images."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fit subsample and of the corruptions."),
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
@@ -335,8 +340,8 @@ def calibrate_command(
     config = CalibrateConfig(
         checkpoint=str(checkpoint), fit_data=fit_data, data=data, out=str(out), methods=parse_methods(method),
         fit_split=fit_split, split=split, corruptions=parse_corruptions(corruptions) if corruptions.strip() else (),
-        severities=parse_severities(severities), max_images=max_images, max_pixels=max_pixels, max_maps=max_maps,
-        epochs=epochs, num_bins=bins, save=save, seed=seed,
+        severities=parse_severities(severities), max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
+        fit_crop=fit_crop, epochs=epochs, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
         inference=inference_config(mode, crop, stride, short_side, bf16), progress=progress,
     )
     result = run_calibrate(config)
@@ -344,6 +349,10 @@ def calibrate_command(
         for key, results in result.conditions.items():
             console.print(rich_table(*method_rows(result.methods, results, COMPACT, properties=False),
                                      title=f"calibration on {key} (%; all columns in report.md)"))
+        if result.selection is not None:
+            choice = result.selection
+            console.print(f"--save {choice['rule']}: {choice['chosen']}, lowest {choice['score']} on "
+                          f"{choice['holdout_images']} held-out fit image(s) among {choice['among']}")
         if result.saved is not None:
             console.print(f"calibrated checkpoint: {result.saved}")
         console.print(f"run directory: {result.run_dir}")

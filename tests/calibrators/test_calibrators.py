@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from trustseg.calibrators import METHODS, build_calibrator, fit_calibrator
 from trustseg.calibrators.methods import ClassConditionalAffine, MatrixScaling
-from trustseg.calibrators.fit import FitData, collect_fit_data
+from trustseg.calibrators.fit_data import FitData, collect_fit_data
 from trustseg.calibrators.properties import PROPERTIES, measure_properties, property_table
 from trustseg.errors import UserError
 
@@ -128,7 +128,7 @@ def test_local_temperature_scaling_beats_one_temperature_when_confidence_varies_
 
 def test_spatial_methods_need_maps():
     data = tempered_rows(1.0, n=100)
-    with pytest.raises(UserError, match="whole logit maps"):
+    with pytest.raises(UserError, match="logit-map crops"):
         fitted("lts", data)
 
 
@@ -154,11 +154,11 @@ class TinyLabelled:
         return {"image": torch.zeros(3, 4, 5, dtype=torch.uint8), "mask": mask, "path": f"im{i}.png"}
 
 
-def test_fit_data_keeps_a_bounded_uniform_subsample():
+def test_fit_data_keeps_a_bounded_sample():
     data = collect_fit_data(lambda images: torch.randn(images.shape[0], 3, 4, 5), TinyLabelled(), max_pixels=6,
-                            max_maps=1, progress=False)
+                            max_crops=1, progress=False)
     assert data.logits.shape == (6, 3) and data.labelled_pixels == 40 and len(data.maps) == 1
-    assert sorted(data.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert set(data.labels.tolist()) <= {0, 1}
 
 
 @pytest.mark.parametrize("predictor, dataset, message", [

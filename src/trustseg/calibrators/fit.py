@@ -1,79 +1,21 @@
-"""Fit calibrators by NLL on held-out data: pixel-wise ones on a pixel subsample, spatial ones on maps.
-
-Memory is bounded by the subsample, not the data: each fit image contributes at most
-ceil(max_pixels / images) uniformly drawn labelled pixels (K logits + label each). Spatial
-calibrators (LTS, IBTS) need whole logit maps and images; they keep at most `max_maps` images.
+"""Fit calibrators by NLL on held-out data: pixel-wise ones on a pixel sample, spatial ones on crops
+of the logit maps with their images (both collected by `calibrators.fit_data`, in bounded memory).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 
+from trustseg.calibrators.fit_data import FitData
 from trustseg.calibrators.methods import Calibrator, PixelCalibrator
-from trustseg.data.base import SegmentationDataset
-from trustseg.data.transforms import collate
 from trustseg.errors import UserError
 from trustseg.engine.progress import track
-
-
-@dataclass
-class FitData:
-    """What the calibrators are fitted on: pixel rows for pixel-wise methods, maps for spatial ones."""
-
-    logits: Tensor  # (N, K) float32, labelled pixels only
-    labels: Tensor  # (N,) int64 in [0, K)
-    maps: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (logits, image, mask)
-    images: int = 0
-    labelled_pixels: int = 0
-
-
-def collect_fit_data(
-    predictor,
-    dataset: SegmentationDataset,
-    *,
-    max_pixels: int = 1_000_000,
-    max_maps: int = 0,
-    seed: int = 0,
-    progress: bool = True,
-) -> FitData:
-    """Run `predictor` over `dataset` once and keep a uniform labelled-pixel subsample (and maps)."""
-    if len(dataset) == 0:
-        raise UserError("the fit data is empty: calibrators need held-out labelled images")
-    K, ignore = dataset.classes.num_classes, dataset.classes.ignore_index
-    quota = math.ceil(max_pixels / len(dataset))
-    generator = torch.Generator().manual_seed(seed)
-    rows, labels, maps = [], [], []
-    labelled = 0
-    loader = DataLoader(dataset, batch_size=1, collate_fn=collate)
-    with torch.no_grad():  # not inference_mode: the kept logits feed autograd when fitting
-        for batch in track(loader, total=len(loader), description="fit data", enabled=progress):
-            mask = batch["mask"]
-            if mask is None:
-                raise UserError(f"fit image {batch['path'][0]} has no label map: calibration needs labels")
-            logits = predictor(batch["image"])
-            if not bool(torch.isfinite(logits).all()):
-                raise UserError(f"the model's logits on fit image {batch['path'][0]} contain NaN or inf")
-            valid = (mask != ignore).flatten()
-            target = mask.flatten()
-            if bool(((target < 0) | (target >= K))[valid].any()):
-                raise UserError(f"fit image {batch['path'][0]} has labels outside [0, {K}) other than {ignore}")
-            index = valid.nonzero().squeeze(1)
-            labelled += index.numel()
-            index = index[torch.randperm(index.numel(), generator=generator)[:quota]]
-            rows.append(logits.permute(0, 2, 3, 1).reshape(-1, K)[index])
-            labels.append(target[index].long())
-            if len(maps) < max_maps and index.numel():
-                maps.append((logits[0].clone(), batch["image"][0].clone(), mask[0].clone()))
-    if labelled == 0:
-        raise UserError("the fit data has no labelled pixels (every pixel is ignore_index)")
-    return FitData(torch.cat(rows), torch.cat(labels), maps, len(dataset), labelled)
 
 
 @dataclass
@@ -104,13 +46,13 @@ def fit_calibrator(
     progress: bool = False,
 ) -> FitReport:
     """Minimise the NLL (+ the calibrator's regulariser). Pixel-wise: full-batch L-BFGS with a strong
-    Wolfe line search on the pixel rows. Spatial: Adam over the maps, one image per step, `epochs`
+    Wolfe line search on the pixel rows. Spatial: Adam over the crops, one crop per step, `epochs`
     passes in a fixed order."""
     start = time.perf_counter()
     torch.manual_seed(0)
     if calibrator.spatial:
         if not data.maps:
-            raise UserError(f"{calibrator.method} needs whole logit maps: collect the fit data with max_maps > 0")
+            raise UserError(f"{calibrator.method} needs logit-map crops: collect the fit data with max_crops > 0")
 
         def mean_nll() -> float:
             with torch.no_grad():

@@ -56,7 +56,7 @@ def property_table() -> str:
     ]
     for method, (cls, options, description) in METHODS.items():
         measured = measure_properties(method)
-        fitted_on = "logit maps + images" if cls.spatial else "pixel subsample"
+        fitted_on = "logit-map crops + images" if cls.spatial else "pixel sample"
         cells = " | ".join(mark[measured[p]] for p in PROPERTIES)
         lines.append(f"| `{method}` | {description} | {cells} | {fitted_on} |")
     return "\n".join(lines)

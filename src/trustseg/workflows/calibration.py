@@ -5,6 +5,13 @@ The base model runs once per batch and every calibrator reads its logits (one pa
 evaluation loop per condition, all methods at once). Each method's row carries its measured
 properties (translation invariance, argmax/order preservation) and how many pixel decisions it
 changed, so a method that moves the segmentation map says so next to its calibration gain.
+
+`--save best` never looks at the evaluation data: the last `holdout` share of the fit images is held
+out, every method is fitted on the rest and scored on it by NLL, and the best argmax-preserving method
+is written (`best-any`: the best of all). NLL, not ECE, because it is a proper scoring rule: ECE
+rewards any map whose binned confidence matches the accuracy, even a constant one, and on a small
+held-out set its binning error can exceed the gaps between methods. Fit and evaluation data that share
+images are refused unless `allow_overlap` says it is meant.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import torch
 from torch import nn
 
 from trustseg.calibrators.methods import METHODS, build_calibrator
-from trustseg.calibrators.fit import collect_fit_data, fit_calibrator
+from trustseg.calibrators.fit import fit_calibrator
+from trustseg.calibrators.fit_data import collect_fit_data
 from trustseg.calibrators.properties import PROPERTIES
 from trustseg.engine.checkpoint import load_checkpoint, save_checkpoint
-from trustseg.data.base import ClassInfo
+from trustseg.data.base import ClassInfo, SegmentationDataset, subset
+from trustseg.data.identity import shared_sources
 from trustseg.data.spec import load_dataset, resolve_split
 from trustseg.engine.distributed import init_from_environment, is_distributed, is_main_process
 from trustseg.errors import UserError
@@ -40,6 +49,9 @@ from trustseg.workflows.evaluation import check_same_classes, first_images
 RESULTS = "calibration.json"
 UNCALIBRATED = "uncalibrated"
 METRICS = ("ECE", "MCE", "aECE", "cwECE", "NLL", "Brier", "ECE_boundary", "ECE_img_mean", "mIoU")
+# --save rules that choose a method on held-out fit images: which methods may be chosen
+SELECTION_RULES = {"best": "argmax-preserving methods", "best-any": "all methods"}
+SELECTION_SCORE = "NLL"
 
 
 @dataclass(frozen=True)
@@ -54,11 +66,16 @@ class CalibrateConfig:
     corruptions: tuple[str, ...] = ()
     severities: tuple[int, ...] = (3,)
     max_images: int | None = None
-    max_pixels: int = 1_000_000  # fit subsample for pixel-wise methods
-    max_maps: int = 64  # fit images kept whole for spatial methods (LTS, IBTS)
-    epochs: int = 20  # Adam passes over the maps for spatial methods
+    max_pixels: int = 1_000_000  # uniform sample of labelled fit pixels for pixel-wise methods
+    max_crops: int = 64  # random fit crops kept for spatial methods (LTS, IBTS)
+    fit_crop: int = 512  # side of those crops (smaller images are kept whole)
+    epochs: int = 20  # Adam passes over the crops for spatial methods
     num_bins: int = 15
-    save: str = "best"  # method whose calibrated checkpoint is written: a name, "best" (lowest clean ECE) or "none"
+    # method whose calibrated checkpoint is written: a name, "none", "best" (lowest held-out NLL among
+    # argmax-preserving methods) or "best-any" (among all methods)
+    save: str = "best"
+    holdout: float = 0.2  # share of the fit images held out to choose the method of best/best-any
+    allow_overlap: bool = False  # accept fit and evaluation data that share images
     seed: int = 0
     inference: InferenceConfig = InferenceConfig()
     progress: bool = True
@@ -71,6 +88,7 @@ class CalibrateResult:
     saved: Path | None
     classes: ClassInfo
     run_dir: Path
+    selection: dict[str, Any] | None = None  # how --save best/best-any chose, on held-out fit images
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -118,14 +136,51 @@ class CalibratorBank(nn.Module):
         return {name: int(c) / max(int(counts[-1]), 1) for name, c in zip(self.calibrators, counts[:-1])}
 
 
-def _fit_all(config: CalibrateConfig, predictor: nn.Module, classes: ClassInfo):
+def _check_save(config: CalibrateConfig) -> None:
+    if config.save not in ("none", *SELECTION_RULES, *config.methods):
+        raise UserError(f"--save {config.save!r}: expected {', '.join(SELECTION_RULES)}, none or one of the "
+                        "fitted methods")
+    if config.save == "best" and not any(METHODS[m][0].argmax_preserving for m in config.methods):
+        raise UserError(f"--save best chooses among argmax-preserving methods, but --method "
+                        f"{','.join(config.methods)} has none; add one (e.g. ts) or pass --save best-any")
+    if config.save in SELECTION_RULES and not 0 < config.holdout < 1:
+        raise UserError(f"--holdout {config.holdout}: expected a share of the fit images in (0, 1)")
+
+
+def load_fit_data(config: CalibrateConfig, classes: ClassInfo, evaluated: SegmentationDataset) -> SegmentationDataset:
+    """The --fit-data dataset, checked: the model's classes, and no image shared with `evaluated`."""
     fit_set = load_dataset(config.fit_data, split=resolve_split(config.fit_data, config.fit_split, "val"))
     if fit_set.classes.num_classes != classes.num_classes:
         raise UserError(f"--fit-data {config.fit_data!r} has {fit_set.classes.num_classes} classes but the "
                         f"checkpoint was trained with {classes.num_classes}")
+    if not config.allow_overlap:
+        shared = shared_sources(fit_set, evaluated)
+        if shared:
+            raise UserError(f"--fit-data {config.fit_data!r} and --data {config.data!r} share {len(shared)} "
+                            f"image(s), e.g. {shared[0]}; fit and evaluate on disjoint images (e.g. #images=0:50 "
+                            "and #images=50:) or pass --allow-overlap")
+    return fit_set
+
+
+def split_holdout(config: CalibrateConfig, fit_set: SegmentationDataset) -> tuple[SegmentationDataset, SegmentationDataset | None]:
+    """(images to fit on, images to choose the saved method on): the last `holdout` share of the fit
+    images is held out when --save chooses (as Ding et al. validate LTS on the last 11 of 101 images),
+    otherwise every fit image is fitted on."""
+    if config.save not in SELECTION_RULES:
+        return fit_set, None
+    n = len(fit_set)
+    if n < 2:
+        raise UserError(f"--save {config.save} holds out part of --fit-data {config.fit_data!r} to choose the "
+                        f"method, but it has {n} image; give more fit images or --save with a method name")
+    held = min(n - 1, max(1, round(n * config.holdout)))
+    return subset(fit_set, range(n - held)), subset(fit_set, range(n - held, n))
+
+
+def _fit_all(config: CalibrateConfig, predictor: nn.Module, classes: ClassInfo, fit_set: SegmentationDataset):
     spatial = any(METHODS[m][0].spatial for m in config.methods)
     data = collect_fit_data(predictor, fit_set, max_pixels=config.max_pixels,
-                            max_maps=config.max_maps if spatial else 0, seed=config.seed, progress=config.progress)
+                            max_crops=config.max_crops if spatial else 0, crop_size=config.fit_crop,
+                            seed=config.seed, progress=config.progress)
     calibrators, reports = {}, {}
     for method in config.methods:
         calibrator = build_calibrator(method, classes.num_classes)
@@ -136,28 +191,47 @@ def _fit_all(config: CalibrateConfig, predictor: nn.Module, classes: ClassInfo):
             "description": METHODS[method][2],
             "properties": {p: bool(getattr(calibrator, p)) for p in PROPERTIES},
             "fit": {"seconds": report.seconds, "nll_before": report.nll_before, "nll_after": report.nll_after,
-                    "pixels": report.pixels, "images": report.images if not calibrator.spatial else len(data.maps),
-                    "on": "logit maps + images" if calibrator.spatial else "pixel subsample"},
+                    "pixels": report.pixels, "images": report.images,
+                    **({"crops": len(data.maps)} if calibrator.spatial else {}),
+                    "on": "logit-map crops + images" if calibrator.spatial else "pixel sample"},
             "parameters": calibrator.summary(),
         }
     return calibrators, reports, {"images": data.images, "labelled_pixels": data.labelled_pixels,
-                                  "subsample_pixels": int(data.labels.numel()), "maps": len(data.maps)}
+                                  "sample_pixels": int(data.labels.numel()), "crops": len(data.maps)}
+
+
+def select_method(config: CalibrateConfig, predictor: nn.Module, calibrators: dict[str, nn.Module],
+                  classes: ClassInfo, holdout: SegmentationDataset) -> dict[str, Any]:
+    """Score every fitted method on the held-out fit images (all labelled pixels, one pass of the
+    evaluation loop) and choose the lowest NLL among the methods `config.save` allows."""
+    bank = CalibratorBank(predictor, calibrators).eval()
+    accumulators = {name: [CalibrationHistogram(classes.num_classes, ignore_index=classes.ignore_index,
+                                                num_bins=config.num_bins, classwise=False, boundary_width=0)]
+                    for name in (UNCALIBRATED, *calibrators)}
+    results = evaluate(bank, holdout, accumulators, progress=config.progress, description="select")
+    candidates = [m for m in calibrators if config.save == "best-any" or calibrators[m].argmax_preserving]
+    scores = {name: {"NLL": r["NLL"], "ECE": r["ECE"]} for name, r in results.items()}
+    chosen = min(candidates, key=lambda m: _sort_key(scores[m][SELECTION_SCORE]))
+    return {"rule": config.save, "among": SELECTION_RULES[config.save], "score": SELECTION_SCORE,
+            "holdout_images": len(holdout), "candidates": candidates, "scores": scores, "chosen": chosen}
 
 
 def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
     init_from_environment()
-    if config.save not in ("best", "none", *config.methods):
-        raise UserError(f"--save {config.save!r}: expected best, none or one of the fitted methods")
+    _check_save(config)
     checkpoint = load_checkpoint(config.checkpoint)
     dataset = first_images(load_dataset(config.data, split=resolve_split(config.data, config.split, "val")),
                            config.max_images)
     check_same_classes(checkpoint, dataset, config.data)
+    fit_set, holdout = split_holdout(config, load_fit_data(config, checkpoint.classes, dataset))
     run_dir = RunDir(config.out)
     run_dir.write_config({"command": "calibrate", **vars(config)})
     runs = [(CLEAN, dataset), *((condition_key(n, s), CorruptedDataset(dataset, n, s, seed=config.seed))
                                 for n in config.corruptions for s in config.severities)]
     predictor = predictor_from_checkpoint(checkpoint, config.inference, calibrated=False)
-    calibrators, methods, fit_summary = _fit_all(config, predictor, checkpoint.classes)
+    calibrators, methods, fit_summary = _fit_all(config, predictor, checkpoint.classes, fit_set)
+    selection = None if holdout is None else select_method(config, predictor, calibrators, checkpoint.classes,
+                                                           holdout)
     bank = CalibratorBank(predictor, calibrators).eval()
     classes = checkpoint.classes
     conditions: dict[str, dict[str, dict[str, Any]]] = {}
@@ -177,15 +251,15 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
                    "decisions_changed": changed.get(name, 0.0), "reliability": _reliability(r)}
             for name, r in results.items()
         }
-    saved = _save_calibrated(config, checkpoint, calibrators, conditions[CLEAN], run_dir)
+    saved = _save_calibrated(config, checkpoint, calibrators, selection, run_dir)
     if is_main_process():
         run_dir.write_json(RESULTS, {"setup": {"checkpoint": config.checkpoint, "fit_data": config.fit_data,
                                                "data": config.data, "num_images": len(dataset),
                                                "num_bins": config.num_bins, "seed": config.seed, **fit_summary},
-                                     "methods": methods, "conditions": conditions,
+                                     "methods": methods, "selection": selection, "conditions": conditions,
                                      "saved": None if saved is None else saved.name})
-        write_report(run_dir, config, methods, conditions, saved)
-    return CalibrateResult(methods, conditions, saved, classes, run_dir.path)
+        write_report(run_dir, config, methods, conditions, saved, selection)
+    return CalibrateResult(methods, conditions, saved, classes, run_dir.path, selection)
 
 
 def _reliability(results: dict[str, Any]) -> dict[str, list[float]]:
@@ -194,11 +268,11 @@ def _reliability(results: dict[str, Any]) -> dict[str, list[float]]:
     return {"lower": table["lower"], "upper": table["upper"], **table["all"]}
 
 
-def _save_calibrated(config, checkpoint, calibrators, clean, run_dir: RunDir) -> Path | None:
+def _save_calibrated(config, checkpoint, calibrators, selection, run_dir: RunDir) -> Path | None:
     """Write the checkpoint with the chosen calibrator inside (`--save`), on the main process."""
     if config.save == "none":
         return None
-    method = min(calibrators, key=lambda m: _sort_key(clean[m]["ECE"])) if config.save == "best" else config.save
+    method = config.save if selection is None else selection["chosen"]
     path = run_dir.file(f"calibrated_{method}.pt")
     if is_main_process():
         state = {k: v.detach().clone() for k, v in calibrators[method].state_dict().items()}
@@ -231,7 +305,8 @@ def method_rows(methods: dict[str, dict[str, Any]], results: dict[str, dict[str,
     return header, rows
 
 
-def write_report(run_dir: RunDir, config: CalibrateConfig, methods, conditions, saved: Path | None) -> Document:
+def write_report(run_dir: RunDir, config: CalibrateConfig, methods, conditions, saved: Path | None,
+                 selection: dict[str, Any] | None = None) -> Document:
     """Tables per condition, reliability diagrams on clean data, report.md/html."""
     clean = conditions[CLEAN]
     diagrams = reliability_diagrams({name: r["reliability"] for name, r in clean.items()},
@@ -248,6 +323,15 @@ def write_report(run_dir: RunDir, config: CalibrateConfig, methods, conditions, 
              f"{r['fit']['nll_after']:.4f}", ", ".join(f"{k} {v:.3g}" for k, v in r["parameters"].items())]
             for m, r in methods.items()]
     document.heading("Fits").table(["method", "time", "fitted on", "NLL before", "NLL after", "parameters"], fits)
+    if selection is not None:
+        document.heading("Choice of the saved method").paragraph(
+            f"--save {selection['rule']}: the lowest {selection['score']} on the last {selection['holdout_images']} "
+            f"fit image(s), held out from fitting, among {selection['among']}; the evaluation data plays no part. "
+            f"Chosen: {selection['chosen']}.")
+        document.table(["method", "held-out NLL", "held-out ECE", "candidate"],
+                       [[name, f"{s['NLL']:.4f}", percent(s["ECE"]),
+                         "yes" if name in selection["candidates"] else "no"]
+                        for name, s in selection["scores"].items()])
     if saved is not None:
         document.paragraph(f"Calibrated checkpoint: {saved.name} (trustseg eval/predict apply its calibrator).")
     document.image(diagrams, "reliability diagrams, clean data")
