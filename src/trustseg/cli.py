@@ -324,6 +324,7 @@ def calibrate_command(
     holdout: float = typer.Option(0.2, "--holdout", help="Share of the fit images held out to choose --save best/best-any."),
     allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Accept --fit-data and --data that share images."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fit subsample and of the corruptions."),
+    device: str = DeviceOption,
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
@@ -342,7 +343,7 @@ def calibrate_command(
         fit_split=fit_split, split=split, corruptions=parse_corruptions(corruptions) if corruptions.strip() else (),
         severities=parse_severities(severities), max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
         fit_crop=fit_crop, epochs=epochs, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
-        inference=inference_config(mode, crop, stride, short_side, bf16), progress=progress,
+        inference=inference_config(mode, crop, stride, short_side, bf16), device=device, progress=progress,
     )
     result = run_calibrate(config)
     if is_main_process():

@@ -117,10 +117,12 @@ def tiny_folder(tmp_path):
 
 
 @pytest.mark.skipif(CUDA, reason="checks the message on a machine without CUDA")
-@pytest.mark.parametrize("command", ["eval", "predict", "robustness", "train"])
+@pytest.mark.parametrize("command", ["eval", "predict", "robustness", "calibrate", "train"])
 def test_cli_device_cuda_without_cuda_is_one_line_and_exit_2(tmp_path, tiny_folder, monkeypatch, capsys, command):
     root, checkpoint = tiny_folder
     args = {"eval": ["eval", "--checkpoint", str(checkpoint), "--data", f"folder:{root}"],
+            "calibrate": ["calibrate", "--checkpoint", str(checkpoint), "--fit-data", f"folder:{root}#images=0:3",
+                          "--data", f"folder:{root}#images=3:", "--method", "ts"],
             "predict": ["predict", "--checkpoint", str(checkpoint), "--input", str(root / "images")],
             "robustness": ["robustness", "--checkpoint", str(checkpoint), "--data", f"folder:{root}",
                            "--corruptions", "fog", "--severities", "1"],

@@ -198,10 +198,16 @@ class FitDataCollector:
             merged = FitDataCollector(**self.config)
             for shard in shards:
                 merged.merge(shard)
-            self.keys, self.rows, self.labels = (t.to(device) for t in (merged.keys, merged.rows, merged.labels))
-            self.crops = [(key, *(t.to(device) for t in tensors)) for key, *tensors in merged.crops]
+            merged.to(device)
+            self.keys, self.rows, self.labels, self.crops = merged.keys, merged.rows, merged.labels, merged.crops
             self.images, self.labelled_pixels = merged.images, merged.labelled_pixels
             self._synced = True
+        return self
+
+    def to(self, device: torch.device | str) -> FitDataCollector:
+        """Keep the sample on `device`, that of the logits it is drawn from."""
+        self.keys, self.rows, self.labels = (t.to(device) for t in (self.keys, self.rows, self.labels))
+        self.crops = [(key, *(t.to(device) for t in tensors)) for key, *tensors in self.crops]
         return self
 
     def _cpu_copy(self) -> FitDataCollector:
@@ -232,9 +238,10 @@ def collect_fit_data(
     crop_size: int = 512,
     seed: int = 0,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> FitData:
-    """Run `predictor` over `dataset` once (the shared evaluation loop, sharded under torchrun) and
-    keep a uniform sample of `max_pixels` labelled pixels and `max_crops` crops."""
+    """Run `predictor` (on `device`) over `dataset` once (the shared evaluation loop, sharded under
+    torchrun) and keep a uniform sample of `max_pixels` labelled pixels and `max_crops` crops."""
     if len(dataset) == 0:
         raise UserError("the fit data is empty: calibrators need held-out labelled images")
     classes = dataset.classes
@@ -242,7 +249,7 @@ def collect_fit_data(
                                  max_crops=max_crops, crop_size=crop_size,
                                  crops_per_image=max(1, math.ceil(max_crops / len(dataset))), seed=seed)
     evaluate(predictor, dataset, [collector], batch_transform=collector.observe, progress=progress,
-             description="fit data")
+             description="fit data", device=device)
     if collector.labelled_pixels == 0:
         raise UserError("the fit data has no labelled pixels (every pixel is ignore_index)")
     return collector.fit_data()

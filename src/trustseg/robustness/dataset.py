@@ -16,6 +16,7 @@ import torch
 from trustseg.data.base import ClassInfo, Sample, SegmentationDataset
 from trustseg.data.transforms import sample_seed
 from trustseg.robustness.corruptions import CORRUPTIONS, check_corruption, corrupt
+from trustseg.robustness.summary import CLEAN
 
 
 def condition_seed(seed: int, name: str, severity: int, index: int) -> int:
@@ -46,6 +47,18 @@ class CorruptedDataset:
         image, moved = corrupt(sample["image"][None], self.name, self.severity, generator,
                                None if mask is None else mask[None])
         return {"image": image[0], "mask": None if moved is None else moved[0], "path": sample["path"]}
+
+
+def corrupted_view(dataset: SegmentationDataset, key: str, *, seed: int, device: torch.device,
+                   ) -> tuple[SegmentationDataset, Callable[[dict[str, Any]], dict[str, Any]] | None]:
+    """(data, batch transform) for `evaluate()` under condition `key` ("clean" or "name/severity"): on
+    the CPU, DataLoader workers corrupt per sample; elsewhere each batch is corrupted on its device."""
+    if key == CLEAN:
+        return dataset, None
+    name, severity = key.split("/")
+    if device.type == "cpu":
+        return CorruptedDataset(dataset, name, int(severity), seed=seed), None
+    return dataset, corrupt_batch(name, int(severity), seed=seed)
 
 
 def corrupt_batch(name: str, severity: int, seed: int = 0) -> Callable[[dict[str, Any]], dict[str, Any]]:

@@ -32,6 +32,7 @@ from trustseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from trustseg.data.base import ClassInfo, SegmentationDataset, subset
 from trustseg.data.identity import shared_sources
 from trustseg.data.spec import load_dataset, resolve_split
+from trustseg.engine.devices import resolve_device
 from trustseg.engine.distributed import init_from_environment, is_distributed, is_main_process
 from trustseg.errors import UserError
 from trustseg.engine.evaluate import evaluate
@@ -41,7 +42,7 @@ from trustseg.metrics.confusion import ConfusionMatrix
 from trustseg.report.document import Document
 from trustseg.report.plots import reliability_diagrams
 from trustseg.report.tables import percent
-from trustseg.robustness.dataset import CorruptedDataset
+from trustseg.robustness.dataset import corrupted_view
 from trustseg.robustness.summary import CLEAN, condition_key
 from trustseg.engine.rundir import RunDir
 from trustseg.workflows.evaluation import check_same_classes, first_images
@@ -78,6 +79,7 @@ class CalibrateConfig:
     allow_overlap: bool = False  # accept fit and evaluation data that share images
     seed: int = 0
     inference: InferenceConfig = InferenceConfig()
+    device: str = "auto"
     progress: bool = True
 
 
@@ -112,11 +114,13 @@ class CalibratorBank(nn.Module):
     def __init__(self, predictor: nn.Module, calibrators: dict[str, nn.Module]) -> None:
         super().__init__()
         self.predictor, self.calibrators = predictor, nn.ModuleDict(calibrators)
-        self.reset()
+        # buffers: they follow the bank to its device, where the process group sums them
+        self.register_buffer("changed", torch.zeros(len(self.calibrators), dtype=torch.int64), persistent=False)
+        self.register_buffer("pixels", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def reset(self) -> None:
-        self.changed = torch.zeros(len(self.calibrators), dtype=torch.int64)
-        self.pixels = torch.zeros((), dtype=torch.int64)
+        self.changed.zero_()
+        self.pixels.zero_()
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.predictor(images)
@@ -124,7 +128,7 @@ class CalibratorBank(nn.Module):
         outputs = {UNCALIBRATED: logits}
         for i, (name, calibrator) in enumerate(self.calibrators.items()):
             outputs[name] = calibrator(logits, images)
-            self.changed[i] += int((outputs[name].max(1).indices != decisions).sum())
+            self.changed[i] += (outputs[name].max(1).indices != decisions).sum()
         self.pixels += decisions.numel()
         return outputs
 
@@ -176,14 +180,15 @@ def split_holdout(config: CalibrateConfig, fit_set: SegmentationDataset) -> tupl
     return subset(fit_set, range(n - held)), subset(fit_set, range(n - held, n))
 
 
-def _fit_all(config: CalibrateConfig, predictor: nn.Module, classes: ClassInfo, fit_set: SegmentationDataset):
+def _fit_all(config: CalibrateConfig, predictor: nn.Module, classes: ClassInfo, fit_set: SegmentationDataset,
+             device: torch.device):
     spatial = any(METHODS[m][0].spatial for m in config.methods)
     data = collect_fit_data(predictor, fit_set, max_pixels=config.max_pixels,
                             max_crops=config.max_crops if spatial else 0, crop_size=config.fit_crop,
-                            seed=config.seed, progress=config.progress)
+                            seed=config.seed, progress=config.progress, device=device)
     calibrators, reports = {}, {}
     for method in config.methods:
-        calibrator = build_calibrator(method, classes.num_classes)
+        calibrator = build_calibrator(method, classes.num_classes).to(device)
         report = fit_calibrator(calibrator, data, ignore_index=classes.ignore_index, epochs=config.epochs,
                                 progress=config.progress)
         calibrators[method] = calibrator
@@ -201,14 +206,14 @@ def _fit_all(config: CalibrateConfig, predictor: nn.Module, classes: ClassInfo, 
 
 
 def select_method(config: CalibrateConfig, predictor: nn.Module, calibrators: dict[str, nn.Module],
-                  classes: ClassInfo, holdout: SegmentationDataset) -> dict[str, Any]:
+                  classes: ClassInfo, holdout: SegmentationDataset, device: torch.device) -> dict[str, Any]:
     """Score every fitted method on the held-out fit images (all labelled pixels, one pass of the
     evaluation loop) and choose the lowest NLL among the methods `config.save` allows."""
-    bank = CalibratorBank(predictor, calibrators).eval()
+    bank = CalibratorBank(predictor, calibrators).to(device).eval()
     accumulators = {name: [CalibrationHistogram(classes.num_classes, ignore_index=classes.ignore_index,
                                                 num_bins=config.num_bins, classwise=False, boundary_width=0)]
                     for name in (UNCALIBRATED, *calibrators)}
-    results = evaluate(bank, holdout, accumulators, progress=config.progress, description="select")
+    results = evaluate(bank, holdout, accumulators, progress=config.progress, description="select", device=device)
     candidates = [m for m in calibrators if config.save == "best-any" or calibrators[m].argmax_preserving]
     scores = {name: {"NLL": r["NLL"], "ECE": r["ECE"]} for name, r in results.items()}
     chosen = min(candidates, key=lambda m: _sort_key(scores[m][SELECTION_SCORE]))
@@ -217,7 +222,8 @@ def select_method(config: CalibrateConfig, predictor: nn.Module, calibrators: di
 
 
 def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
-    init_from_environment()
+    device = resolve_device(config.device)
+    init_from_environment(device)
     _check_save(config)
     checkpoint = load_checkpoint(config.checkpoint)
     dataset = first_images(load_dataset(config.data, split=resolve_split(config.data, config.split, "val")),
@@ -225,17 +231,18 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
     check_same_classes(checkpoint, dataset, config.data)
     fit_set, holdout = split_holdout(config, load_fit_data(config, checkpoint.classes, dataset))
     run_dir = RunDir(config.out)
-    run_dir.write_config({"command": "calibrate", **vars(config)})
-    runs = [(CLEAN, dataset), *((condition_key(n, s), CorruptedDataset(dataset, n, s, seed=config.seed))
-                                for n in config.corruptions for s in config.severities)]
-    predictor = predictor_from_checkpoint(checkpoint, config.inference, calibrated=False)
-    calibrators, methods, fit_summary = _fit_all(config, predictor, checkpoint.classes, fit_set)
+    if is_main_process():
+        run_dir.write_config({"command": "calibrate", **vars(config)})
+    runs = [CLEAN, *(condition_key(n, s) for n in config.corruptions for s in config.severities)]
+    predictor = predictor_from_checkpoint(checkpoint, config.inference, calibrated=False, device=device)
+    calibrators, methods, fit_summary = _fit_all(config, predictor, checkpoint.classes, fit_set, device)
     selection = None if holdout is None else select_method(config, predictor, calibrators, checkpoint.classes,
-                                                           holdout)
-    bank = CalibratorBank(predictor, calibrators).eval()
+                                                           holdout, device)
+    bank = CalibratorBank(predictor, calibrators).to(device).eval()
     classes = checkpoint.classes
     conditions: dict[str, dict[str, dict[str, Any]]] = {}
-    for key, data in runs:
+    for key in runs:
+        data, transform = corrupted_view(dataset, key, seed=config.seed, device=device)
         bank.reset()
         accumulators = {
             name: [ConfusionMatrix(classes.num_classes, ignore_index=classes.ignore_index),
@@ -243,7 +250,8 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
                                         num_bins=config.num_bins)]
             for name in (UNCALIBRATED, *calibrators)
         }
-        results = evaluate(bank, data, accumulators, progress=config.progress, description=key)
+        results = evaluate(bank, data, accumulators, batch_transform=transform, progress=config.progress,
+                           description=key, device=device)
         changed = bank.changed_fractions()
         base_miou = results[UNCALIBRATED]["mIoU"]
         conditions[key] = {
@@ -275,7 +283,7 @@ def _save_calibrated(config, checkpoint, calibrators, selection, run_dir: RunDir
     method = config.save if selection is None else selection["chosen"]
     path = run_dir.file(f"calibrated_{method}.pt")
     if is_main_process():
-        state = {k: v.detach().clone() for k, v in calibrators[method].state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in calibrators[method].state_dict().items()}
         save_checkpoint(replace(checkpoint, calibrator={"method": method, "state_dict": state},
                                 training_state={}), path)
     return path

@@ -25,7 +25,7 @@ from trustseg.report.document import Document
 from trustseg.report.plots import heatmap, line_plot
 from trustseg.report.tables import percent
 from trustseg.robustness.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, frost_source
-from trustseg.robustness.dataset import CorruptedDataset, corrupt_batch
+from trustseg.robustness.dataset import corrupted_view
 from trustseg.robustness.summary import CLEAN, condition_key, miou_grid, summarize
 from trustseg.engine.rundir import RunDir, to_plain
 from trustseg.workflows.evaluation import check_same_classes, default_accumulators, first_images
@@ -113,12 +113,7 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
 
     todo = [key for key in [CLEAN, *keys] if key not in conditions]
     for number, key in enumerate(todo, 1):
-        # CPU: corrupt in the DataLoader (workers in parallel); GPU: corrupt each batch where it lies
-        data, transform = dataset, None
-        if key != CLEAN and device.type == "cpu":
-            data = CorruptedDataset(dataset, *_parse_key(key), seed=config.seed)
-        elif key != CLEAN:
-            transform = corrupt_batch(*_parse_key(key), seed=config.seed)
+        data, transform = corrupted_view(dataset, key, seed=config.seed, device=device)
         conditions[key] = evaluate(
             predictor, data, default_accumulators(classes, boundary_iou=config.boundary_iou,
                                                   calibration=config.calibration,
@@ -138,11 +133,6 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
                                "per_class": conditions[CLEAN]["per_class"], "class_names": list(classes.names)})
         write_report(run_dir, config, summary, conditions, len(dataset))
     return RobustnessResult(summary=summary, conditions=conditions, classes=classes, run_dir=run_dir.path)
-
-
-def _parse_key(key: str) -> tuple[str, int]:
-    name, severity = key.split("/")
-    return name, int(severity)
 
 
 def corruption_rows(summary: dict[str, Any], conditions: dict[str, dict[str, Any]],
