@@ -1,14 +1,16 @@
 """The same commands on the CPU and on a GPU give the same results: demo training, eval, robustness and
 calibrate, run through the public workflows on both devices and compared.
 
-    PYTHONPATH=src python benchmarks/device_check.py --out runs/device_check [--steps 150] [--device cuda]
+    PYTHONPATH=src python benchmarks/device_check.py --out runs/device_check [--steps 150] [--segformer-steps 20]
+        [--device cuda]
 
 Trains the demo recipe (shortened to --steps) on --device, then, on that one checkpoint, runs eval,
 robustness under three corruptions and calibrate (temperature scaling and LTS) once on the CPU and once
 on --device, and prints every compared value side by side. Tolerances (the project's contract): mIoU
 within 0.1 point, ECE and the other histogram metrics within 1e-3 (bf16 is off, so the two devices
 differ only by float rounding in convolutions and reductions). Exits non-zero when a value is outside
-its tolerance. Also prints the demo's training throughput on each device (img/s, --steps each).
+its tolerance. Also prints training throughput on each device (median img/s of the logged windows):
+the demo recipe (--steps) and SegFormer-B0 at 512x512, batch 8, fp32 (--segformer-steps).
 
 With --device cpu both sides run on the CPU: a smoke test of this script on a machine without a GPU.
 """
@@ -35,10 +37,16 @@ MIOU_POINTS = 0.1  # percentage points
 HISTOGRAM = 1e-3  # ECE, NLL, AUROC: fractions
 
 
-def trained(out: Path, device: str, steps: int) -> tuple[Path, float]:
-    """Train the demo recipe for `steps` on `device` (bf16 off, so devices compare); (best.pt, median img/s)."""
+# SegFormer-B0 in the demo recipe's place: 512x512 crops of 512x512 synthetic scenes, batch 8
+SEGFORMER_B0 = ["model.name=segformer", "model.options={variant: b0}", "data.train=synthetic#cache=true,size=512",
+                "data.crop=[512,512]", "batch_size=8", "data.val_batch_size=8"]
+
+
+def trained(out: Path, device: str, steps: int, changes: list[str] = ()) -> tuple[Path, float]:
+    """Train the demo recipe with `changes` for `steps` on `device` (bf16 off, so devices compare);
+    (best.pt, median img/s of the logged training windows)."""
     config = load_train_config(DEMO_RECIPE, [f"out={out}", f"device={device}", f"steps={steps}", "bf16=false",
-                                             f"val_every={steps}"])
+                                             f"val_every={steps}", "log_every=5", *changes])
     train(config, progress=False)
     rates = sorted(r["img_per_s"] for r in read_history(out) if r["kind"] == "train")
     return out / BEST, rates[len(rates) // 2]
@@ -61,6 +69,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/device_check"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--segformer-steps", type=int, default=20, help="SegFormer-B0 training steps timed per device")
     args = parser.parse_args()
     device = str(resolve_device(args.device))
     print(f"torch {torch.__version__} on {describe_device(torch.device(device))}")
@@ -68,6 +77,10 @@ def main() -> None:
     _, cpu_rate = trained(args.out / "train_cpu", "cpu", args.steps)
     print(f"demo training throughput: cpu {cpu_rate:.1f} img/s, {device} {device_rate:.1f} img/s "
           f"({device_rate / cpu_rate:.1f}x)")
+    rates = {side: trained(args.out / f"segformer_{side.replace(':', '')}", side, args.segformer_steps, SEGFORMER_B0)[1]
+             for side in ("cpu", device)}
+    print(f"SegFormer-B0 training throughput (512x512, batch 8, fp32): cpu {rates['cpu']:.2f} img/s, "
+          f"{device} {rates[device]:.2f} img/s ({rates[device] / rates['cpu']:.1f}x)")
 
     rows: list[tuple[str, float, float, float]] = []
     data = "synthetic#cache=true"

@@ -25,7 +25,9 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 
 DEVICE_HELP = "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N; under torchrun each process takes cuda:LOCAL_RANK"
-DATA_HELP = "Data spec: synthetic | camvid:PATH | cityscapes:PATH | ade20k:PATH | voc:PATH | foodseg103:PATH | folder:PATH, optionally #split=val,..."
+DATA_HELP = ("Data spec: synthetic | camvid:PATH | cityscapes:PATH | ade20k:PATH | voc:PATH | foodseg103:PATH | "
+             "folder:PATH, optionally #split=val,...; several sources as SPEC+SPEC (training weights: #ratio=1:1 on "
+             "the last part)")
 
 
 def parse_pair(value: Optional[str], name: str) -> Optional[tuple[int, int]]:
