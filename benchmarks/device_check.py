@@ -73,32 +73,32 @@ def main() -> None:
     args = parser.parse_args()
     device = str(resolve_device(args.device))
     print(f"torch {torch.__version__} on {describe_device(torch.device(device))}")
-    checkpoint, device_rate = trained(args.out / "train", device, args.steps)
-    _, cpu_rate = trained(args.out / "train_cpu", "cpu", args.steps)
-    print(f"demo training throughput: cpu {cpu_rate:.1f} img/s, {device} {device_rate:.1f} img/s "
-          f"({device_rate / cpu_rate:.1f}x)")
-    rates = {side: trained(args.out / f"segformer_{side.replace(':', '')}", side, args.segformer_steps, SEGFORMER_B0)[1]
-             for side in ("cpu", device)}
-    print(f"SegFormer-B0 training throughput (512x512, batch 8, fp32): cpu {rates['cpu']:.2f} img/s, "
-          f"{device} {rates[device]:.2f} img/s ({rates[device] / rates['cpu']:.1f}x)")
+    sides = {"cpu": "cpu", "device": device}  # role -> device; both roles run even when --device is cpu
+    demo = {role: trained(args.out / f"train_{role}", side, args.steps) for role, side in sides.items()}
+    segformer = {role: trained(args.out / f"segformer_{role}", side, args.segformer_steps, SEGFORMER_B0)[1]
+                 for role, side in sides.items()}
+    for name, rates in (("demo", {role: rate for role, (_, rate) in demo.items()}),
+                        ("SegFormer-B0 (512x512, batch 8, fp32)", segformer)):
+        print(f"{name} training throughput: cpu {rates['cpu']:.2f} img/s, {device} {rates['device']:.2f} img/s "
+              f"({rates['device'] / rates['cpu']:.1f}x)")
 
-    rows: list[tuple[str, float, float, float]] = []
+    checkpoint = demo["device"][0]  # one checkpoint, evaluated on both devices
     data = "synthetic#cache=true"
     results = {}
-    for side in ("cpu", device):
-        tag = side.replace(":", "")
-        results[side] = {
-            "eval": run_eval(EvalConfig(checkpoint=str(checkpoint), data=data, split="val", out=str(args.out / f"eval_{tag}"),
-                                        device=side, progress=False)).metrics,
+    for role, side in sides.items():
+        results[role] = {
+            "eval": run_eval(EvalConfig(checkpoint=str(checkpoint), data=data, split="val",
+                                        out=str(args.out / f"eval_{role}"), device=side, progress=False)).metrics,
             "robustness": run_robustness(RobustnessConfig(
-                checkpoint=str(checkpoint), data=data, out=str(args.out / f"robustness_{tag}"), corruptions=CORRUPTIONS,
+                checkpoint=str(checkpoint), data=data, out=str(args.out / f"robustness_{role}"), corruptions=CORRUPTIONS,
                 severities=(3,), device=side, progress=False)).conditions,
             "calibrate": run_calibrate(CalibrateConfig(
                 checkpoint=str(checkpoint), fit_data="synthetic#split=val,images=0:32", data="synthetic#split=val,images=32:",
-                out=str(args.out / f"calibrate_{tag}"), methods=("ts", "lts"), epochs=5, save="none", device=side,
+                out=str(args.out / f"calibrate_{role}"), methods=("ts", "lts"), epochs=5, save="none", device=side,
                 progress=False)).conditions,
         }
-    cpu, other = results["cpu"], results[device]
+    cpu, other = results["cpu"], results["device"]
+    rows: list[tuple[str, float, float, float]] = []
     for key, tolerance in (("mIoU", MIOU_POINTS / 100), ("mIoU_img", MIOU_POINTS / 100), ("ECE", HISTOGRAM),
                            ("NLL", HISTOGRAM), ("AUROC_msp", HISTOGRAM)):
         rows.append((f"eval {key}", cpu["eval"][key], other["eval"][key], tolerance))
