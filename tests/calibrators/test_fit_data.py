@@ -156,6 +156,14 @@ def test_bad_fit_data_names_the_image():
         collect_fit_data(model, BadLabel([(4, 4)]), progress=False)
 
 
+def test_a_merged_collector_takes_no_more_batches_and_no_second_merge():
+    collector = collect(Images([(9, 11)] * 2), max_pixels=20)
+    with pytest.raises(UserError, match="already summed"):
+        collector.all_reduce()
+    with pytest.raises(UserError, match="already summed"):
+        evaluate(model, Images([(9, 11)]), [collector], batch_transform=collector.observe, progress=False)
+
+
 def test_collectors_with_other_settings_are_not_merged():
     with pytest.raises(UserError, match="cannot merge"):
         FitDataCollector(K, max_pixels=5).merge(FitDataCollector(K, max_pixels=6))
@@ -169,7 +177,10 @@ def worker(rank, port, expected):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     try:
         torch.set_num_threads(1)
-        data = collect(Images([(9, 11)] * 5), **SHARDED).fit_data()  # evaluate() shards and all_reduces
+        collector = collect(Images([(9, 11)] * 5), **SHARDED)  # evaluate() shards and all_reduces
+        with pytest.raises(UserError, match="already summed"):  # a second merge would double the sample
+            collector.all_reduce()
+        data = collector.fit_data()
         torch.testing.assert_close(data.logits, expected.logits, rtol=0, atol=0)
         assert torch.equal(data.labels, expected.labels)
         assert (data.images, data.labelled_pixels) == (expected.images, expected.labelled_pixels)

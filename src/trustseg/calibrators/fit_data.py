@@ -100,7 +100,7 @@ class FitDataCollector:
     def update(self, outputs: Tensor | Predictions, target: Tensor) -> None:
         """Add one batch: logits (B, K, H, W) and labels (B, H, W) of the batch last `observe`d."""
         if self._synced:
-            raise RuntimeError("FitDataCollector was already reduced over processes; it takes no more batches")
+            raise UserError("FitDataCollector was already summed over processes (all_reduce); it takes no more batches")
         batch, self._batch = self._batch, None
         if batch is None:
             raise RuntimeError("FitDataCollector.update needs the batch: pass batch_transform=collector.observe")
@@ -188,9 +188,11 @@ class FitDataCollector:
         return self
 
     def all_reduce(self) -> FitDataCollector:
-        """Merge the samples of all processes into every process (no-op unless distributed); once only."""
+        """Merge the samples of all processes into every process (no-op unless distributed); once only, as
+        an accumulator's sums are summed once."""
         if self._synced:
-            raise RuntimeError("FitDataCollector.all_reduce was already called; merging twice would double the sample")
+            raise UserError("FitDataCollector was already summed over processes (all_reduce); merging twice would "
+                            "double the sample")
         if dist.is_available() and dist.is_initialized():
             device = self.rows.device
             shards: list[Any] = [None] * dist.get_world_size()
@@ -201,7 +203,7 @@ class FitDataCollector:
             merged.to(device)
             self.keys, self.rows, self.labels, self.crops = merged.keys, merged.rows, merged.labels, merged.crops
             self.images, self.labelled_pixels = merged.images, merged.labelled_pixels
-            self._synced = True
+        self._synced = True
         return self
 
     def to(self, device: torch.device | str) -> FitDataCollector:
