@@ -49,17 +49,17 @@ class RunDir:
         return inside(self.path, name, "output")
 
     def write_json(self, name: str, data: Any) -> Path:
-        text = json.dumps(to_plain(data), indent=2, allow_nan=False) + "\n"
-        atomic_write(self.file(name), lambda handle: handle.write(text.encode()))
-        return self.file(name)
+        path, text = self.file(name), json.dumps(to_plain(data), indent=2, allow_nan=False) + "\n"
+        atomic_write(path, lambda handle: handle.write(text.encode()))
+        return path
 
     def read_json(self, name: str) -> Any:
         return json.loads(self.file(name).read_text())
 
     def write_config(self, config: Any) -> Path:
-        text = yaml.safe_dump(to_plain(config), sort_keys=False)
-        atomic_write(self.file("config.yaml"), lambda handle: handle.write(text.encode()))
-        return self.file("config.yaml")
+        path, text = self.file("config.yaml"), yaml.safe_dump(to_plain(config), sort_keys=False)
+        atomic_write(path, lambda handle: handle.write(text.encode()))
+        return path
 
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
         return self.write_json("metrics.json", metrics)
