@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,15 @@ def leave(*, wait: bool = True) -> None:
         except RuntimeError:  # a peer already failed; torchrun reports it
             pass
     dist.destroy_process_group()
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """The main process's `value` (any picklable object) in every process."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shard_indices(length: int) -> range:
