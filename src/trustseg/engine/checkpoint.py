@@ -80,20 +80,25 @@ class Checkpoint:
 def atomic_write(path: str | Path, write) -> None:
     """Call `write(file_object)` on a temp file beside `path`, then rename it into place.
 
-    A crash mid-write leaves the previous file intact: readers never see a half-written file.
+    A crash mid-write leaves the previous file intact: readers never see a half-written file. A write
+    the system refuses (disk full, quota, read-only or unwritable folder) is a UserError naming the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as error:
+        kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+        raise UserError(f"cannot write {path}: {error.strerror or error}; {kept}") from None
+    finally:
+        if tmp is not None and Path(tmp).exists():
+            Path(tmp).unlink()
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
