@@ -230,13 +230,15 @@ def predict_command(
 
 CorruptionsOption = typer.Option("all", "--corruptions", help="all | common | noise | blur | weather | digital | extra | NAME,NAME,...")
 SeveritiesOption = typer.Option("1-5", "--severities", help="Severities: 1-5, 3 or 1,3,5.")
+ResumeOption = typer.Option(False, "--resume", help="Continue the interrupted run in --out (same settings): what it "
+                            "finished is kept and skipped; more corruptions or severities may be added.")
 
 
 @app.command("robustness")
 def robustness_command(
     checkpoint: Path = CheckpointOption,
     data: str = DataOption,
-    out: Path = typer.Option(..., "--out", help="Run directory (rerunning skips conditions already in it)."),
+    out: Path = typer.Option(..., "--out", help="Run directory."),
     corruptions: str = CorruptionsOption,
     severities: str = SeveritiesOption,
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="robustness.json of a reference model: adds CE and mCE."),
@@ -255,6 +257,7 @@ def robustness_command(
     bf16: bool = Bf16Option,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
+    resume: bool = ResumeOption,
 ) -> None:
     """mIoU on clean data and under every corruption x severity; relative robustness, mCE vs a baseline."""
     from trustseg.engine.distributed import is_main_process
@@ -267,7 +270,7 @@ def robustness_command(
         severities=parse_severities(severities), split=split, baseline=None if baseline is None else str(baseline),
         max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, boundary_iou=boundary_iou,
         calibration=calibration, inference=inference_config(mode, crop, stride, short_side, bf16), device=device,
-        progress=progress,
+        progress=progress, resume=resume,
     )
     result = run_robustness(config)
     if is_main_process():
@@ -289,6 +292,7 @@ def corrupt_command(
     gallery: bool = typer.Option(False, "--gallery", help="Write gallery.png (one image, corruption x severity) instead."),
     gallery_index: int = typer.Option(0, "--gallery-index", min=0, help="Which image the gallery shows."),
     progress: bool = ProgressOption,
+    resume: bool = ResumeOption,
 ) -> None:
     """Write a corrupted copy of a dataset in its own layout (Cityscapes-C style), or a gallery PNG."""
     from trustseg.robustness.corruptions import parse_corruptions, parse_severities
@@ -297,6 +301,7 @@ def corrupt_command(
     result = run_corrupt(CorruptConfig(
         data=data, out=str(out), corruptions=parse_corruptions(corruptions), severities=parse_severities(severities),
         split=split, max_images=max_images, seed=seed, gallery=gallery, gallery_index=gallery_index, progress=progress,
+        resume=resume,
     ))
     what = "gallery" if gallery else f"{len(result.written)} corrupted images"
     console.print(f"{what} written under {result.run_dir}")
@@ -333,6 +338,7 @@ def calibrate_command(
     short_side: Optional[int] = ShortSideOption,
     bf16: bool = Bf16Option,
     progress: bool = ProgressOption,
+    resume: bool = ResumeOption,
 ) -> None:
     """Fit post-hoc calibrators, compare them on clean and corrupted data, write a calibrated checkpoint."""
     from trustseg.engine.distributed import is_main_process
@@ -346,6 +352,7 @@ def calibrate_command(
         severities=parse_severities(severities), max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
         fit_crop=fit_crop, epochs=epochs, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
         inference=inference_config(mode, crop, stride, short_side, bf16), device=device, progress=progress,
+        resume=resume,
     )
     result = run_calibrate(config)
     if is_main_process():

@@ -84,14 +84,14 @@ def test_robustness_matches_hand_computed_miou_and_writes_report(tmp_path, datas
     grid = [conditions[f"{n}/{s}"]["mIoU"] for n in ("gaussian_noise", "contrast", "elastic_transform") for s in (1, 5)]
     assert summary["mean_corrupted_mIoU"] == pytest.approx(np.mean(grid))
     assert summary["relative_robustness"] == pytest.approx(np.mean(grid) / conditions["clean"]["mIoU"])
-    assert results["frost_source"] in ("imagecorruptions", "procedural")
+    assert results["setup"]["frost_source"] in ("imagecorruptions", "procedural")
     for name in ("robustness_heatmap.png", "robustness_noise.png", "robustness_digital.png", "report.md",
                  "report.html", "metrics.json", "config.yaml"):
         assert (out / name).exists(), name
     assert "gaussian_noise" in (out / "report.md").read_text()
 
 
-def test_rerun_skips_finished_conditions_and_a_crash_keeps_them(tmp_path, dataset_root, checkpoint, monkeypatch):
+def test_resume_skips_finished_conditions_and_a_crash_keeps_them(tmp_path, dataset_root, checkpoint, monkeypatch, capsys):
     path, _ = checkpoint
     out = tmp_path / "rob"
     real_evaluate = robustness_workflow.evaluate
@@ -103,17 +103,21 @@ def test_rerun_skips_finished_conditions_and_a_crash_keeps_them(tmp_path, datase
             raise RuntimeError("simulated crash")
         return real_evaluate(*args, **kwargs)
 
+    args = robustness_args(path, dataset_root, out, "--corruptions", "brightness", "--severities", "1-3")
     monkeypatch.setattr(robustness_workflow, "evaluate", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_cli(robustness_args(path, dataset_root, out, "--corruptions", "brightness", "--severities", "1-3"), monkeypatch)
-    assert set(json.loads((out / "robustness.json").read_text())["conditions"]) == {"clean", "brightness/1"}
+        run_cli(args, monkeypatch)
+    units = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()[1:]]
+    assert [unit["unit"] for unit in units] == ["clean", "brightness/1"]
 
-    calls.clear()
-    monkeypatch.setattr(robustness_workflow, "evaluate", real_evaluate)
+    capsys.readouterr()
+    run_cli(args, monkeypatch, code=2)  # a finished unit is never overwritten without --resume
+    assert "pass --resume" in capsys.readouterr().err
     counted = []
     monkeypatch.setattr(robustness_workflow, "evaluate", lambda *a, **k: counted.append(k["description"]) or real_evaluate(*a, **k))
-    run_cli(robustness_args(path, dataset_root, out, "--corruptions", "brightness", "--severities", "1-3"), monkeypatch)
+    run_cli([*args, "--resume"], monkeypatch)
     assert [d.split(" ")[0] for d in counted] == ["brightness/2", "brightness/3"]
+    assert "2 of 4 conditions already done and skipped, 2 to go" in capsys.readouterr().err
     assert set(json.loads((out / "robustness.json").read_text())["conditions"]) == {"clean", "brightness/1", "brightness/2", "brightness/3"}
 
 
@@ -180,17 +184,22 @@ def test_gallery_png(tmp_path, dataset_root, monkeypatch):
     assert picture.width > 300 and picture.height > 300
 
 
-def test_two_processes_give_the_one_process_conditions(tmp_path, dataset_root, checkpoint):
+def test_two_processes_give_the_one_process_conditions_and_resume_together(tmp_path, dataset_root, checkpoint):
     path, _ = checkpoint
-    outs = {}
-    for procs in (1, 2):
-        out = tmp_path / f"p{procs}"
+
+    def torchrun(procs, out, severities, *extra):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m"]
         done = subprocess.run([*launcher, "trustseg.cli", *robustness_args(path, dataset_root, out, "--corruptions",
-                               "impulse_noise,zoom_blur", "--severities", "2")],
+                               "impulse_noise,zoom_blur", "--severities", severities, *extra)],
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
-        outs[procs] = json.loads((out / "robustness.json").read_text())["conditions"]
+        return json.loads((out / "robustness.json").read_text())["conditions"], done.stderr
+
+    outs = {procs: torchrun(procs, tmp_path / f"p{procs}", "2")[0] for procs in (1, 2)}
     for key in outs[1]:
         assert outs[2][key]["mIoU"] == pytest.approx(outs[1][key]["mIoU"], abs=1e-12)
         assert outs[2][key]["per_class"]["IoU"] == pytest.approx(outs[1][key]["per_class"]["IoU"], abs=1e-12, nan_ok=True)
+    # both processes learn the finished conditions from rank 0 and evaluate only the added ones
+    extended, err = torchrun(2, tmp_path / "p2", "2,3", "--resume")
+    assert "3 of 5 conditions already done and skipped, 2 to go" in err
+    assert {key: extended[key] for key in outs[2]} == outs[2] and set(extended) - set(outs[2]) == {"impulse_noise/3", "zoom_blur/3"}

@@ -28,7 +28,7 @@ from trustseg.calibrators.methods import METHODS, build_calibrator
 from trustseg.calibrators.fit import fit_calibrator
 from trustseg.calibrators.fit_data import collect_fit_data
 from trustseg.calibrators.properties import PROPERTIES
-from trustseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from trustseg.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from trustseg.data.base import ClassInfo, SegmentationDataset, subset
 from trustseg.data.identity import shared_sources
 from trustseg.data.spec import load_dataset, resolve_split
@@ -44,6 +44,7 @@ from trustseg.report.plots import reliability_diagrams
 from trustseg.report.tables import percent
 from trustseg.robustness.dataset import corrupted_view
 from trustseg.robustness.summary import CLEAN, condition_key
+from trustseg.engine.journal import Journal, file_sha256
 from trustseg.engine.rundir import RunDir
 from trustseg.workflows.evaluation import check_same_classes, first_images
 
@@ -81,6 +82,7 @@ class CalibrateConfig:
     inference: InferenceConfig = InferenceConfig()
     device: str = "auto"
     progress: bool = True
+    resume: bool = False  # continue the interrupted run in `out` (same setup): fits, choice and conditions done are kept
 
 
 @dataclass
@@ -181,18 +183,28 @@ def split_holdout(config: CalibrateConfig, fit_set: SegmentationDataset) -> tupl
 
 
 def _fit_all(config: CalibrateConfig, predictor: nn.Module, classes: ClassInfo, fit_set: SegmentationDataset,
-             device: torch.device):
-    spatial = any(METHODS[m][0].spatial for m in config.methods)
-    data = collect_fit_data(predictor, fit_set, max_pixels=config.max_pixels,
-                            max_crops=config.max_crops if spatial else 0, crop_size=config.fit_crop,
-                            seed=config.seed, progress=config.progress, device=device)
-    calibrators, reports = {}, {}
+             device: torch.device, journal: Journal) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, Any]]:
+    """Every method fitted on one collection of fit data; a method fitted by an interrupted run is read
+    back from its state file (the fit data is collected only when some method still needs it)."""
+    calibrators = {}
+    data = None
     for method in config.methods:
         calibrator = build_calibrator(method, classes.num_classes).to(device)
+        unit, state_file = f"fit/{method}", journal.run_dir.file(f"calibrators/{method}.pt")
+        if unit in journal.done:
+            calibrator.load_state_dict(_read_state(state_file))
+            calibrators[method] = calibrator
+            continue
+        if data is None:
+            data = _collect(config, predictor, fit_set, device)
+            journal.record("fit_data", {"images": data.images, "labelled_pixels": data.labelled_pixels,
+                                        "sample_pixels": int(data.labels.numel()), "crops": len(data.maps)})
         report = fit_calibrator(calibrator, data, ignore_index=classes.ignore_index, epochs=config.epochs,
                                 progress=config.progress)
-        calibrators[method] = calibrator
-        reports[method] = {
+        if is_main_process():
+            state = {k: v.detach().cpu() for k, v in calibrator.state_dict().items()}
+            atomic_write(state_file, lambda handle: torch.save(state, handle))
+        journal.record(unit, {
             "description": METHODS[method][2],
             "properties": {p: bool(getattr(calibrator, p)) for p in PROPERTIES},
             "fit": {"seconds": report.seconds, "nll_before": report.nll_before, "nll_after": report.nll_after,
@@ -200,9 +212,24 @@ def _fit_all(config: CalibrateConfig, predictor: nn.Module, classes: ClassInfo, 
                     **({"crops": len(data.maps)} if calibrator.spatial else {}),
                     "on": "logit-map crops + images" if calibrator.spatial else "pixel sample"},
             "parameters": calibrator.summary(),
-        }
-    return calibrators, reports, {"images": data.images, "labelled_pixels": data.labelled_pixels,
-                                  "sample_pixels": int(data.labels.numel()), "crops": len(data.maps)}
+        })
+        calibrators[method] = calibrator
+    return calibrators, {m: journal.done[f"fit/{m}"] for m in config.methods}, journal.done["fit_data"]
+
+
+def _collect(config: CalibrateConfig, predictor: nn.Module, fit_set: SegmentationDataset, device: torch.device):
+    spatial = any(METHODS[m][0].spatial for m in config.methods)
+    return collect_fit_data(predictor, fit_set, max_pixels=config.max_pixels,
+                            max_crops=config.max_crops if spatial else 0, crop_size=config.fit_crop,
+                            seed=config.seed, progress=config.progress, device=device)
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for missing or corrupt files
+        raise UserError(f"--resume: the fitted calibrator {path} is unreadable ({str(error)[:80]}); "
+                        "use another --out") from None
 
 
 def select_method(config: CalibrateConfig, predictor: nn.Module, calibrators: dict[str, nn.Module],
@@ -231,34 +258,28 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
     check_same_classes(checkpoint, dataset, config.data)
     fit_set, holdout = split_holdout(config, load_fit_data(config, checkpoint.classes, dataset))
     run_dir = RunDir(config.out)
+    runs = [CLEAN, *(condition_key(n, s) for n in config.corruptions for s in config.severities)]
+    journal = Journal(run_dir, "calibrate", {
+        "checkpoint_sha256": file_sha256(config.checkpoint), "fit_data": config.fit_data, "data": config.data,
+        "fit_images": len(fit_set), "holdout_images": 0 if holdout is None else len(holdout),
+        "num_images": len(dataset),
+        **{k: getattr(config, k) for k in ("methods", "max_pixels", "max_crops", "fit_crop", "epochs", "num_bins",
+                                            "save", "seed", "inference")}}, resume=config.resume)
     if is_main_process():
         run_dir.write_config({"command": "calibrate", **vars(config)})
-    runs = [CLEAN, *(condition_key(n, s) for n in config.corruptions for s in config.severities)]
+    units = [*(f"fit/{m}" for m in config.methods), *(["selection"] if holdout else []), *runs]
+    journal.announce(units, "steps (fits, choice, conditions)")
     predictor = predictor_from_checkpoint(checkpoint, config.inference, calibrated=False, device=device)
-    calibrators, methods, fit_summary = _fit_all(config, predictor, checkpoint.classes, fit_set, device)
-    selection = None if holdout is None else select_method(config, predictor, calibrators, checkpoint.classes,
-                                                           holdout, device)
+    calibrators, methods, fit_summary = _fit_all(config, predictor, checkpoint.classes, fit_set, device, journal)
+    if holdout is not None and "selection" not in journal.done:
+        journal.record("selection", select_method(config, predictor, calibrators, checkpoint.classes, holdout, device))
+    selection = journal.done.get("selection")
     bank = CalibratorBank(predictor, calibrators).to(device).eval()
     classes = checkpoint.classes
-    conditions: dict[str, dict[str, dict[str, Any]]] = {}
     for key in runs:
-        data, transform = corrupted_view(dataset, key, seed=config.seed, device=device)
-        bank.reset()
-        accumulators = {
-            name: [ConfusionMatrix(classes.num_classes, ignore_index=classes.ignore_index),
-                   CalibrationHistogram(classes.num_classes, ignore_index=classes.ignore_index,
-                                        num_bins=config.num_bins)]
-            for name in (UNCALIBRATED, *calibrators)
-        }
-        results = evaluate(bank, data, accumulators, batch_transform=transform, progress=config.progress,
-                           description=key, device=device)
-        changed = bank.changed_fractions()
-        base_miou = results[UNCALIBRATED]["mIoU"]
-        conditions[key] = {
-            name: {**{m: r[m] for m in METRICS}, "delta_mIoU": r["mIoU"] - base_miou,
-                   "decisions_changed": changed.get(name, 0.0), "reliability": _reliability(r)}
-            for name, r in results.items()
-        }
+        if key not in journal.done:
+            journal.record(key, _evaluate_condition(config, bank, dataset, key, classes, device))
+    conditions = {key: journal.done[key] for key in runs}
     saved = _save_calibrated(config, checkpoint, calibrators, selection, run_dir)
     if is_main_process():
         run_dir.write_json(RESULTS, {"setup": {"checkpoint": config.checkpoint, "fit_data": config.fit_data,
@@ -268,6 +289,27 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
                                      "saved": None if saved is None else saved.name})
         write_report(run_dir, config, methods, conditions, saved, selection)
     return CalibrateResult(methods, conditions, saved, classes, run_dir.path, selection)
+
+
+def _evaluate_condition(config: CalibrateConfig, bank: CalibratorBank, dataset: SegmentationDataset, key: str,
+                        classes: ClassInfo, device: torch.device) -> dict[str, dict[str, Any]]:
+    """Every method (and the uncalibrated model) on one condition: one pass of the evaluation loop."""
+    data, transform = corrupted_view(dataset, key, seed=config.seed, device=device)
+    bank.reset()
+    accumulators = {
+        name: [ConfusionMatrix(classes.num_classes, ignore_index=classes.ignore_index),
+               CalibrationHistogram(classes.num_classes, ignore_index=classes.ignore_index, num_bins=config.num_bins)]
+        for name in (UNCALIBRATED, *bank.calibrators)
+    }
+    results = evaluate(bank, data, accumulators, batch_transform=transform, progress=config.progress,
+                       description=key, device=device)
+    changed = bank.changed_fractions()
+    base_miou = results[UNCALIBRATED]["mIoU"]
+    return {
+        name: {**{m: r[m] for m in METRICS}, "delta_mIoU": r["mIoU"] - base_miou,
+               "decisions_changed": changed.get(name, 0.0), "reliability": _reliability(r)}
+        for name, r in results.items()
+    }
 
 
 def _reliability(results: dict[str, Any]) -> dict[str, list[float]]:

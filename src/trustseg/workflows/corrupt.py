@@ -3,12 +3,13 @@
 
 The images are corrupted exactly as `trustseg robustness` corrupts them on the fly (same per-image
 seeds), so evaluating the written copy gives the same numbers. Masks are copied byte for byte, or, for
-geometric corruptions, warped with the image's displacement field in their raw label values.
+geometric corruptions, warped with the image's displacement field in their raw label values. Every
+file is written atomically and every finished image recorded, so `resume` continues an interrupted
+copy with the images still to do.
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from trustseg.errors import UserError
 from trustseg.engine.progress import track
 from trustseg.robustness.corruptions import CORRUPTIONS, DISPLACEMENTS, SEVERITIES, corrupt, frost_source
 from trustseg.robustness.dataset import condition_seed
+from trustseg.engine.checkpoint import atomic_write
+from trustseg.engine.journal import Journal
 from trustseg.engine.rundir import RunDir
 from trustseg.workflows.evaluation import first_images
 
@@ -44,6 +47,7 @@ class CorruptConfig:
     gallery: bool = False  # write gallery.png (one image, every corruption x severity) instead of a dataset
     gallery_index: int = 0
     progress: bool = True
+    resume: bool = False  # continue the interrupted copy in `out` (same setup), skipping written images
 
 
 @dataclass
@@ -56,28 +60,38 @@ def run_corrupt(config: CorruptConfig) -> CorruptResult:
     split = resolve_split(config.data, config.split, "val")
     dataset = load_dataset(config.data, split=split)
     run_dir = RunDir(config.out)
-    run_dir.write_config({"command": "corrupt", **vars(config), "frost_source": frost_source()})
     if config.gallery:
+        run_dir.write_config({"command": "corrupt", **vars(config), "frost_source": frost_source()})
         return CorruptResult(run_dir.path, [write_gallery(dataset, config, run_dir.file("gallery.png"))])
     if not isinstance(dataset, FileDataset):
         raise UserError(f"{config.data}: only datasets read from files can be copied; use --gallery to look at "
                         f"corruptions of generated data")
     root = Path(parse_spec(config.data).path).expanduser()
     pairs = dataset.pairs[: len(first_images(dataset, config.max_images))]
+    journal = Journal(run_dir, "corrupt", {"data": config.data, "split": split, "images": len(pairs),
+                                           "seed": config.seed, "frost_source": frost_source()},
+                      resume=config.resume)
+    run_dir.write_config({"command": "corrupt", **vars(config), "frost_source": frost_source()})
     metadata = _metadata_files(root)
-    written = []
     conditions = [(name, severity) for name in config.corruptions for severity in config.severities]
+    units = [_unit(name, severity, index) for name, severity in conditions for index in range(len(pairs))]
+    todo = set(journal.announce(units, "images"))
     for name, severity in conditions:
         target = run_dir.file(Path(name) / str(severity))
         for path in metadata:
             destination = inside(target, path.relative_to(root), "output")
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, destination)
-        for index, (image_path, mask_path) in track(list(enumerate(pairs)), total=len(pairs),
-                                                    description=f"{name}/{severity}", enabled=config.progress):
-            written.append(_write_pair(root, target, image_path, mask_path, name, severity,
-                                       condition_seed(config.seed, name, severity, index)))
-    return CorruptResult(run_dir.path, written)
+            atomic_write(destination, lambda handle: handle.write(path.read_bytes()))
+        indices = [i for i in range(len(pairs)) if _unit(name, severity, i) in todo]
+        for index in track(indices, total=len(indices), description=f"{name}/{severity}", enabled=config.progress):
+            image_path, mask_path = pairs[index]
+            written = _write_pair(root, target, image_path, mask_path, name, severity,
+                                  condition_seed(config.seed, name, severity, index))
+            journal.record(_unit(name, severity, index), str(written.relative_to(run_dir.path)))
+    return CorruptResult(run_dir.path, [run_dir.path / journal.done[unit] for unit in units])
+
+
+def _unit(name: str, severity: int, index: int) -> str:
+    return f"{name}/{severity}/{index}"
 
 
 def _metadata_files(root: Path) -> list[Path]:
@@ -95,23 +109,24 @@ def _write_pair(root: Path, target: Path, image_path: Path, mask_path: Path, nam
                            None if raw_mask is None else raw_mask[None])
     image_out = inside(target, image_path.relative_to(root), "output")
     mask_out = inside(target, mask_path.relative_to(root), "output")
-    image_out.parent.mkdir(parents=True, exist_ok=True)
-    mask_out.parent.mkdir(parents=True, exist_ok=True)
-    picture = Image.fromarray(image[0].permute(1, 2, 0).numpy())
-    if image_out.suffix.lower() in (".jpg", ".jpeg", ".webp"):
-        # lossy originals stay lossy (the layout expects the extension), at a quality that adds little
-        picture.save(image_out, quality=95, subsampling=0)
-    else:
-        picture.save(image_out)
+    _save(Image.fromarray(image[0].permute(1, 2, 0).numpy()), image_out)
     if moved is None:
-        shutil.copyfile(mask_path, mask_out)
+        atomic_write(mask_out, lambda handle: handle.write(mask_path.read_bytes()))
     else:
         original = Image.open(mask_path)
         warped = Image.fromarray(moved[0].numpy().astype(np.asarray(original).dtype))
         if original.mode == "P":  # VOC masks stay palette images
             warped.putpalette(original.getpalette())
-        warped.save(mask_out)
+        _save(warped, mask_out)
     return image_out
+
+
+def _save(picture: Image.Image, path: Path) -> None:
+    """Write `picture` atomically in the format of `path`'s extension; lossy originals stay lossy (the
+    layout expects the extension), at a quality that adds little."""
+    image_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    lossy = {"quality": 95, "subsampling": 0} if image_format in ("JPEG", "WEBP") else {}
+    atomic_write(path, lambda handle: picture.save(handle, format=image_format, **lossy))
 
 
 def write_gallery(dataset, config: CorruptConfig, path: Path) -> Path:

@@ -1,8 +1,8 @@
 """`trustseg robustness`: a checkpoint on clean data and under every corruption x severity.
 
 Each condition is one pass of the shared evaluation loop over a corrupted view of the dataset
-(corrupted on the fly, never stored). `robustness.json` is rewritten after every condition, so an
-interrupted or crashed run loses nothing and a rerun with the same setup skips what is done.
+(corrupted on the fly, never stored). Each finished condition is recorded in the run's journal at
+once, so an interrupted run loses nothing and `resume` continues it with the conditions still to do.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from trustseg.report.tables import percent
 from trustseg.robustness.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, frost_source
 from trustseg.robustness.dataset import corrupted_view
 from trustseg.robustness.summary import CLEAN, condition_key, miou_grid, summarize
-from trustseg.engine.rundir import RunDir, to_plain
+from trustseg.engine.journal import Journal, file_sha256
+from trustseg.engine.rundir import RunDir
 from trustseg.workflows.evaluation import check_same_classes, default_accumulators, first_images
 
 RESULTS = "robustness.json"
@@ -51,6 +52,7 @@ class RobustnessConfig:
     inference: InferenceConfig = InferenceConfig()
     device: str = "auto"
     progress: bool = True
+    resume: bool = False  # continue the interrupted run in `out` (same setup), skipping finished conditions
 
 
 @dataclass
@@ -80,16 +82,6 @@ def load_baseline(path: str, classes: ClassInfo, needed: list[str]) -> dict[str,
     return conditions
 
 
-def _previous_conditions(run_dir: RunDir, setup: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    if not run_dir.file(RESULTS).exists():
-        return {}
-    previous = run_dir.read_json(RESULTS)
-    if previous.get("setup") != setup:
-        raise UserError(f"{run_dir.file(RESULTS)} comes from a different setup (checkpoint, data, images, seed "
-                        f"or inference); use another --out or delete it")
-    return previous.get("conditions", {})
-
-
 def run_robustness(config: RobustnessConfig) -> RobustnessResult:
     device = resolve_device(config.device)
     init_from_environment(device)
@@ -98,31 +90,30 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
     dataset = first_images(load_dataset(config.data, split=split), config.max_images)
     check_same_classes(checkpoint, dataset, config.data)
     classes = checkpoint.classes
-    keys = [condition_key(n, s) for n in config.corruptions for s in config.severities]
-    baseline = load_baseline(config.baseline, classes, [CLEAN, *keys]) if config.baseline else None
+    keys = [CLEAN, *(condition_key(n, s) for n in config.corruptions for s in config.severities)]
+    baseline = load_baseline(config.baseline, classes, keys) if config.baseline else None
 
     run_dir = RunDir(config.out)
-    setup = to_plain({"checkpoint": config.checkpoint, "data": config.data, "split": split,
-                      "num_images": len(dataset), "seed": config.seed, "boundary_iou": config.boundary_iou,
-                      "calibration": config.calibration, "inference": config.inference})
-    conditions = _previous_conditions(run_dir, setup)
+    setup = {"checkpoint_sha256": file_sha256(config.checkpoint), "data": config.data, "split": split,
+             "num_images": len(dataset), "seed": config.seed, "boundary_iou": config.boundary_iou,
+             "calibration": config.calibration, "inference": config.inference, "frost_source": frost_source()}
+    journal = Journal(run_dir, "robustness", setup, resume=config.resume)
     if is_main_process():
         run_dir.write_config({"command": "robustness", **vars(config)})
     predictor = predictor_from_checkpoint(checkpoint, config.inference, device=device)
-    header = {"setup": setup, "class_names": list(classes.names), "frost_source": frost_source()}
 
-    todo = [key for key in [CLEAN, *keys] if key not in conditions]
+    todo = journal.announce(keys, "conditions")
     for number, key in enumerate(todo, 1):
         data, transform = corrupted_view(dataset, key, seed=config.seed, device=device)
-        conditions[key] = evaluate(
+        journal.record(key, evaluate(
             predictor, data, default_accumulators(classes, boundary_iou=config.boundary_iou,
                                                   calibration=config.calibration,
                                                   uncertainty=("msp",) if config.calibration else ()),
             batch_size=config.batch_size, batch_transform=transform, num_workers=config.num_workers,
             progress=config.progress, description=f"{key} ({number}/{len(todo)})", device=device,
-        )
-        if is_main_process():
-            run_dir.write_json(RESULTS, {**header, "conditions": conditions})
+        ))
+    conditions = {key: journal.done[key] for key in keys}
+    header = {"setup": {"checkpoint": config.checkpoint, **journal.setup}, "class_names": list(classes.names)}
 
     summary = summarize(conditions, config.corruptions, config.severities, baseline)
     if baseline is not None:
