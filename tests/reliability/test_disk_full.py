@@ -1,0 +1,59 @@
+"""A write the disk refuses (ENOSPC, simulated) is a one-line error that keeps the previous file and every
+finished unit; after space is freed, --resume ends with the results of an uninterrupted run."""
+
+import errno
+import json
+import os
+
+import pytest
+
+from cli_helpers import run_cli, save_tiny_unet
+from trustseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from trustseg.errors import UserError
+
+
+def refuse_fsync(monkeypatch, name: str, after: int = 0) -> None:
+    """Make syncing a file called `name` fail with ENOSPC, after `after` successful syncs of it."""
+    real, synced = os.fsync, []
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith((name, f".{name}.")):
+            if len(synced) >= after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            synced.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_tiny_unet(path, seed=0)
+    before = path.read_bytes()
+    refuse_fsync(monkeypatch, "last.pt")
+    checkpoint = load_checkpoint(path)
+    with pytest.raises(UserError, match=r"cannot write .*last\.pt: No space left on device; the previous file is unchanged"):
+        save_checkpoint(checkpoint, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
+
+
+def test_robustness_stopped_by_a_full_disk_keeps_its_units_and_resumes(tmp_path, folder_data, monkeypatch, capsys):
+    root, checkpoint = folder_data
+
+    def args(out, *extra):
+        return ["robustness", "--checkpoint", str(checkpoint), "--data", f"folder:{root}", "--out", str(out),
+                "--corruptions", "contrast", "--severities", "1,2", "--no-progress", *extra]
+
+    whole, full = tmp_path / "whole", tmp_path / "full"
+    assert run_cli(args(whole), monkeypatch) == 0
+    with monkeypatch.context() as patch:
+        refuse_fsync(patch, "progress.jsonl", after=2)  # the header and the clean condition get through
+        capsys.readouterr()
+        assert run_cli(args(full), monkeypatch) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot record contrast/1" in err and "No space left on device" in err
+    units = [json.loads(line)["unit"] for line in (full / "progress.jsonl").read_text().splitlines()[1:]]
+    assert units[0] == "clean"
+    assert run_cli(args(full, "--resume"), monkeypatch) == 0
+    assert json.loads((full / "robustness.json").read_text()) == json.loads((whole / "robustness.json").read_text())
