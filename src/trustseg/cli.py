@@ -5,6 +5,7 @@ User errors (UserError) end with one line on stderr and exit status 2; bugs keep
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Optional
@@ -460,15 +461,28 @@ def bench_corruptions_command(
     typer.echo(format_corruptions_bench(result))
 
 
+# the system refused a write: disk full, quota exceeded, read-only file system
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def main() -> None:
     try:
         app()
     except UserError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        from trustseg.engine.distributed import leave
+        stop(str(error))
+    except OSError as error:
+        if error.errno not in FULL_OR_READ_ONLY:
+            raise
+        stop(f"cannot write {error.filename or 'an output file'}: {error.strerror}")
 
-        leave(wait=False)  # its peers under torchrun may never reach the exit meeting
-        sys.exit(2)
+
+def stop(message: str) -> None:
+    """End a failed command: one line on stderr, exit status 2."""
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from trustseg.engine.distributed import leave
+
+    leave(wait=False)  # its peers under torchrun may never reach the exit meeting
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from cli_helpers import run_cli, save_tiny_unet
+from trustseg import cli
 from trustseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from trustseg.errors import UserError
 
@@ -57,3 +58,25 @@ def test_robustness_stopped_by_a_full_disk_keeps_its_units_and_resumes(tmp_path,
     assert units[0] == "clean"
     assert run_cli(args(full, "--resume"), monkeypatch) == 0
     assert json.loads((full / "robustness.json").read_text()) == json.loads((whole / "robustness.json").read_text())
+
+
+@pytest.mark.parametrize("code, shown", [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")])
+def test_any_write_the_system_refuses_ends_in_one_line(monkeypatch, capsys, code, shown):
+    """Writes outside atomic_write (a history line appended, say) end the same way, without a traceback."""
+    def refused():
+        raise OSError(code, os.strerror(code), "run/history.jsonl")
+
+    monkeypatch.setattr(cli, "app", refused)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: cannot write run/history.jsonl: {shown}"
+
+
+def test_other_os_errors_keep_their_traceback(monkeypatch):
+    def broken():
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(cli, "app", broken)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        cli.main()

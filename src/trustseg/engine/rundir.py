@@ -123,18 +123,19 @@ class RunDir:
         """The path of output `name` (relative, may hold subfolders); a name leaving the folder is refused."""
         return inside(self.path, name, "output")
 
-    def write_json(self, name: str, data: Any) -> Path:
-        path, text = self.file(name), json.dumps(to_plain(data), indent=2, allow_nan=False) + "\n"
+    def write_text(self, name: str, text: str) -> Path:
+        path = self.file(name)
         atomic_write(path, lambda handle: handle.write(text.encode()))
         return path
+
+    def write_json(self, name: str, data: Any) -> Path:
+        return self.write_text(name, json.dumps(to_plain(data), indent=2, allow_nan=False) + "\n")
 
     def read_json(self, name: str) -> Any:
         return json.loads(self.file(name).read_text())
 
     def write_config(self, config: Any) -> Path:
-        path, text = self.file("config.yaml"), yaml.safe_dump(to_plain(config), sort_keys=False)
-        atomic_write(path, lambda handle: handle.write(text.encode()))
-        return path
+        return self.write_text("config.yaml", yaml.safe_dump(to_plain(config), sort_keys=False))
 
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
         return self.write_json("metrics.json", metrics)

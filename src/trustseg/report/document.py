@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trustseg.engine.checkpoint import atomic_write
 from trustseg.report.tables import markdown_table
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -77,6 +78,6 @@ class Document:
         """Write ``stem.md`` and ``stem.html`` into ``folder``."""
         folder = Path(folder)
         markdown, page = folder / f"{stem}.md", folder / f"{stem}.html"
-        markdown.write_text(self.to_markdown(folder))
-        page.write_text(self.to_html())
+        for path, text in ((markdown, self.to_markdown(folder)), (page, self.to_html())):
+            atomic_write(path, lambda handle: handle.write(text.encode()))
         return markdown, page

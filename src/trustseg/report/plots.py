@@ -10,6 +10,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from trustseg.engine.checkpoint import atomic_write  # noqa: E402
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    """Write `figure` as a PNG atomically (a failed write keeps the previous plot) and close it."""
+    try:
+        atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
+    finally:
+        plt.close(figure)
+    return Path(path)
+
 
 def bar_plot(
     labels: Sequence[str],
@@ -29,9 +40,7 @@ def bar_plot(
     if log_scale:
         axes.set_yscale("log")
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def line_plot(
@@ -56,9 +65,7 @@ def line_plot(
     if len(series) > 1:
         axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def heatmap(
@@ -88,9 +95,7 @@ def heatmap(
     figure.colorbar(image, ax=axes, label=colorbar_label)
     axes.set_title(title)
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def reliability_diagrams(panels: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, *, title: str) -> Path:
@@ -119,6 +124,4 @@ def reliability_diagrams(panels: Mapping[str, Mapping[str, Sequence[float]]], pa
     grid.flat[0].legend(fontsize=7, loc="upper left")
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)

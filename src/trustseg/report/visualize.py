@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from trustseg.data.base import ClassInfo
+from trustseg.engine.checkpoint import atomic_write
 
 
 def colorize(mask: torch.Tensor, classes: ClassInfo) -> np.ndarray:
@@ -35,8 +36,8 @@ def heatmap(values: np.ndarray, colormap: str = "inferno") -> np.ndarray:
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    picture = Image.fromarray(array)
+    atomic_write(path, lambda handle: picture.save(handle, format="PNG"))
     return path
 
 

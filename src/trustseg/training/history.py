@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trustseg.report.plots import line_plot
+from trustseg.engine.checkpoint import atomic_write
 from trustseg.engine.rundir import to_plain
 
 HISTORY_FILE = "history.jsonl"
@@ -26,7 +27,8 @@ class History:
         self.records: list[dict[str, Any]] = list(records or [])
         self.path = None if run_dir is None else Path(run_dir) / HISTORY_FILE
         if self.path is not None:
-            self.path.write_text("".join(_line(record) for record in self.records))
+            text = "".join(_line(record) for record in self.records)
+            atomic_write(self.path, lambda handle: handle.write(text.encode()))
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)

@@ -131,10 +131,9 @@ def _save(picture: Image.Image, path: Path) -> None:
 
 def write_gallery(dataset, config: CorruptConfig, path: Path) -> Path:
     """One image under every selected corruption (rows) and severity (columns), corrupted at native size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from trustseg.report.plots import save_figure  # lazy: matplotlib takes ~0.5 s to import
 
     if not 0 <= config.gallery_index < len(dataset):
         raise UserError(f"--gallery-index {config.gallery_index} is outside the dataset's {len(dataset)} images")
@@ -163,7 +162,5 @@ def write_gallery(dataset, config: CorruptConfig, path: Path) -> Path:
     figure.suptitle(f"{dataset[config.gallery_index]['path']} ({width}x{height}), frost: {frost_source()}", fontsize=9,
                     y=1 - 0.08 / figure_height, va="top")
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.35 / figure_height))  # leave the top strip to the title
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 

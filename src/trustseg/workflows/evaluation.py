@@ -135,7 +135,6 @@ def run_eval(config: EvalConfig) -> EvalResult:
     metrics["class_names"] = list(checkpoint.classes.names)
     if run_dir is not None:
         run_dir.write_metrics(metrics)
-        (run_dir.file("report.md")).write_text(
-            metrics_markdown(metrics, checkpoint.classes.names, f"Evaluation of {config.checkpoint} on {config.data}")
-        )
+        run_dir.write_text("report.md", metrics_markdown(metrics, checkpoint.classes.names,
+                                                         f"Evaluation of {config.checkpoint} on {config.data}"))
     return EvalResult(metrics=metrics, classes=checkpoint.classes, run_dir=Path(config.out))

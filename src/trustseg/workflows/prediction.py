@@ -13,7 +13,7 @@ from pathlib import Path, PurePath
 import numpy as np
 import torch
 
-from trustseg.engine.checkpoint import load_checkpoint
+from trustseg.engine.checkpoint import atomic_write, load_checkpoint
 from trustseg.engine.devices import resolve_device
 from trustseg.data.base import mask_dtype
 from trustseg.data.readers import IMAGE_EXTENSIONS, read_image
@@ -148,6 +148,6 @@ def run_predict(config: PredictConfig) -> PredictResult:
             values = uncertainty.float().numpy()
             outputs["uncertainty_png"] = save_png(heatmap(values), run_dir.file(f"uncertainty/{name}.png"))
             outputs["uncertainty"] = run_dir.file(f"uncertainty/{name}.npy")
-            np.save(outputs["uncertainty"], values)
+            atomic_write(outputs["uncertainty"], lambda handle: np.save(handle, values))
         result.outputs.append(outputs)
     return result
