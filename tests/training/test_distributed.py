@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from trustseg.engine.checkpoint import load_checkpoint
@@ -12,7 +13,8 @@ from trustseg.engine.inference import predictor_from_checkpoint
 from trustseg.metrics.confusion import ConfusionMatrix
 from trustseg.training.history import read_history
 
-# Each process also saves the weights it validates with, to check that they are the same everywhere.
+# Each process also saves the weights it validates with (and ASG's position head, which trains beside
+# them), to check that they are the same everywhere.
 SCRIPT = """
 import itertools, json, sys
 import torch
@@ -21,20 +23,25 @@ from trustseg.engine.distributed import rank
 from trustseg.training import config_from_dict, train
 
 calls = itertools.count()
-real_evaluate = loop.evaluate
+real_validate = loop._Run._validate
 
-def evaluate_and_record(predictor, *args, **kwargs):
-    torch.save(predictor.model.state_dict(), f"{sys.argv[2]}/rank{rank()}_val{next(calls)}.pt")
-    return real_evaluate(predictor, *args, **kwargs)
+def validate_and_record(run, *args, **kwargs):
+    metrics = real_validate(run, *args, **kwargs)
+    head = {} if run.guided is None else run.guided.position_head.state_dict(prefix="position_head.")
+    torch.save({**run.model.state_dict(), **head}, f"{sys.argv[2]}/rank{rank()}_val{next(calls)}.pt")
+    return metrics
 
-loop.evaluate = evaluate_and_record
+loop._Run._validate = validate_and_record
 train(config_from_dict(json.loads(sys.argv[1])), progress=False)
 """
+GUIDED_VIT = {"model": {"name": "vit_segmenter", "options": {"backbone": "vit_ti16", "depth": 2, "pos": "none"}},
+              "asg": {"enabled": True, "warmup_steps": 2}, "optim": {"lr": 0.001}}
 
 
-def test_two_process_ddp_run_validates_like_a_single_process(tmp_path, tiny_values):
+@pytest.mark.parametrize("variant", [{}, GUIDED_VIT], ids=["unet", "vit-asg"])
+def test_two_process_ddp_run_validates_like_a_single_process(tmp_path, tiny_values, variant):
     # An odd-sized val set gives the processes shards of different lengths (4 and 3 images).
-    values = {**tiny_values, "steps": 4, "val_every": 2, "out": str(tmp_path / "ddp"),
+    values = {**tiny_values, **variant, "steps": 4, "val_every": 2, "out": str(tmp_path / "ddp"),
               "data": {**tiny_values["data"], "val": "synthetic#split=val,size=32,num_images=7", "val_batch_size": 2}}
     script = tmp_path / "train_ddp.py"
     script.write_text(SCRIPT)
@@ -54,6 +61,7 @@ def test_two_process_ddp_run_validates_like_a_single_process(tmp_path, tiny_valu
     for call in range(2):
         weights = [torch.load(tmp_path / f"rank{r}_val{call}.pt") for r in range(2)]
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+        assert any(k.startswith("position_head.") for k in weights[0]) == bool(variant)
 
     # The sharded, all-reduced validation equals one process evaluating the saved weights on all images.
     checkpoint = load_checkpoint(out / "last.pt")

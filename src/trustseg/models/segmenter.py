@@ -24,11 +24,18 @@ class Segmenter(nn.Module):
         self.size_divisor: int = backbone.size_divisor
 
     def forward(self, images: Tensor) -> Tensor:
-        tokens, grid, layers = self.backbone.forward_features(images, return_layers=self.head.layers)
+        return self.decode(images)[0]
+
+    def decode(self, images: Tensor, *, final_tokens: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(logits, and with `final_tokens` the last block's patch tokens before the final norm (B, h*w, C),
+        which training objectives on the tokens read, e.g. Active Spatial Guidance)."""
+        wanted = (*self.head.layers, -1) if final_tokens else self.head.layers
+        tokens, grid, layers = self.backbone.forward_features(images, return_layers=wanted)
+        final = layers.pop() if final_tokens else None
         # The linear head's logits are a channels-last view; upsampling from it is 3-4x slower in fp32
         # than copying the small (B, K, h, w) map first (benchmarks/RESULTS.md, "Model inference").
         logits = self.head(tokens, grid, layers).contiguous()
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False), final
 
 
 def vit_segmenter(

@@ -7,6 +7,7 @@
 
 from trustseg.training.config import (
     DataConfig,
+    ASGConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,
@@ -19,6 +20,7 @@ from trustseg.training.loop import TrainResult, train
 
 __all__ = [
     "DataConfig",
+    "ASGConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",

@@ -175,6 +175,26 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class ASGConfig:
+    """Active Spatial Guidance (Liu et al. 2026): a ViT without any positional mechanism learns where its
+    tokens lie from an auxiliary loss that regresses each final patch token's (row, col); the loss
+    weight warms up linearly from ``lambda_min`` to ``lambda_max`` over the first ``warmup_steps``
+    optimiser steps (paper: 10 -> 30 over 60 steps for segmentation). Training only: the head that
+    regresses the positions is not part of the checkpoint."""
+
+    enabled: bool = False
+    lambda_max: float = 30.0
+    lambda_min: float = 10.0
+    warmup_steps: int = 60
+    loss: Literal["smooth_l1", "l1", "mse"] = "smooth_l1"
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.lambda_min <= self.lambda_max, "asg.lambda_min", self.lambda_min,
+               "a weight in [0, asg.lambda_max]")
+        _check(self.warmup_steps >= 0, "asg.warmup_steps", self.warmup_steps, "an int >= 0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run. The budget is ``steps`` or ``epochs`` and/or ``time_budget_min``: the run stops
     at whichever ends first. ``batch_size`` is global: under torchrun each process takes its share."""
@@ -198,6 +218,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     loss: LossConfig = LossConfig()
+    asg: ASGConfig = ASGConfig()
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", self.seed, "an int >= 0")

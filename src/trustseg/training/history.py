@@ -18,6 +18,7 @@ from trustseg.engine.rundir import to_plain
 HISTORY_FILE = "history.jsonl"
 LOSS_PLOT = "loss.png"
 MIOU_PLOT = "val_miou.png"
+ASG_PLOT = "asg.png"
 
 
 class History:
@@ -49,7 +50,8 @@ class History:
         return best, step
 
     def plot(self, run_dir: Path) -> list[Path]:
-        """``loss.png`` (training loss per step) and ``val_miou.png`` (val mIoU per step), where there is data."""
+        """``loss.png`` (training loss per step), ``asg.png`` (ASG's position loss and error, when on) and
+        ``val_miou.png`` (val mIoU per step), where there is data."""
         paths = []
         train = self.of_kind("train")
         if train:
@@ -57,6 +59,13 @@ class History:
             series = {"train loss": ([r["step"] for r in train], losses)}
             paths.append(line_plot(series, Path(run_dir) / LOSS_PLOT, title="Training loss", xlabel="step",
                                    ylabel="loss", log_scale=min(losses) > 0))
+        guided = [r for r in train if "asg_error_patches" in r]
+        if guided:
+            steps = [r["step"] for r in guided]
+            series = {"position error (patches)": (steps, [r["asg_error_patches"] for r in guided]),
+                      "position loss": (steps, [r["asg_loss"] for r in guided])}
+            paths.append(line_plot(series, Path(run_dir) / ASG_PLOT, title="Active Spatial Guidance", xlabel="step",
+                                   ylabel="value", log_scale=min(v for _, ys in series.values() for v in ys) > 0))
         val = [r for r in self.of_kind("val") if r.get("mIoU") is not None]
         if val:
             series = {"val mIoU": ([r["step"] for r in val], [r["mIoU"] for r in val])}

@@ -39,6 +39,7 @@ from trustseg.metrics.confusion import ConfusionMatrix
 from trustseg.models.factory import build_model
 from trustseg.engine.progress import make_progress
 from trustseg.engine.rundir import RunDir, to_plain
+from trustseg.training.asg import GuidedSegmenter, guidance_weight
 from trustseg.training.config import TrainConfig
 from trustseg.training.data import TrainData, compute_class_weights, load_train_data
 from trustseg.training.history import History
@@ -114,7 +115,9 @@ class _Run:
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         _check_crop(config, int(getattr(self.model, "size_divisor", 1)))
-        self.optimizer = build_optimizer(self.model, config.optim)
+        # built after the model, so the model's initial weights do not depend on ASG being on
+        self.guided = GuidedSegmenter(self.model, config.asg).to(self.device) if config.asg.enabled else None
+        self.optimizer = build_optimizer(self.model, config.optim, extra_groups=self._guidance_groups())
         # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.fp16)
         self.step, self.prior_elapsed_s, self.lr = 0, 0.0, 0.0
@@ -124,6 +127,8 @@ class _Run:
             check_resumable(config, checkpoint, train_size=len(self.data.train),
                             steps_per_epoch=self.steps_per_epoch)
             self.model.load_state_dict(checkpoint.state_dict)
+            if self.guided is not None:
+                self.guided.position_head.load_state_dict(state["asg_head"])
             self.optimizer.load_state_dict(state["optimizer"])
             if "grad_scaler" in state:
                 self.scaler.load_state_dict(state["grad_scaler"])
@@ -139,10 +144,10 @@ class _Run:
         self.saved_step = self.step if checkpoint is not None else None
         self.final_metrics: dict[str, Any] | None = None
         self.final_metrics_step = -1
-        self.trained = self.model
+        self.trained = self.model if self.guided is None else self.guided
         if is_distributed():
             self.trained = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if config.compile:
             self.trained = torch.compile(self.trained)
         if self.main:
@@ -150,6 +155,14 @@ class _Run:
             if initial_weights is not None:
                 self.run_dir.write_json(WEIGHTS_JSON, initial_weights.to_json())
                 get_console().print(initial_weights.summary())
+
+    def _guidance_groups(self) -> list[dict[str, Any]]:
+        """ASG's position head: its own AdamW group, without weight decay (as in the paper's code)."""
+        if self.guided is None:
+            return []
+        named = list(self.guided.position_head.named_parameters(prefix="position_head"))
+        return [{"params": [p for _, p in named], "names": [n for n, _ in named], "weight_decay": 0.0,
+                 "lr_scale": 1.0}]
 
     # --- time and stopping -------------------------------------------------------------------------
 
@@ -200,7 +213,7 @@ class _Run:
 
     def _train_until_stopped(self) -> str:
         self.trained.train()
-        self.window = {"loss": 0.0, "steps": 0, "grad_norm": 0.0, "time_s": 0.0}
+        self.window = self._empty_window()
         while (reason := self.stop_reason()) is None:
             sampler = EpochBatches(len(self.data.train), self.config.batch_size, seed=self.config.seed,
                                    first_step=self.step, rank=rank(), world_size=world_size(),
@@ -227,10 +240,18 @@ class _Run:
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, bf16=config.bf16, fp16=config.fp16):
-            logits = self.trained(images)
+            output = self.trained(images)
+        logits = output if self.guided is None else output[0]
         loss = segmentation_loss(logits.float(), masks, ignore_index=self.classes.ignore_index,
                                  weight=self.class_weights, ohem_threshold=config.loss.ohem_threshold,
                                  ohem_min_kept=config.loss.ohem_min_kept)
+        if self.guided is not None:
+            _, position_loss, position_error = output
+            weight = guidance_weight(config.asg, self.step)
+            loss = loss + weight * position_loss
+            self.window["asg_loss"] += float(position_loss.detach())
+            self.window["asg_error_patches"] += float(position_error)
+            self.window["asg_lambda"] = weight
         value = loss.detach().clone()
         if is_distributed():  # every process must see the same value to stop together
             dist.all_reduce(value)
@@ -240,7 +261,8 @@ class _Run:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        trained = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, max_norm))
         if not self.scaler.is_enabled():  # with loss scaling an overflow skips the step and lowers the scale
             self._check_finite("gradient norm", grad_norm)
         self.scaler.step(self.optimizer)
@@ -280,6 +302,9 @@ class _Run:
                   "loss": window["loss"] / steps, "lr": self.lr, "grad_norm": window["grad_norm"] / steps,
                   "img_per_s": batch * window["steps"] / max(window["time_s"], 1e-9),
                   "elapsed_s": self.elapsed_s()}
+        if self.guided is not None:  # this process's own batches (the loss above is the processes' mean)
+            record.update({"asg_loss": window["asg_loss"] / steps, "asg_lambda": window["asg_lambda"],
+                           "asg_error_patches": window["asg_error_patches"] / steps})
         self.history.append(record)
         if self.bar is not None:
             if self.total_steps is None and self.budget_s is not None:  # time budget: estimate the total
@@ -288,7 +313,14 @@ class _Run:
                 self.bar.update(self.task, total=self.step + int(left / max(seconds_per_step, 1e-9)))
             self.bar.update(self.task, completed=self.step, loss=record["loss"], lr=self.lr,
                             img_s=record["img_per_s"])
-        self.window = {"loss": 0.0, "steps": 0, "grad_norm": 0.0, "time_s": 0.0}
+        self.window = self._empty_window()
+
+    def _empty_window(self) -> dict[str, float]:
+        """Sums over the steps since the last history line."""
+        window = {"loss": 0.0, "steps": 0, "grad_norm": 0.0, "time_s": 0.0}
+        if self.guided is not None:
+            window.update(asg_loss=0.0, asg_error_patches=0.0, asg_lambda=0.0)
+        return window
 
     # --- validation and checkpoints ------------------------------------------------------------------
 
@@ -340,6 +372,8 @@ class _Run:
             "rng": rng_state(),
             "history": self.history.records,
         }
+        if self.guided is not None:
+            state["asg_head"] = {k: v.cpu() for k, v in self.guided.position_head.state_dict().items()}
         checkpoint = Checkpoint(
             model={"name": self.config.model.name, "options": dict(self.config.model.options)},
             state_dict={k: v.cpu() for k, v in self.model.state_dict().items()},
