@@ -46,7 +46,8 @@ def parse_pair(value: Optional[str], name: str) -> Optional[tuple[int, int]]:
     return parts[0], parts[1]
 
 
-def inference_config(mode: str, crop: Optional[str], stride: Optional[str], short_side: Optional[int], bf16: bool):
+def inference_config(mode: str, crop: Optional[str], stride: Optional[str], short_side: Optional[int], bf16: bool,
+                     scale: float):
     from trustseg.engine.inference import InferenceConfig
 
     return InferenceConfig(
@@ -55,6 +56,7 @@ def inference_config(mode: str, crop: Optional[str], stride: Optional[str], shor
         stride=parse_pair(stride, "--stride"),
         short_side=short_side,
         bf16=bf16,
+        scale=scale,
     )
 
 
@@ -67,6 +69,8 @@ ModeOption = typer.Option("whole", "--mode", help="whole: full image (padded); s
 CropOption = typer.Option(None, "--crop", help="Sliding-window crop 'H,W' (mode slide).")
 StrideOption = typer.Option(None, "--stride", help="Sliding-window stride 'H,W' (mode slide).")
 ShortSideOption = typer.Option(None, "--short-side", help="Resize images to this short side before inference.")
+ScaleOption = typer.Option(1.0, "--scale", min=0.01, help="Resize images by this factor before inference (after "
+                           "--short-side), e.g. 2 to test at twice the training resolution.")
 Bf16Option = typer.Option(False, "--bf16", help="bfloat16 autocast inference.")
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 McSamplesOption = typer.Option(8, "--mc-samples", help="Stochastic passes with dropout on for the MC-dropout measures.")
@@ -157,6 +161,7 @@ def eval_command(
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
     short_side: Optional[int] = ShortSideOption,
+    scale: float = ScaleOption,
     bf16: bool = Bf16Option,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
@@ -175,7 +180,7 @@ def eval_command(
             split=split,
             batch_size=batch_size,
             max_images=max_images,
-            inference=inference_config(mode, crop, stride, short_side, bf16),
+            inference=inference_config(mode, crop, stride, short_side, bf16, scale),
             boundary_iou=boundary_iou,
             calibration=calibration,
             uncertainty=parse_measures(uncertainty),
@@ -205,6 +210,7 @@ def predict_command(
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
     short_side: Optional[int] = ShortSideOption,
+    scale: float = ScaleOption,
     bf16: bool = Bf16Option,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
@@ -217,7 +223,7 @@ def predict_command(
             checkpoint=str(checkpoint),
             input=str(input),
             out=str(out),
-            inference=inference_config(mode, crop, stride, short_side, bf16),
+            inference=inference_config(mode, crop, stride, short_side, bf16, scale),
             alpha=alpha,
             uncertainty=uncertainty,
             mc_samples=mc_samples,
@@ -255,6 +261,7 @@ def robustness_command(
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
     short_side: Optional[int] = ShortSideOption,
+    scale: float = ScaleOption,
     bf16: bool = Bf16Option,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
@@ -270,7 +277,7 @@ def robustness_command(
         checkpoint=str(checkpoint), data=data, out=str(out), corruptions=parse_corruptions(corruptions),
         severities=parse_severities(severities), split=split, baseline=None if baseline is None else str(baseline),
         max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, boundary_iou=boundary_iou,
-        calibration=calibration, inference=inference_config(mode, crop, stride, short_side, bf16), device=device,
+        calibration=calibration, inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device,
         progress=progress, resume=resume,
     )
     result = run_robustness(config)
@@ -337,6 +344,7 @@ def calibrate_command(
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
     short_side: Optional[int] = ShortSideOption,
+    scale: float = ScaleOption,
     bf16: bool = Bf16Option,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
@@ -352,7 +360,7 @@ def calibrate_command(
         fit_split=fit_split, split=split, corruptions=parse_corruptions(corruptions) if corruptions.strip() else (),
         severities=parse_severities(severities), max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
         fit_crop=fit_crop, epochs=epochs, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
-        inference=inference_config(mode, crop, stride, short_side, bf16), device=device, progress=progress,
+        inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device, progress=progress,
         resume=resume,
     )
     result = run_calibrate(config)

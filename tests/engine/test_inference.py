@@ -70,6 +70,26 @@ def test_predictor_normalises_pads_and_resizes_back():
     assert resized.shape == (1, 4, 21, 30)
 
 
+def test_scale_resizes_after_the_short_side():
+    """The model sees the image at scale x its size (x short_side / short side when both are set)."""
+    seen = []
+
+    class Spy(PixelwiseModel):
+        size_divisor = 1  # no padding: the model sees the resized image as it is
+
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return super().forward(x)
+
+    images = torch.randint(0, 256, (1, 3, 20, 30), dtype=torch.uint8)
+    for config in (InferenceConfig(scale=2.0), InferenceConfig(short_side=40), InferenceConfig(short_side=10, scale=4.0),
+                   InferenceConfig(scale=0.5)):
+        assert Predictor(Spy(), (0, 0, 0), (1, 1, 1), config)(images).shape == (1, 4, 20, 30)
+    assert seen == [(40, 60), (40, 60), (40, 60), (10, 15)]
+    with pytest.raises(UserError, match="scale 0"):
+        InferenceConfig(scale=0)
+
+
 def test_predictor_rejects_bad_shapes_and_configs():
     with pytest.raises(UserError, match="B, 3, H, W"):
         Predictor(PixelwiseModel(), (0, 0, 0), (1, 1, 1))(torch.zeros(3, 8, 8))

@@ -28,7 +28,9 @@ Logits = Callable[[torch.Tensor], torch.Tensor]
 class InferenceConfig:
     """`mode` "whole" runs the full (padded) image; "slide" tiles it with `crop` windows every `stride`.
 
-    `short_side` resizes the image before inference (logits are resized back to the input size).
+    `short_side` resizes the image before inference so its short side has that length, and `scale`
+    then multiplies its size (e.g. 2.0 to test a model at twice its training resolution); logits are
+    resized back to the input size.
     """
 
     mode: str = "whole"
@@ -36,8 +38,11 @@ class InferenceConfig:
     stride: tuple[int, int] | None = None
     short_side: int | None = None
     bf16: bool = False
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.scale > 0:
+            raise UserError(f"inference scale {self.scale}: expected a factor > 0")
         if self.mode not in ("whole", "slide"):
             raise UserError(f"inference mode {self.mode!r}: expected 'whole' or 'slide'")
         if self.mode == "slide" and (self.crop is None or self.stride is None):
@@ -120,8 +125,8 @@ class Predictor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         size = images.shape[-2:]
         x = self.normalise(images)
-        if self.config.short_side:
-            scale = self.config.short_side / min(size)
+        scale = self.config.scale * (self.config.short_side / min(size) if self.config.short_side else 1.0)
+        if scale != 1.0:
             x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
         with autocast(x.device, bf16=self.config.bf16):
             if self.config.mode == "slide":
