@@ -13,7 +13,8 @@ from trustseg.errors import UserError
 from trustseg.models.factory import build_model
 from trustseg.models.flops import count_flops
 from trustseg.training import ASGConfig, train
-from trustseg.training.asg import GuidedSegmenter, grid_positions, guidance_weight, position_error, position_loss
+from trustseg.models.positions import grid_positions, position_error
+from trustseg.training.asg import GuidedSegmenter, guidance_weight, position_loss
 from trustseg.training.history import read_history
 
 VIT = {"backbone": "vit_ti16", "depth": 2, "pos": "none"}

@@ -122,12 +122,17 @@ class Predictor(nn.Module):
             raise UserError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
         return (images.float() - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        size = images.shape[-2:]
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> the normalised, resized input the model runs on (before padding to its stride)."""
         x = self.normalise(images)
-        scale = self.config.scale * (self.config.short_side / min(size) if self.config.short_side else 1.0)
+        scale = self.config.scale * (self.config.short_side / min(x.shape[-2:]) if self.config.short_side else 1.0)
         if scale != 1.0:
             x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = images.shape[-2:]
+        x = self.prepare(images)
         with autocast(x.device, bf16=self.config.bf16):
             if self.config.mode == "slide":
                 logits = sliding_window_logits(

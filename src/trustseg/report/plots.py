@@ -51,11 +51,14 @@ def line_plot(
     xlabel: str,
     ylabel: str,
     log_scale: bool = False,
+    errors: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
-    """One line per ``name: (xs, ys)`` (e.g. a training curve per step), with a legend when several."""
+    """One line per ``name: (xs, ys)`` (e.g. a training curve per step), with a legend when several;
+    ``errors[name]`` adds error bars of those half-heights (e.g. the standard deviation over seeds)."""
     figure, axes = plt.subplots(figsize=(6.0, 3.6), dpi=120)
     for name, (xs, ys) in series.items():
-        axes.plot(xs, ys, label=name, linewidth=1.2, marker="o" if len(xs) <= 20 else None, markersize=3)
+        axes.errorbar(xs, ys, yerr=(errors or {}).get(name), label=name, linewidth=1.2, capsize=3,
+                      marker="o" if len(xs) <= 20 else None, markersize=3)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)

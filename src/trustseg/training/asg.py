@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trustseg.errors import UserError
+from trustseg.models.positions import grid_positions, position_error
 from trustseg.training.config import ASGConfig
 
 HIDDEN = 256  # width of the row and column MLPs (the paper's code)
@@ -35,27 +36,11 @@ class PositionHead(nn.Module):
         return torch.cat((self.row(tokens), self.col(tokens)), dim=-1)
 
 
-def grid_positions(grid: tuple[int, int], device: torch.device | None = None) -> Tensor:
-    """(h*w, 2) targets (r / (h - 1), c / (w - 1)) in row-major token order; a grid one patch high or
-    wide has all its rows (columns) at 0."""
-    h, w = grid
-    rows = torch.arange(h, device=device, dtype=torch.float32) / max(h - 1, 1)
-    cols = torch.arange(w, device=device, dtype=torch.float32) / max(w - 1, 1)
-    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(h * w, 2)
-
-
 def position_loss(predicted: Tensor, grid: tuple[int, int], kind: str = "smooth_l1") -> Tensor:
     """Mean over the row and column of the per-token loss, averaged over all tokens of the batch."""
     target = grid_positions(grid, predicted.device).expand_as(predicted)
     loss = LOSSES[kind]
     return (loss(predicted[..., 0], target[..., 0]) + loss(predicted[..., 1], target[..., 1])) / 2
-
-
-def position_error(predicted: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Mean Euclidean distance between predicted and true token positions, in patches."""
-    scale = torch.tensor([max(grid[0] - 1, 1), max(grid[1] - 1, 1)], device=predicted.device, dtype=torch.float32)
-    target = grid_positions(grid, predicted.device)
-    return ((predicted.float() - target) * scale).norm(dim=-1).mean()
 
 
 def guidance_weight(config: ASGConfig, step: int) -> float:
