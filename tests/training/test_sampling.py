@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from trustseg.data.combined import Mixture
-from trustseg.training.sampling import EpochBatches, epoch_order, epoch_permutation, quotas, step_seed
+from trustseg.training.sampling import (EpochBatches, MultiScaleBatches, epoch_order, epoch_permutation, quotas,
+                                       scaled_shape, step_seed)
 
 
 def batches(length, batch, first_step, rank=0, world=1, seed=5):
@@ -97,3 +98,53 @@ def test_processes_split_each_mixed_global_batch():
     shares = [mixed_batches(first_step=0, rank=r, world=2) for r in range(2)]
     for step, batch in enumerate(single):
         assert sorted(shares[0][step] + shares[1][step]) == sorted(batch)
+
+
+def multiscale(first_step=0, rank=0, world_size=1, length=40):
+    return MultiScaleBatches(length, 8, crop=(64, 96), scales=(0.5, 1.0, 1.5), divisor=16, seed=5,
+                             first_step=first_step, rank=rank, world_size=world_size)
+
+
+def test_scaled_shapes_keep_about_the_pixels_of_a_batch():
+    base = 8 * 64 * 96
+    for factor, (batch, crop) in {0.5: (32, (32, 48)), 1.0: (8, (64, 96)), 1.5: (4, (96, 144))}.items():
+        assert scaled_shape(factor, batch_size=8, crop=(64, 96), divisor=16) == (batch, crop)
+        assert abs(batch * crop[0] * crop[1] - base) / base < 0.2
+    # crops stay multiples of the stride; batches multiples of the processes
+    assert scaled_shape(0.8, batch_size=8, crop=(64, 96), divisor=16, world_size=4) == (12, (48, 80))
+
+
+def steps_of(first_step: int, count: int) -> list[list[tuple[int, int, int]]]:
+    """The batches of steps first_step .. first_step + count, walking epoch after epoch."""
+    batches = []
+    while len(batches) < count:
+        sampler = multiscale(first_step + len(batches))
+        batches += list(sampler)
+    return batches[:count]
+
+
+def test_multiscale_steps_vary_in_crop_cover_each_epoch_once_and_resume_anywhere():
+    whole = steps_of(0, 30)
+    crops = [batch[0][1:] for batch in whole]
+    assert {(32, 48), (64, 96), (96, 144)} == set(crops)
+    for batch, crop in zip(whole, crops):
+        assert all(item[1:] == crop for item in batch)  # one crop per step
+        assert len(batch) == {(32, 48): 32, (64, 96): 8, (96, 144): 4}[crop]
+    first = multiscale(0)
+    epoch_zero = [index for batch in first for index, _, _ in batch]
+    assert len(epoch_zero) == len(set(epoch_zero)) and len(epoch_zero) > 40 - 32  # no repeats, tail < one batch
+    for start in (1, 5, 13, 29):  # a run resumed at any step sees the same batches
+        assert steps_of(start, 30 - start) == whole[start:]
+
+
+def test_multiscale_processes_split_each_global_batch():
+    single = list(multiscale(0, length=64))  # every batch size here is even: the same global batches
+    shares = [list(multiscale(0, rank=r, world_size=2, length=64)) for r in range(2)]
+    assert len(single) == len(shares[0]) == len(shares[1]) >= 2
+    for batch, first, second in zip(single, *shares):
+        assert sorted(first + second) == sorted(batch) and first == batch[0::2]
+
+
+def test_a_batch_larger_than_the_train_set_is_refused():
+    with pytest.raises(ValueError, match="smaller than one batch of 32"):
+        multiscale(0, length=20)

@@ -216,3 +216,21 @@ def test_cli_train_refuses_parts_with_different_classes(tiny_values, tmp_path, m
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert f"'folder:{first}' has 3 classes but 'synthetic' has 7" in err
+
+
+def test_multi_resolution_training_varies_the_crop_at_about_constant_pixels(tiny_config, monkeypatch):
+    shapes = []
+    original = loop._Run._train_step
+
+    def spy(run, images, masks):
+        shapes.append((images.shape[0], *images.shape[-2:], *masks.shape[-2:]))
+        return original(run, images, masks)
+
+    monkeypatch.setattr(loop._Run, "_train_step", spy)
+    result = train(tiny_config("steps=10", "data.crop_scales=[0.75,1.0]"), progress=False)
+    assert result.step == 10
+    assert set(shapes) == {(7, 24, 24, 24, 24), (4, 32, 32, 32, 32)}  # 7 x 24^2 ~ 4 x 32^2 pixels
+    history = [r for r in read_history(result.run_dir) if r["kind"] == "train"]
+    assert all(r["img_per_s"] > 0 for r in history)
+    with pytest.raises(UserError, match="smaller than one batch of 16"):
+        train(tiny_config("steps=2", "data.crop_scales=[0.5,1.0]", out="too_big"), progress=False)

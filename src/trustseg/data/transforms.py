@@ -10,7 +10,7 @@ DataLoader workers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -341,8 +341,12 @@ class TransformedDataset:
     workers see it too, even persistent ones.
     """
 
-    def __init__(self, dataset: SegmentationDataset, transform: JointTransform, seed: int = 0):
+    def __init__(self, dataset: SegmentationDataset, transform: JointTransform, seed: int = 0,
+                 crop_transform: Callable[[Size], JointTransform] | None = None):
         self.dataset, self.transform, self.seed = dataset, transform, seed
+        # multi-resolution training: items (index, crop height, crop width) pass through the
+        # transform that crops to that size (built once per size)
+        self.crop_transform, self._by_crop = crop_transform, {}
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
@@ -359,12 +363,18 @@ class TransformedDataset:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, item: int | tuple[int, int, int]) -> Sample:
+        index, transform = item, self.transform
+        if isinstance(item, tuple):
+            index, crop = item[0], (item[1], item[2])
+            if crop not in self._by_crop:
+                self._by_crop[crop] = self.crop_transform(crop)
+            transform = self._by_crop[crop]
         # index + r * len(self) is sample `index` drawn again in the same epoch (weighted sampling of
         # combined datasets): the same sample with an augmentation of its own
         sample = self.dataset[index % len(self.dataset)]
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-        image, mask = self.transform(sample["image"], sample["mask"], generator)
+        image, mask = transform(sample["image"], sample["mask"], generator)
         return {"image": image, "mask": mask, "path": sample["path"]}
 
 

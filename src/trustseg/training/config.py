@@ -54,9 +54,14 @@ class DataConfig:
     # sliding-window validation (windows of val_crop every val_stride), for images larger than the crop
     val_crop: tuple[int, int] | None = None
     val_stride: tuple[int, int] | None = None
+    # multi-resolution training: each step crops at `crop` x one of these factors (drawn per step),
+    # with the batch resized to about batch_size x crop pixels
+    crop_scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         _check(all(c > 0 for c in self.crop), "data.crop", self.crop, "two positive ints (height, width)")
+        _check(len(self.crop_scales) > 0 and min(self.crop_scales) > 0, "data.crop_scales", self.crop_scales,
+               "factors > 0, e.g. [0.75, 1.0, 1.25]")
         _check(0 < self.scale[0] <= self.scale[1], "data.scale", self.scale, "0 < low <= high")
         _check(
             self.base_size is not None or self.scale == (1.0, 1.0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.data import Subset
@@ -43,18 +44,12 @@ def load_train_data(config: TrainConfig) -> TrainData:
     if val.classes.num_classes != classes.num_classes:
         raise UserError(f"data.val {spec!r} has {val.classes.num_classes} classes "
                         f"but data.train has {classes.num_classes}")
-    transform = train_transform(
-        data.crop,
-        base_size=data.base_size,
-        scale_range=data.scale,
-        cat_max_ratio=data.cat_max_ratio,
-        color_jitter=data.color_jitter,
-        mean=data.mean,
-        std=data.std,
-        ignore_index=classes.ignore_index,
-    )
+    transform_to = partial(train_transform, base_size=data.base_size, scale_range=data.scale,
+                           cat_max_ratio=data.cat_max_ratio, color_jitter=data.color_jitter, mean=data.mean,
+                           std=data.std, ignore_index=classes.ignore_index)
     mixture = raw_train.mixture if isinstance(raw_train, CombinedDataset) else None
-    return TrainData(TransformedDataset(raw_train, transform, seed=config.seed), raw_train, val, classes, mixture)
+    train = TransformedDataset(raw_train, transform_to(data.crop), seed=config.seed, crop_transform=transform_to)
+    return TrainData(train, raw_train, val, classes, mixture)
 
 
 def compute_class_weights(

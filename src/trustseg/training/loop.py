@@ -46,7 +46,7 @@ from trustseg.training.history import History
 from trustseg.training.initial_weights import WEIGHTS_JSON, load_initial_weights
 from trustseg.training.losses import segmentation_loss
 from trustseg.training.optim import build_optimizer, set_lr
-from trustseg.training.sampling import EpochBatches, step_seed
+from trustseg.training.sampling import EpochBatches, MultiScaleBatches, step_seed
 from trustseg.training.schedule import lr_factor
 from trustseg.training.state import check_resumable, load_resume_checkpoint, restore_rng, rng_state
 
@@ -215,9 +215,7 @@ class _Run:
         self.trained.train()
         self.window = self._empty_window()
         while (reason := self.stop_reason()) is None:
-            sampler = EpochBatches(len(self.data.train), self.config.batch_size, seed=self.config.seed,
-                                   first_step=self.step, rank=rank(), world_size=world_size(),
-                                   mixture=self.data.mixture)
+            sampler = self._sampler()
             self.data.train.set_epoch(sampler.epoch)
             loader = DataLoader(self.data.train, batch_sampler=sampler, num_workers=self.config.data.num_workers,
                                 collate_fn=collate, generator=torch.Generator(), **loader_options(self.device))
@@ -229,6 +227,19 @@ class _Run:
                 if (reason := self.stop_reason()) is not None:
                     return reason
         return reason
+
+    def _sampler(self) -> EpochBatches | MultiScaleBatches:
+        """The batches from the current step to the end of its epoch: fixed, or one crop scale per step."""
+        config, length = self.config, len(self.data.train)
+        common = {"seed": config.seed, "first_step": self.step, "rank": rank(), "world_size": world_size(),
+                  "mixture": self.data.mixture}
+        if config.data.crop_scales == (1.0,):
+            return EpochBatches(length, config.batch_size, **common)
+        try:
+            return MultiScaleBatches(length, config.batch_size, crop=config.data.crop, scales=config.data.crop_scales,
+                                     divisor=int(getattr(self.model, "size_divisor", 1)), **common)
+        except ValueError as error:
+            raise UserError(f"data.crop_scales={list(config.data.crop_scales)}: {error}") from None
 
     def _train_step(self, images: torch.Tensor, masks: torch.Tensor) -> None:
         config = self.config
@@ -268,6 +279,7 @@ class _Run:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
+        self.window["images"] += images.shape[0] * world_size()
         self.window["loss"] += float(value)
         self.window["grad_norm"] += grad_norm
         self.window["steps"] += 1
@@ -296,11 +308,11 @@ class _Run:
         self.tick = time.perf_counter()
 
     def _log(self) -> None:
-        window, batch = self.window, self.config.batch_size
+        window = self.window
         steps = max(window["steps"], 1)
         record = {"kind": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
                   "loss": window["loss"] / steps, "lr": self.lr, "grad_norm": window["grad_norm"] / steps,
-                  "img_per_s": batch * window["steps"] / max(window["time_s"], 1e-9),
+                  "img_per_s": window["images"] / max(window["time_s"], 1e-9),
                   "elapsed_s": self.elapsed_s()}
         if self.guided is not None:  # this process's own batches (the loss above is the processes' mean)
             record.update({"asg_loss": window["asg_loss"] / steps, "asg_lambda": window["asg_lambda"],
@@ -317,7 +329,7 @@ class _Run:
 
     def _empty_window(self) -> dict[str, float]:
         """Sums over the steps since the last history line."""
-        window = {"loss": 0.0, "steps": 0, "grad_norm": 0.0, "time_s": 0.0}
+        window = {"loss": 0.0, "steps": 0, "images": 0, "grad_norm": 0.0, "time_s": 0.0}
         if self.guided is not None:
             window.update(asg_loss=0.0, asg_error_patches=0.0, asg_lambda=0.0)
         return window

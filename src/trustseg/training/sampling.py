@@ -30,6 +30,7 @@ from trustseg.data.transforms import sample_seed
 # Stream ids that keep the seeds of different uses of randomness apart.
 ORDER_STREAM = 0x0D0E
 MODEL_STREAM = 0x5EED
+SCALE_STREAM = 0x5CA1
 
 
 def epoch_permutation(length: int, seed: int, epoch: int) -> torch.Tensor:
@@ -107,3 +108,59 @@ class EpochBatches(Sampler[list[int]]):
         for j in range(self.offset, self.steps_per_epoch):
             batch = order[j * self.batch_size : (j + 1) * self.batch_size]
             yield batch[self.rank :: self.world_size].tolist()
+
+
+def scaled_shape(factor: float, *, batch_size: int, crop: tuple[int, int], divisor: int,
+                 world_size: int = 1) -> tuple[int, tuple[int, int]]:
+    """(global batch, crop) at crop scale ``factor``: the crop is a multiple of the model's stride
+    ``divisor``, and the batch holds about as many pixels as ``batch_size`` crops of ``crop`` (a
+    multiple of the number of processes), as the Active Spatial Guidance code keeps batch x size^2
+    about constant."""
+    size = tuple(max(divisor, round(side * factor / divisor) * divisor) for side in crop)
+    batch = round(batch_size * crop[0] * crop[1] / (size[0] * size[1]) / world_size) * world_size
+    return max(world_size, batch), size
+
+
+class MultiScaleBatches(Sampler[list[tuple[int, int, int]]]):
+    """Like :class:`EpochBatches`, but each step has its own crop scale and batch size (:func:`scaled_shape`):
+    items are ``(index, crop height, crop width)``. Steps take consecutive slices of the epoch's order;
+    an epoch ends when the next step's batch no longer fits in it. Where step ``first_step`` starts is
+    found by replaying the batch sizes of the steps before it, so resuming needs nothing but the step."""
+
+    def __init__(self, length: int, batch_size: int, *, crop: tuple[int, int], scales: tuple[float, ...],
+                 divisor: int, seed: int, first_step: int, rank: int = 0, world_size: int = 1,
+                 mixture: Mixture | None = None) -> None:
+        self.length, self.seed, self.rank, self.world_size, self.mixture = length, seed, rank, world_size, mixture
+        self.shapes = [scaled_shape(f, batch_size=batch_size, crop=crop, divisor=divisor, world_size=world_size)
+                       for f in scales]
+        largest = max(batch for batch, _ in self.shapes)
+        if largest > length:
+            raise ValueError(f"train set of {length} samples is smaller than one batch of {largest} at the smallest "
+                             "crop scale")
+        self.epoch, self.cursor, self.first_step = 0, 0, first_step
+        for step in range(first_step + 1):  # replay; the last round only moves to first_step's epoch
+            batch = self.shape(step)[0]
+            if self.cursor + batch > length:
+                self.epoch, self.cursor = self.epoch + 1, 0
+            if step < first_step:
+                self.cursor += batch
+
+    def shape(self, step: int) -> tuple[int, tuple[int, int]]:
+        """(global batch, crop) of step ``step``: one of the scales, drawn from (seed, step)."""
+        return self.shapes[sample_seed(self.seed, step, SCALE_STREAM) % len(self.shapes)]
+
+    def _steps(self) -> Iterator[tuple[int, int, tuple[int, int]]]:
+        """(step, start in the epoch's order, (batch, crop)) of each step left in this epoch."""
+        step, cursor = self.first_step, self.cursor
+        while cursor + (shape := self.shape(step))[0] <= self.length:
+            yield step, cursor, shape
+            step, cursor = step + 1, cursor + shape[0]
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._steps())
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        order = epoch_order(self.length, self.seed, self.epoch, self.mixture)
+        for _, start, (batch, (height, width)) in self._steps():
+            indices = order[start : start + batch][self.rank :: self.world_size].tolist()
+            yield [(index, height, width) for index in indices]
