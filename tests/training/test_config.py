@@ -86,6 +86,10 @@ def test_bad_files(tmp_path):
         load_train_config(write(tmp_path, "steps: [1\n"))
     with pytest.raises(UserError, match="expected a mapping"):
         load_train_config(write(tmp_path, "- 1\n- 2\n"))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"steps: 10\n\x80\xff")
+    with pytest.raises(UserError, match=r"binary.yaml: not UTF-8 text \(byte 10\)"):
+        load_train_config(binary)
 
 
 @pytest.mark.parametrize("name", sorted(path.stem for path in CONFIGS.glob("*.yaml")))

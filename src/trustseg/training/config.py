@@ -376,7 +376,9 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as error:
+            raise UserError(f"config file {path}: not UTF-8 text (byte {error.start}); expected a YAML recipe") from None
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark is not None else ""
