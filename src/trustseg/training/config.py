@@ -337,7 +337,7 @@ def _parse_value(text: str) -> Any:
     """YAML scalar/list syntax for override values ("3", "true", "[240, 320]", "null"); else the raw string."""
     try:
         return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # PyYAML recurses once per nesting level: "[[[..." ends here too
         return text
 
 
@@ -383,6 +383,9 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
             mark = getattr(error, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark is not None else ""
             raise UserError(f"config file {path}: not valid YAML{where}") from None
+        except RecursionError:  # PyYAML recurses once per nesting level
+            raise UserError(f"config file {path}: nested too deeply to parse; a recipe nests a few levels "
+                            f"(e.g. model.options.depth)") from None
         if not isinstance(values, dict):
             raise UserError(f"config file {path}: expected a mapping of keys at the top level")
     return config_from_dict(values, overrides)
