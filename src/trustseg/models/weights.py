@@ -187,18 +187,37 @@ def load_mapped(
         k for k in expected if k in reinitialise and k in renamed and renamed[k].shape != expected[k].shape
     ]
     renamed = {k: v for k, v in renamed.items() if k not in reinitialised}
-    missing = [k for k in expected if k not in renamed and k not in reinitialised]
-    unexpected = [k for k in renamed if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(renamed[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in renamed and renamed[k].shape != expected[k].shape
-    ]
+    missing, unexpected, mismatched = _compare(expected, renamed, skip=reinitialised)
     if mismatched or (strict and (missing or unexpected)):
         raise UserError(describe_mismatch(source, type(model).__name__, missing, unexpected, mismatched))
     with torch.no_grad():
         model.load_state_dict(renamed, strict=False)
     return LoadReport(missing=missing, unexpected=unexpected, dropped=dropped, reinitialised=reinitialised)
+
+
+def require_fit(model: nn.Module, state: Mapping[str, Tensor], *, source: str) -> None:
+    """Raise one readable UserError unless ``state`` holds exactly ``model``'s keys, with its shapes.
+
+    Only names and shapes are read, so ``model`` may live on the meta device: a check before building
+    the model for real.
+    """
+    missing, unexpected, mismatched = _compare(model.state_dict(), state)
+    if missing or unexpected or mismatched:
+        raise UserError(describe_mismatch(source, type(model).__name__, missing, unexpected, mismatched))
+
+
+def _compare(
+    expected: Mapping[str, Tensor], state: Mapping[str, Tensor], skip: Collection[str] = ()
+) -> tuple[list[str], list[str], list[str]]:
+    """(our keys ``state`` lacks, its keys we lack, "key: checkpoint (shape) vs model (shape)" lines)."""
+    missing = [k for k in expected if k not in state and k not in skip]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    return missing, unexpected, mismatched
 
 
 def describe_mismatch(
