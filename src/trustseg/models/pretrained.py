@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trustseg.data.paths import inside
 from trustseg.errors import UserError
 from trustseg.models.weights import LoadReport, StateDict, detect_vit_layout, load_vit_weights, read_state_dict
 
@@ -60,10 +61,10 @@ def find_weights(path: str | Path) -> PretrainedFile:
     folder = path if path.is_dir() else path.parent
     model_type = None
     if (folder / "config.json").is_file():
-        try:
-            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-        except (json.JSONDecodeError, AttributeError):
-            raise UserError(f"model.weights: {folder / 'config.json'} is not a JSON object") from None
+        model_type = _read_json(folder / "config.json", "a JSON object").get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise UserError(f"model.weights: {folder / 'config.json'}: model_type {model_type!r} is not a name "
+                            "(expected e.g. \"segformer\" or \"dinov2\")")
     if path.is_file():
         return PretrainedFile(path, model_type)
     for name in WEIGHT_FILES:
@@ -77,14 +78,24 @@ def read_weights(file: PretrainedFile) -> StateDict:
     """All tensors of ``file``; a sharded index reads and merges its shards."""
     if not file.path.name.endswith(".index.json"):
         return read_state_dict(file.path)
-    try:
-        shards = sorted(set(json.loads(file.path.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise UserError(f"model.weights: {file.path} is not a shard index (no weight_map)") from None
+    weight_map = _read_json(file.path, "a shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+        raise UserError(f"model.weights: {file.path} is not a shard index (no weight_map of tensor name -> file)")
     state: StateDict = {}
-    for shard in shards:
-        state.update(read_state_dict(file.path.parent / shard))
+    for shard in sorted(set(weight_map.values())):
+        state.update(read_state_dict(inside(file.path.parent, shard, f"model.weights: {file.path} names shard")))
     return state
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; anything else (not UTF-8, not JSON, not an object) is a UserError."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(f"model.weights: {path} is not {what} (expected a JSON object)")
+    return value
 
 
 def is_trustseg_checkpoint(path: Path) -> bool:
