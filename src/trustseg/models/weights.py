@@ -318,10 +318,12 @@ def fuse_qkv(state: StateDict) -> StateDict:
     for i in blocks:
         p = f"blocks.{i}.attn."
         weights = [state.get(f"{p}{n}.weight") for n in "qkv"]
-        if any(w is None for w in weights):
-            continue  # incomplete: leave the parts for the mismatch report
-        out[f"{p}qkv.weight"] = torch.cat(weights, dim=0)
         biases = [state.get(f"{p}{n}.bias") for n in "qkv"]
+        if any(w is None or w.dim() != 2 or w.shape[1] != weights[0].shape[1] for w in weights) or any(
+            b is not None and b.shape != w.shape[:1] for b, w in zip(biases, weights)
+        ):
+            continue  # incomplete or not (out, in) matrices with matching biases: parts left for the mismatch report
+        out[f"{p}qkv.weight"] = torch.cat(weights, dim=0)
         if any(b is not None for b in biases):
             out[f"{p}qkv.bias"] = torch.cat(
                 [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)]
@@ -338,8 +340,8 @@ def fold_cls_pos(state: StateDict) -> StateDict:
     Adding the CLS position to the CLS token once is what the embedding layer did on every forward.
     """
     pos, cls = state.get("pos_embed"), state.get("cls_token")
-    if pos is None or cls is None or pos.dim() != 3:
-        return state
+    if pos is None or cls is None or pos.dim() != 3 or cls.shape != (1, 1, pos.shape[2]):
+        return state  # not a token and positions of one width: left for the mismatch report
     n = pos.shape[1]
     if math.isqrt(n) ** 2 == n or math.isqrt(n - 1) ** 2 != n - 1:
         return state  # no CLS slot (or not a square grid: left for the mismatch report)
