@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from trustseg.errors import UserError
 
@@ -22,7 +23,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Speed benchmarks, measured side by side with the alternative.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-console = Console()
+# No markup: all it prints is data (paths, specs, class names), where "[x]" is text, not a style.
+console = Console(markup=False)
 
 DEVICE_HELP = "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N; under torchrun each process takes cuda:LOCAL_RANK"
 DATA_HELP = ("Data spec: synthetic | camvid:PATH | cityscapes:PATH | ade20k:PATH | voc:PATH | foodseg103:PATH | "
@@ -457,7 +459,8 @@ def main() -> None:
     try:
         app()
     except UserError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        # escaped: a message quotes paths and specs, and "[x]" in them is text, not console markup
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         from trustseg.engine.distributed import leave
 
         leave(wait=False)  # its peers under torchrun may never reach the exit meeting
