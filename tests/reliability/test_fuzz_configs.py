@@ -3,8 +3,9 @@
 Inputs: YAML documents over the recipe's own keys with values of the right type, of a wrong type and
 nested at random, plus unknown keys; deeply nested documents; the packaged demo recipe truncated,
 bit-flipped or replaced by random bytes; overrides with real and made-up dotted keys and any value.
-Property: a `TrainConfig` whose every field holds a value of its declared type, or a one-line
-UserError that names the file, the ``--set`` item or the config key.
+Property: a `TrainConfig` whose every field holds a value of its declared type and whose model builds
+(on the meta device) or is refused in one line, or a one-line UserError that names the file, the
+``--set`` item or the config key.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import typing
 from importlib.resources import files
 from typing import Any, Literal
 
+import torch
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fuzzing import fuzz_settings, mutated, outcome
 from trustseg.errors import UserError
+from trustseg.models.factory import build_model
 from trustseg.training.config import TrainConfig, load_train_config
 
 DEMO_RECIPE = files("trustseg.recipes").joinpath("demo_synthetic.yaml").read_bytes()
@@ -66,15 +69,19 @@ def typed(annotation: Any) -> st.SearchStrategy:
         if len(args) == 2 and args[1] is Ellipsis:
             return st.lists(typed(args[0]), max_size=4)
         return st.tuples(*(typed(a) for a in args)).map(list)
-    if origin is dict:
-        return st.dictionaries(st.sampled_from(["base_width", "depth", "decoder", "x"]), st.integers(-2, 8), max_size=2)
+    if origin is dict:  # model.options (any builder's option names) or optim.lr_mult
+        return st.dictionaries(st.sampled_from(["base_width", "depth", "norm", "variant", "backbone", "head", "pos",
+                                                "decoder", "x"]),
+                               st.one_of(st.integers(-2, 8), st.sampled_from(["b0", "group", "vit_ti16", "ape", "x"]),
+                                         st.none(), st.floats(0, 4), st.booleans()), max_size=2)
     if dataclasses.is_dataclass(annotation):
         return sections(annotation)
     return {
         bool: st.booleans(),
         int: st.one_of(st.integers(1, 64), st.integers(-3, 600)),
         float: st.one_of(st.floats(0.01, 1.0), st.floats(-2.0, 1000.0)),
-        str: st.sampled_from(["synthetic", "synthetic#split=val", "unet", "auto", "cpu", "runs/x", "", "none"]),
+        str: st.sampled_from(["synthetic", "synthetic#split=val", "unet", "segformer", "vit_segmenter", "auto", "cpu",
+                              "runs/x", "", "none"]),
     }[annotation]
 
 
@@ -142,11 +149,20 @@ def conforms(value: Any, annotation: Any) -> bool:
 
 
 def check(result, path, items: list[str]) -> None:
+    """A refusal names the file, the config key or the --set item; a config has the declared types, and
+    its model builds (on the meta device: shapes only) or is refused in one line naming the model."""
     if isinstance(result, UserError):
         message = str(result)
         assert any(needle in message for needle in (str(path), "config", "--set")), message
         return
     assert conforms(result, TrainConfig), result
+    model = result.model
+
+    def build():
+        with torch.device("meta"):
+            return build_model(model.name, num_classes=3, **model.options)
+
+    outcome(build, "model")
 
 
 def load(tmp_path, data: bytes, items: list[str]):
