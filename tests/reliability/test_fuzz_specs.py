@@ -70,21 +70,25 @@ VALUES = st.one_of(
 )
 
 
-# a value each key takes in a working spec, so that fuzzed specs also load
-PLAUSIBLE = {"split": ["train", "val"], "images": ["0:1", "1:", "::2", "-1:"], "num_classes": ["3", "4"],
-             "cache": ["true", "false"], "reduce_zero_label": ["false"], "num_images": ["2", "3"],
-             "size": ["16", "12x20"], "seed": ["1"], "noise_std": ["0"]}
+# values each dataset's options take in a working spec, so that fuzzed specs also load
+COMMON = {"split": ["train", "val"], "images": ["0:1", "1:", "::2", "-1:"], "cache": ["true", "false"]}
+PLAUSIBLE = {
+    "folder": {**COMMON, "num_classes": ["3"], "reduce_zero_label": ["false"]},
+    "camvid": COMMON,
+    "synthetic": {**COMMON, "num_images": ["2", "3"], "size": ["32", "32x40"], "seed": ["1"], "noise_std": ["0"]},
+}
 
 
 @st.composite
-def options(draw: st.DrawFn) -> str:
-    """``#key=value,...``: nothing, plausible pairs, or any key with any value (or without ``=value``)."""
+def options(draw: st.DrawFn, name: str) -> str:
+    """``#key=value,...``: nothing, pairs that dataset `name` takes, or any key with any value (or no ``=``)."""
     kind = draw(st.sampled_from(["none", "none", "plausible", "plausible", "any"]))
     if kind == "none":
         return ""
+    plausible = PLAUSIBLE.get(name.strip().lower(), COMMON)
     if kind == "plausible":
-        keys = draw(st.lists(st.sampled_from(sorted(PLAUSIBLE)), min_size=1, max_size=2, unique=True))
-        return "#" + ",".join(f"{key}={draw(st.sampled_from(PLAUSIBLE[key]))}" for key in keys)
+        keys = draw(st.lists(st.sampled_from(sorted(plausible)), min_size=1, max_size=2, unique=True))
+        return "#" + ",".join(f"{key}={draw(st.sampled_from(plausible[key]))}" for key in keys)
     items = draw(st.lists(st.tuples(st.sampled_from(OPTION_KEYS), VALUES), max_size=3))
     separator = draw(st.sampled_from([",", ", ", ",,"]))
     return "#" + separator.join(f"{key}={value}" if draw(st.integers(0, 9)) else key for key, value in items)
@@ -99,7 +103,7 @@ def parts(draw: st.DrawFn, paths: dict[str, list[str]]) -> str:
     path = draw(st.sampled_from(suits if suits and draw(st.integers(0, 2)) else sum(paths.values(), [])))
     usual, odd = ("", f":{path}") if name.strip().lower() == "synthetic" else (f":{path}", path)
     where = draw(st.sampled_from([usual] * 6 + [odd, ":"]))
-    return f"{name}{where}{draw(options())}"
+    return f"{name}{where}{draw(options(name))}"
 
 
 @st.composite
