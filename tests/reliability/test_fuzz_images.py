@@ -17,6 +17,7 @@ import zlib
 from functools import cache
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -26,6 +27,9 @@ from fuzzing import fuzz_settings, mutated, outcome
 from trustseg.data.readers import read_image, read_mask_array
 from trustseg.data.spec import load_dataset
 from trustseg.errors import UserError
+
+# A tensor over a read-only array (Pillow's bytes) must not reach transforms that write in place.
+pytestmark = pytest.mark.filterwarnings("error:The given NumPy array is not writable")
 
 SIZE = (5, 7)  # (H, W) of the valid files
 PALETTE = [v for i in range(256) for v in (i, 255 - i, i // 2)]  # 256 distinct colours
