@@ -106,10 +106,13 @@ def reshape_classifier(checkpoint):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (reshape_classifier, r"1 shape mismatch \(classifier\.weight: checkpoint \(3, 2, 1, 1\) vs model \(3, 4, 1, 1\)\)"),
+        (reshape_classifier,
+         r"1 shape mismatch \(classifier\.weight: checkpoint \(3, 2, 1, 1\) vs model \(3, 4, 1, 1\)\)"),
         # 4 * 2**12 channels at the bottleneck (about 10 GB of weights): refused on the meta device, unallocated
         (lambda c: c.model["options"].update(depth=12), r"missing keys"),
-        (lambda c: c.model["options"].update(base_width="4"), r"model 'unet' cannot be built with options"),
+        (lambda c: c.model["options"].update(base_width="4"), r"model 'unet': option base_width='4'; expected an int"),
+        # 4 * 2**40 channels: the builder's own failure (here a size overflow) is reported with the options
+        (lambda c: c.model["options"].update(depth=40), r"model 'unet' cannot be built with options .*'depth': 40"),
         (lambda c: c.model["options"].update(width=4), r"model 'unet': unknown option"),
         (lambda c: c.model.update(name="resnet"), r"unknown model 'resnet'"),
         (lambda c: setattr(c, "calibrator", {"method": "vs", "state_dict": {"weight": torch.ones(5),
