@@ -65,7 +65,8 @@ class Checkpoint:
         missing = [key for key in ("model", "state_dict", "classes", "mean", "std") if key not in payload]
         _expect(not missing, source, missing[0] if missing else "", "present")
         model, classes, calibrator = payload["model"], payload["classes"], payload.get("calibrator")
-        _expect(isinstance(model, dict) and isinstance(model.get("name"), str) and _is_options(model.get("options", {})),
+        _expect(isinstance(model, dict) and isinstance(model.get("name"), str)
+                and _is_options(model.get("options", {})),
                 source, "model", "{'name': builder name, 'options': {name: value}}")
         _expect(_is_tensors(payload["state_dict"]), source, "state_dict", "a dict of named tensors")
         _expect(isinstance(classes, dict) and {"names", "palette", "ignore_index"} <= set(classes), source, "classes",
@@ -78,8 +79,9 @@ class Checkpoint:
         _expect(_is_int(ignore_index), source, "classes.ignore_index", "an int")
         for key in ("mean", "std"):
             value = payload[key]
+            positive = key == "std"
             _expect(isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) for v in value)
-                    and (key == "mean" or min(value) > 0), source, key, "three finite numbers" + (" > 0" * (key == "std")))
+                    and (not positive or min(value) > 0), source, key, "three finite numbers" + " > 0" * positive)
         for key in ("train_config", "training_state"):
             _expect(isinstance(payload.get(key, {}), dict), source, key, "a mapping")
         _expect(calibrator is None or (isinstance(calibrator, dict) and isinstance(calibrator.get("method"), str)

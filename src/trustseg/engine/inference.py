@@ -171,7 +171,8 @@ def calibrator_from_checkpoint(checkpoint: Checkpoint) -> nn.Module | None:
         calibrator = build_calibrator(method, checkpoint.classes.num_classes)
     except UserError as error:
         raise UserError(f"{checkpoint.source}: {error}") from None
-    load_mapped(calibrator, checkpoint.calibrator["state_dict"], source=f"the {method} calibrator of {checkpoint.source}")
+    source = f"the {method} calibrator of {checkpoint.source}"
+    load_mapped(calibrator, checkpoint.calibrator["state_dict"], source=source)
     return calibrator.eval().requires_grad_(False)
 
 

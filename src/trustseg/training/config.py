@@ -378,7 +378,8 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as error:
-            raise UserError(f"config file {path}: not UTF-8 text (byte {error.start}); expected a YAML recipe") from None
+            raise UserError(f"config file {path}: not UTF-8 text (byte {error.start}); expected a YAML recipe"
+                            ) from None
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark is not None else ""
