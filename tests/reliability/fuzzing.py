@@ -59,20 +59,21 @@ def assert_one_line(error: UserError, *needles: str) -> None:
         assert needle in message, f"{needle!r} not named in: {message!r}"
 
 
-def outcome(call: Callable[[], T], *needles: str, seconds: float = TIMEOUT_S) -> T | UserError:
+def outcome(what: str, call: Callable[[], T], *needles: str, seconds: float = TIMEOUT_S) -> T | UserError:
     """`call()` under the hang bound: its result, or the UserError it raised (checked by `assert_one_line`).
 
-    Any other exception propagates and fails the example. Which of the two it was is counted as a
-    hypothesis event (``--hypothesis-show-statistics`` lists them).
+    Any other exception propagates and fails the example. Which of the two it was is counted as the
+    hypothesis event ``"{what}: result"`` or ``"{what}: UserError"`` (``--hypothesis-show-statistics``
+    lists each one's share of the examples).
     """
     with time_limit(seconds):
         try:
             result = call()
         except UserError as error:
             assert_one_line(error, *needles)
-            event("refused with a UserError")
+            event(f"{what}: UserError")
             return error
-    event("returned a result")
+    event(f"{what}: result")
     return result
 
 

@@ -179,7 +179,8 @@ def paths_in(value: Any, prefix: tuple = (), depth: int = 3) -> list[tuple]:
 
 
 @st.composite
-def mutated_mapping(draw: st.DrawFn, valid: dict[str, Any], max_edits: int = 3, tensor_edits: int = 0) -> dict[str, Any]:
+def mutated_mapping(draw: st.DrawFn, valid: dict[str, Any], max_edits: int = 3,
+                    tensor_edits: int = 0) -> dict[str, Any]:
     """A deep copy of `valid` with `tensor_edits` tensors reshaped or retyped, then 1..`max_edits` edits of
     any kind: a tensor reshaped or retyped, a value replaced by anything, a key deleted or renamed, an
     unknown key added."""
@@ -218,14 +219,14 @@ def check_predictor(checkpoint: Checkpoint) -> None:
     def predict():
         return predictor_from_checkpoint(checkpoint)(IMAGES)
 
-    logits = outcome(predict, "checkpoint")
+    logits = outcome("predictor_from_checkpoint", predict, "checkpoint")
     if not isinstance(logits, UserError):
         assert logits.shape == (2, checkpoint.classes.num_classes, 9, 13), logits.shape
         assert logits.dtype == torch.float32
 
 
 def load_and_predict(path) -> None:
-    checkpoint = outcome(lambda: load_checkpoint(path), str(path))
+    checkpoint = outcome("load_checkpoint", lambda: load_checkpoint(path), str(path))
     if not isinstance(checkpoint, UserError):
         check_predictor(checkpoint)
 
@@ -236,13 +237,13 @@ def write(folder, data: bytes, suffix: str):
     return path
 
 
-@fuzz_settings(max_examples=100)
+@fuzz_settings(max_examples=200)
 @given(data=st.data(), name=st.sampled_from(sorted(valid_payloads())))
 def test_mutated_checkpoint_files(tmp_path, data, name):
     load_and_predict(write(tmp_path, data.draw(mutated(valid_checkpoint_bytes(name), head=512)), ".pt"))
 
 
-@fuzz_settings(max_examples=120)
+@fuzz_settings(max_examples=150)
 @given(data=st.data(), name=st.sampled_from(sorted(valid_payloads())))
 def test_checkpoint_payloads_with_wrong_fields(tmp_path, data, name):
     payload = data.draw(mutated_mapping(valid_payloads()[name]))
@@ -265,7 +266,7 @@ def calibrator_payloads(draw: st.DrawFn) -> Any:
     return draw(payload_values)
 
 
-@fuzz_settings(max_examples=150)
+@fuzz_settings(max_examples=200)
 @given(calibrator=calibrator_payloads())
 def test_calibrator_payloads(tmp_path, calibrator):
     payload = {**valid_payloads()["plain"], "calibrator": calibrator}
@@ -278,7 +279,7 @@ def test_calibrator_payloads(tmp_path, calibrator):
 
 def check_pretrained(folder, path) -> None:
     model = shared_segmenter()  # a refused load leaves it untouched; a successful one is checked below
-    result = outcome(lambda: load_pretrained("vit_segmenter", model, path), str(folder))
+    result = outcome("load_pretrained", lambda: load_pretrained("vit_segmenter", model, path), str(folder))
     if not isinstance(result, UserError):
         report, description = result
         assert isinstance(description, str) and set(report.missing) <= set(model.state_dict())
@@ -291,7 +292,7 @@ converted_layouts = st.sampled_from(["dinov2", "dinov2", "timm", "trustseg"])
 suffixes = st.sampled_from([".safetensors", ".pth", ".bin", ".weights"])
 
 
-@fuzz_settings(max_examples=120)
+@fuzz_settings(max_examples=200)
 @given(data=st.data(), layout=layouts, suffix=suffixes)
 def test_mutated_weight_files(tmp_path, data, layout, suffix):
     valid = weight_bytes(valid_weights()[layout], ".safetensors" if suffix == ".weights" else suffix)
@@ -299,7 +300,7 @@ def test_mutated_weight_files(tmp_path, data, layout, suffix):
     check_pretrained(path, path)
 
 
-@fuzz_settings(max_examples=120)
+@fuzz_settings(max_examples=150)
 @given(data=st.data(), layout=converted_layouts, suffix=st.sampled_from([".safetensors", ".pth"]),
        reshaped=st.integers(1, 3))
 def test_weight_tensors_of_wrong_shape_dtype_or_name(tmp_path, data, layout, suffix, reshaped):
@@ -353,7 +354,7 @@ def shard_bytes() -> bytes:
     return weight_bytes(valid_weights()["dinov2"], ".safetensors")
 
 
-@fuzz_settings(max_examples=100)
+@fuzz_settings(max_examples=150)
 @given(files=folder_files())
 def test_weight_folders_with_fuzzed_config_and_index(tmp_path, shard_bytes, files):
     base = tmp_path / f"b{next(_names)}"
@@ -366,7 +367,7 @@ def test_weight_folders_with_fuzzed_config_and_index(tmp_path, shard_bytes, file
     index = folder / "model.safetensors.index.json"
     target = folder if index.exists() else folder / SHARD
     model = tiny_segmenter()
-    result = outcome(lambda: load_pretrained("vit_segmenter", model, target), str(folder))
+    result = outcome("load_pretrained", lambda: load_pretrained("vit_segmenter", model, target), str(folder))
     if not isinstance(result, UserError) and index.exists():
         shards = set(json.loads(index.read_text())["weight_map"].values())
         assert all((folder / s).resolve().parent == folder.resolve() for s in shards), shards

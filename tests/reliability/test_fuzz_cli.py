@@ -72,7 +72,8 @@ def specs(data: Path, workspace: Path) -> st.SearchStrategy[str]:
             f"folder:{data}", f"folder:{data}#split=val", f"folder:{data}#images=0:1", f"folder:{data}#images=5:",
             f"folder:{data}#num_classes=2", f"folder:{data}+folder:{data}#ratio=1:1", "synthetic#size=32,num_images=2",
             f"folder:{workspace}/missing/[/b]", f"folder:{workspace}/[bold]missing", f"folder:{data}#[x]=1",
-            f"camvid:{data}", f"folder:{data}#split=", f"folder:{data}#split=[/b]", f"folder:{data}#cache=maybe", "folder:", "",
+            f"camvid:{data}", f"folder:{data}#split=", f"folder:{data}#split=[/b]", f"folder:{data}#cache=maybe",
+            "folder:", "",
         ]),
         st.text(alphabet="folder:#+=,[]/ab ", max_size=20),
     )

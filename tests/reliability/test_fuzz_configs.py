@@ -162,23 +162,23 @@ def check(result, path, items: list[str]) -> None:
         with torch.device("meta"):
             return build_model(model.name, num_classes=3, **model.options)
 
-    outcome(build, "model")
+    outcome("build_model", build, "model")
 
 
 def load(tmp_path, data: bytes, items: list[str]):
     path = tmp_path / f"recipe{next(_names)}.yaml"
     path.write_bytes(data)
-    result = outcome(lambda: load_train_config(path, items))
+    result = outcome("load_train_config", lambda: load_train_config(path, items))
     check(result, path, items)
 
 
-@fuzz_settings(max_examples=200)
+@fuzz_settings(max_examples=300)
 @given(values=sections(), items=overrides, budget=st.booleans())
 def test_recipes_with_any_keys_and_values(tmp_path, values, items, budget):
     load(tmp_path, yaml.safe_dump(budgeted(values) if budget else values).encode(), items)
 
 
-@fuzz_settings(max_examples=150)
+@fuzz_settings(max_examples=300)
 @given(data=st.data())
 def test_mutated_recipe_files(tmp_path, data):
     load(tmp_path, data.draw(mutated(DEMO_RECIPE, head=len(DEMO_RECIPE))), [])

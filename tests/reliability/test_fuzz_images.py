@@ -83,13 +83,13 @@ kinds = st.sampled_from(sorted(valid_files()))
 png_kinds = st.sampled_from(sorted(kind for kind, (suffix, _) in valid_files().items() if suffix == ".png"))
 
 
-@fuzz_settings(max_examples=150)
+@fuzz_settings(max_examples=300)
 @given(data=st.data(), kind=kinds)
 def test_mutated_files_decode_or_refuse(tmp_path, data, kind):
     suffix, valid = valid_files()[kind]
     path = write(tmp_path, suffix, data.draw(mutated(valid)))
-    check_image(outcome(lambda: read_image(path), str(path)), path)
-    check_mask(outcome(lambda: read_mask_array(path), str(path)), path)
+    check_image(outcome("read_image", lambda: read_image(path), str(path)), path)
+    check_mask(outcome("read_mask_array", lambda: read_mask_array(path), str(path)), path)
 
 
 def png_with_header(width: int, height: int, depth: int, colour: int, interlace: int, body: bytes) -> bytes:
@@ -102,14 +102,14 @@ def png_with_header(width: int, height: int, depth: int, colour: int, interlace:
 sizes = st.one_of(st.integers(0, 64), st.integers(0, 2**31 - 1))
 
 
-@fuzz_settings(max_examples=100)
+@fuzz_settings(max_examples=200)
 @given(width=sizes, height=sizes, depth=st.sampled_from([1, 2, 4, 8, 16, 3, 32]),
        colour=st.sampled_from([0, 2, 3, 4, 6, 1, 5, 7]), interlace=st.integers(0, 2), kind=png_kinds)
 def test_png_headers_of_any_size_and_format(tmp_path, width, height, depth, colour, interlace, kind):
     valid = valid_files()[kind][1]
     path = write(tmp_path, ".png", png_with_header(width, height, depth, colour, interlace, valid))
-    check_image(outcome(lambda: read_image(path), str(path)), path)
-    check_mask(outcome(lambda: read_mask_array(path), str(path)), path)
+    check_image(outcome("read_image", lambda: read_image(path), str(path)), path)
+    check_mask(outcome("read_mask_array", lambda: read_mask_array(path), str(path)), path)
 
 
 MODES = ["1", "L", "P", "I", "I;16", "F", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"]
@@ -148,18 +148,18 @@ def saved(folder, picture: Image.Image, format: str):
     return write(folder, FORMATS[format], data)
 
 
-@fuzz_settings(max_examples=120)
+@fuzz_settings(max_examples=200)
 @given(picture=pictures(), format=st.sampled_from(sorted(FORMATS)))
 def test_masks_of_any_mode_and_depth(tmp_path, picture, format):
     path = saved(tmp_path, picture, format)
     assume(path is not None)
-    mask = outcome(lambda: read_mask_array(path), str(path))
+    mask = outcome("read_mask_array", lambda: read_mask_array(path), str(path))
     check_mask(mask, path)
     if not isinstance(mask, UserError):
         assert mask.shape == (picture.height, picture.width)
         if picture.mode in ("L", "P", "I;16") and format in ("PNG", "TIFF"):  # lossless: the stored values
             assert np.array_equal(mask, np.asarray(picture)), path
-    check_image(outcome(lambda: read_image(path), str(path)), path)
+    check_image(outcome("read_image", lambda: read_image(path), str(path)), path)
 
 
 @st.composite
@@ -173,7 +173,7 @@ def fuzzed_files(draw: st.DrawFn) -> bytes:
     return valid if kind == "valid" else draw(mutated(valid))
 
 
-@fuzz_settings(max_examples=80)
+@fuzz_settings(max_examples=120)
 @given(data=st.data(), named=st.booleans(), num_images=st.integers(1, 3))
 def test_folder_dataset_of_fuzzed_files(tmp_path, data, named, num_images):
     root = tmp_path / f"d{next(_names)}"
@@ -190,7 +190,7 @@ def test_folder_dataset_of_fuzzed_files(tmp_path, data, named, num_images):
         dataset = load_dataset(f"folder:{root}")
         return dataset, [dataset[i] for i in range(len(dataset))]
 
-    result = outcome(read_all, str(root))
+    result = outcome("load_dataset", read_all, str(root))
     if isinstance(result, UserError):
         return
     dataset, samples = result

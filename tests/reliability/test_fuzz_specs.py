@@ -150,19 +150,19 @@ def check_dataset(dataset, spec: str) -> None:
         assert bool(valid.all()), (spec, np.unique(mask.numpy()))
 
 
-@fuzz_settings(max_examples=250)
+@fuzz_settings(max_examples=400)
 @given(data=st.data())
 def test_specs_parse_or_refuse(paths, data):
     spec = data.draw(specs(paths))
-    check_names_spec(outcome(lambda: describe_spec(spec)), spec)
-    check_names_spec(outcome(lambda: resolve_split(spec, None, "val")), spec)
-    parsed = outcome(lambda: parse_spec(spec))
+    check_names_spec(outcome("describe_spec", lambda: describe_spec(spec)), spec)
+    check_names_spec(outcome("resolve_split", lambda: resolve_split(spec, None, "val")), spec)
+    parsed = outcome("parse_spec", lambda: parse_spec(spec))
     check_names_spec(parsed, spec)
     if not isinstance(parsed, UserError):
         assert parsed.name in DATASET_NAMES and (parsed.path is None) == (parsed.name == "synthetic"), spec
 
 
-@fuzz_settings(max_examples=200)
+@fuzz_settings(max_examples=300)
 @given(data=st.data(), split=st.sampled_from([None, None, "val", ""]))
 def test_specs_load_or_refuse(paths, data, split):
     spec = data.draw(specs(paths))
@@ -172,4 +172,4 @@ def test_specs_load_or_refuse(paths, data, split):
         check_dataset(dataset, spec)
         return dataset
 
-    check_names_spec(outcome(load), spec, *(["split"] if split is not None else []))
+    check_names_spec(outcome("load_dataset", load), spec, *(["split"] if split is not None else []))
