@@ -48,6 +48,14 @@ def test_a_shard_index_cannot_reach_outside_its_folder(folder, shard):
         load_pretrained("vit_segmenter", tiny_segmenter(), folder)
 
 
+def test_an_index_of_no_shards_is_an_error_naming_the_folder(folder):
+    (folder / "config.json").write_text('{"model_type": "dinov2"}')
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    message = r"model\.weights=.*weights: cannot tell the ViT layout from keys such as \(none\)"
+    with pytest.raises(UserError, match=message):
+        load_pretrained("vit_segmenter", tiny_segmenter(), folder)
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [

@@ -131,6 +131,14 @@ def test_describe_mismatch_singular():
     assert describe_mismatch("s", "M", ["k"], [], []) == "cannot load s into M: 1 missing key (k)"
 
 
+def test_keys_with_line_breaks_are_quoted_so_the_message_stays_one_line():
+    message = describe_mismatch("s", "M", [], ["a.weight", "line\nbreak"], [])
+    assert message == "cannot load s into M: 2 unexpected keys (a.weight, 'line\\nbreak')"
+    with pytest.raises(UserError, match=r"keys such as 'x\\ny'") as info:
+        detect_vit_layout({"x\ny": torch.zeros(1)})
+    assert "\n" not in str(info.value)
+
+
 # ---- parity with transformers ---------------------------------------------------------------------
 
 

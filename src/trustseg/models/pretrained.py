@@ -27,7 +27,14 @@ from torch import nn
 
 from trustseg.data.paths import inside
 from trustseg.errors import UserError
-from trustseg.models.weights import LoadReport, StateDict, detect_vit_layout, load_vit_weights, read_state_dict
+from trustseg.models.weights import (
+    LoadReport,
+    StateDict,
+    detect_vit_layout,
+    load_vit_weights,
+    printable_key,
+    read_state_dict,
+)
 
 # What each model takes; unet has no published pretrained layout (start it from a trustseg checkpoint).
 FAMILIES = {"segformer": "segformer", "vit_segmenter": "vit"}
@@ -143,7 +150,7 @@ def load_pretrained(
     state = read_weights(file)
     found = weights_family(state, file.model_type)
     if found != expected:
-        keys = ", ".join(list(state)[:3])
+        keys = ", ".join(map(printable_key, list(state)[:3]))
         what = FAMILY_NAMES[found] if found else f"weights of an unknown layout (keys such as {keys})"
         raise UserError(f"model.weights={path}: found {what}, but model {name!r} takes {FAMILY_NAMES[expected]}")
     source = str(file.path)
@@ -154,7 +161,10 @@ def load_pretrained(
         encoder_only = any(key.startswith("decoder.") for key in report.missing)
         return report, "segformer, encoder only" if encoder_only else "segformer"
     backbone = model.backbone
-    layout = detect_vit_layout(state)
+    try:  # config.json may say "dinov2" about keys of no ViT layout
+        layout = detect_vit_layout(state)
+    except UserError as error:
+        raise UserError(f"model.weights={path}: {error}") from None
     report = load_vit_weights(backbone, state, layout=layout, source=f"ViT weights {source}")
     head = [key for key in model.state_dict() if not key.startswith("backbone.")]
     prefixed = LoadReport(missing=[f"backbone.{k}" for k in report.missing] + head,

@@ -103,7 +103,7 @@ def unwrap_state_dict(obj: object, *, source: str = "checkpoint") -> StateDict:
         raise UserError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
     state = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not state:
-        keys = ", ".join(sorted(map(str, obj.keys()))[:8])
+        keys = ", ".join(printable_key(key) for key in sorted(map(str, obj.keys()))[:8])
         raise UserError(f"{source}: no tensors found (top-level keys: {keys or 'none'})")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
@@ -220,6 +220,11 @@ def _compare(
     return missing, unexpected, mismatched
 
 
+def printable_key(key: str) -> str:
+    """`key` as it is, or quoted with escapes when it holds a line break or another control character."""
+    return key if key.isprintable() else repr(key)
+
+
 def describe_mismatch(
     source: str, target: str, missing: list[str], unexpected: list[str], mismatched: list[str], *, limit: int = 6
 ) -> str:
@@ -231,7 +236,8 @@ def describe_mismatch(
         noun = label if label == "shape mismatch" else f"{label} key"
         plural = "es" if noun.endswith("mismatch") else "s"
         head = f"{len(items)} {noun}{plural if len(items) != 1 else ''}"
-        shown = ", ".join(items[:limit]) + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+        shown = ", ".join(map(printable_key, items[:limit]))
+        shown += f", ... and {len(items) - limit} more" if len(items) > limit else ""
         parts.append(f"{head} ({shown})")
     return f"cannot load {source} into {target}: " + "; ".join(parts)
 
@@ -364,7 +370,8 @@ def detect_vit_layout(state: Mapping[str, Tensor]) -> str:
     if has(r"^patch_embed\.weight$") and has(r"^blocks\.\d+\.attn\.qkv\."):
         return "trustseg"
     raise UserError(
-        f"cannot tell the ViT layout from keys such as {', '.join(keys[:4])}; pass layout= one of {VIT_LAYOUTS}"
+        f"cannot tell the ViT layout from keys such as {', '.join(map(printable_key, keys[:4])) or '(none)'}; "
+        f"pass layout= one of {VIT_LAYOUTS}"
     )
 
 
