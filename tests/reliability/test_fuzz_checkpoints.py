@@ -191,7 +191,7 @@ def mutated_mapping(draw: st.DrawFn, valid: dict[str, Any], max_edits: int = 3,
         paths = paths_in(result)
         tensor_paths = [p for p in paths if isinstance(_get(result, p), torch.Tensor)]
         if not paths or kind == "add":
-            result[draw(st.sampled_from(["extra", "x.weight", ""]))] = draw(payload_values)
+            result[draw(st.sampled_from(["extra", "x.weight", "", "line\nbreak"]))] = draw(payload_values)
             continue
         path = draw(st.sampled_from(tensor_paths if kind == "tensor" and tensor_paths else paths))
         parent, key = _get(result, path[:-1]), path[-1]
