@@ -459,8 +459,10 @@ def main() -> None:
     try:
         app()
     except UserError as error:
-        # escaped: a message quotes paths and specs, and "[x]" in them is text, not console markup
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        # A message quotes paths and specs: "[x]" in them is text, not console markup, and a file name may
+        # hold a line break, written as \n so that the error stays one line.
+        message = escape(str(error).replace("\r", "\\r").replace("\n", "\\n"))
+        Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         from trustseg.engine.distributed import leave
 
         leave(wait=False)  # its peers under torchrun may never reach the exit meeting

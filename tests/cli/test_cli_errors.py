@@ -184,3 +184,10 @@ def test_brackets_in_printed_paths_and_class_names_are_text(tmp_path, monkeypatc
     code = run_trustseg(["info", "--data", f"folder:{root}", "--out", str(out), "--no-progress"], monkeypatch)
     printed = capsys.readouterr().out
     assert code == 0 and str(out) in printed and "[/b]" in printed and "[red]two" in printed
+
+
+def test_a_line_break_in_a_file_name_is_written_as_backslash_n(tmp_path, monkeypatch, capsys):
+    root = folder_tree(tmp_path / "d")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "images" / "line\nbreak.png")
+    code, err = run_cli(["info", "--data", f"folder:{root}", "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    assert_one_line_error(code, err, "line\\nbreak.png: no mask for this image")
