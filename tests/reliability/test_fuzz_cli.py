@@ -35,15 +35,19 @@ MARKUP_CLASSES = ClassInfo(names=("zero", "[/b]", "[red]two"), palette=((0, 0, 0
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    """Two pairs of a tiny U-Net checkpoint and a folder dataset of its classes (plain class names, and
-    names like console markup)."""
+    """Pairs of a tiny U-Net checkpoint and a folder dataset of its classes: plain class names; names like
+    console markup; and an image whose file name holds a line break, its mask of another size."""
     base = tmp_path_factory.mktemp("cli_inputs")
     save_tiny_unet(base / "model.pt")
     mixed_size_folder(base / "data", sizes=((8, 8), (9, 7), (6, 10)))
     save_tiny_unet(base / "markup.pt", MARKUP_CLASSES)
     mixed_size_folder(base / "markup", sizes=((8, 8), (7, 9)), classes=MARKUP_CLASSES)
+    mixed_size_folder(base / "newline", sizes=((8, 8),))
+    (base / "newline" / "images" / "img00.png").rename(base / "newline" / "images" / "line\nbreak.png")
+    Image.new("L", (5, 5)).save(base / "newline" / "masks" / "line\nbreak.png")
     return {"base": base, "checkpoint": base / "model.pt", "data": base / "data",
-            "markup_checkpoint": base / "markup.pt", "markup_data": base / "markup"}
+            "markup_checkpoint": base / "markup.pt", "markup_data": base / "markup",
+            "newline_checkpoint": base / "model.pt", "newline_data": base / "newline"}
 
 
 @cache
@@ -85,7 +89,7 @@ def commands(draw: st.DrawFn, inputs: dict[str, Path], workspace: Path) -> list[
     folder = workspace / "in"
     folder.mkdir(parents=True)
     checkpoint = folder / "model.pt"
-    pair = draw(st.sampled_from(["", "", "markup_"]))
+    pair = draw(st.sampled_from(["", "", "markup_", "newline_"]))
     valid, data = inputs[f"{pair}checkpoint"].read_bytes(), inputs[f"{pair}data"]
     checkpoint.write_bytes(valid if draw(st.booleans()) else draw(mutated(valid, head=512)))
     out = draw(st.sampled_from([workspace / "out", workspace / "out", workspace / "out" / "a" / "b",
