@@ -148,7 +148,7 @@ def conforms(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
-def check(result, path, items: list[str]) -> None:
+def check(result, path) -> None:
     """A refusal names the file, the config key or the --set item; a config has the declared types, and
     its model builds (on the meta device: shapes only) or is refused in one line naming the model."""
     if isinstance(result, UserError):
@@ -169,7 +169,7 @@ def load(tmp_path, data: bytes, items: list[str]):
     path = tmp_path / f"recipe{next(_names)}.yaml"
     path.write_bytes(data)
     result = outcome("load_train_config", lambda: load_train_config(path, items))
-    check(result, path, items)
+    check(result, path)
 
 
 @fuzz_settings(max_examples=300)
