@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from trustseg.errors import UserError
 
@@ -25,7 +26,8 @@ bench_app = typer.Typer(help="Speed benchmarks, measured side by side with the a
 app.add_typer(bench_app, name="bench")
 experiment_app = typer.Typer(help="Experiments that test a paper's claim on your data, end to end.", no_args_is_help=True)
 app.add_typer(experiment_app, name="experiment")
-console = Console()
+# No markup: all it prints is data (paths, specs, class names), where "[x]" is text, not a style.
+console = Console(markup=False, soft_wrap=True)  # paths are printed whole, never broken across lines
 
 DEVICE_HELP = "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N; under torchrun each process takes cuda:LOCAL_RANK"
 DATA_HELP = ("Data spec: synthetic | camvid:PATH | cityscapes:PATH | ade20k:PATH | voc:PATH | foodseg103:PATH | "
@@ -523,7 +525,10 @@ def main() -> None:
 
 
 def stop(message: str) -> None:
-    """End a failed command: one line on stderr, exit status 2."""
+    """End a failed command: one line on stderr, exit status 2. A message quotes paths and specs: "[x]" in
+    them is text, not console markup, and a file name may hold a line break, written as \\n so that the
+    error stays one line."""
+    message = escape(message.replace("\r", "\\r").replace("\n", "\\n"))
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     from trustseg.engine.distributed import leave
 

@@ -167,3 +167,27 @@ def test_split_list_id_outside_the_dataset(tmp_path, monkeypatch, capsys):
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("../../../etc/passwd\n")
     code, err = run_cli(["info", "--data", f"voc:{root}#split=val", "--out", str(tmp_path / "o")], monkeypatch, capsys)
     assert_one_line_error(code, err, "val.txt: sample id '../../../etc/passwd.jpg' leads outside")
+
+
+def test_brackets_in_messages_are_text_not_console_markup(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "[x]" / "[/b]"
+    code, err = run_cli(["info", "--data", f"folder:{missing}", "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    assert_one_line_error(code, err, str(missing))
+
+
+def test_brackets_in_printed_paths_and_class_names_are_text(tmp_path, monkeypatch, capsys):
+    classes = ClassInfo(names=("zero", "[/b]", "[red]two"), palette=((0, 0, 0), (255, 0, 0), (0, 255, 0)))
+    root = folder_tree(tmp_path / "d", classes)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "images" / "a.png")
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) % 3).save(root / "masks" / "a.png")
+    out = tmp_path / "runs" / "[/b]"
+    code = run_trustseg(["info", "--data", f"folder:{root}", "--out", str(out), "--no-progress"], monkeypatch)
+    printed = capsys.readouterr().out
+    assert code == 0 and str(out) in printed and "[/b]" in printed and "[red]two" in printed
+
+
+def test_a_line_break_in_a_file_name_is_written_as_backslash_n(tmp_path, monkeypatch, capsys):
+    root = folder_tree(tmp_path / "d")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "images" / "line\nbreak.png")
+    code, err = run_cli(["info", "--data", f"folder:{root}", "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    assert_one_line_error(code, err, "line\\nbreak.png: no mask for this image")

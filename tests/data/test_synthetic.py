@@ -194,6 +194,7 @@ def test_colour_lookup_detects_colour_coded_classes(train_split):
     [
         ({"size": 31}, "size"),
         ({"size": (64, 16)}, "size"),
+        ({"size": "64x40960"}, "size"),  # a typo that would take tens of GB to render
         ({"size": "big"}, "size"),
         ({"num_images": 0}, "num_images"),
         ({"num_images": "many"}, "num_images"),

@@ -56,3 +56,39 @@ def test_bad_checkpoint_files_raise_user_error(tmp_path, content, message):
     with pytest.raises(UserError, match=message) as info:
         load_checkpoint(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def damage(payload, field, value):
+    """`payload` with `field` (dotted, e.g. "classes.names") set to `value`."""
+    *parents, last = field.split(".")
+    target = payload
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    return payload
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("format_version", torch.tensor([])),  # a tensor compared with == has no truth value
+        ("model", {"options": {}}),
+        ("model.options", [1, 2]),
+        ("state_dict", {"w": 3}),
+        ("classes.names", [1, 2]),
+        ("classes.palette", [[0, 0], [1, 1]]),
+        ("classes.ignore_index", "255"),
+        ("mean", [0.5, 0.5]),
+        ("std", [0.2, 0.0, 0.2]),
+        ("calibrator", {"method": "ts", "state_dict": [1.0]}),
+        ("train_config", 3),
+    ],
+)
+def test_damaged_fields_are_one_line_user_errors_naming_file_and_field(tmp_path, field, value):
+    path = tmp_path / "model.pt"
+    torch.save(damage(make_checkpoint().to_payload(), field, value), path)
+    with pytest.raises(UserError, match="not a trustseg checkpoint") as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    assert field.split(".")[0] in message or field == "format_version", message

@@ -4,8 +4,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from cli_helpers import save_tiny_unet
+from trustseg.calibrators.methods import build_calibrator
+from trustseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from trustseg.engine.inference import (
+    InferenceConfig,
+    Predictor,
+    padded_logits,
+    predictor_from_checkpoint,
+    sliding_window_logits,
+    window_starts,
+)
 from trustseg.errors import UserError
-from trustseg.engine.inference import InferenceConfig, Predictor, padded_logits, sliding_window_logits, window_starts
 
 
 class PixelwiseModel(nn.Module):
@@ -97,3 +107,53 @@ def test_predictor_rejects_bad_shapes_and_configs():
         InferenceConfig(mode="slide")
     with pytest.raises(UserError, match="inference mode"):
         InferenceConfig(mode="tiles")
+
+
+def edited_checkpoint(tmp_path, edit):
+    """A tiny U-Net checkpoint passed through `edit(checkpoint)`, saved and loaded again."""
+    path = tmp_path / "model.pt"
+    save_tiny_unet(path)
+    checkpoint = load_checkpoint(path)
+    edit(checkpoint)
+    save_checkpoint(checkpoint, path)
+    return path, load_checkpoint(path)
+
+
+def reshape_classifier(checkpoint):
+    checkpoint.state_dict["classifier.weight"] = checkpoint.state_dict["classifier.weight"][:, :2]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (reshape_classifier,
+         r"1 shape mismatch \(classifier\.weight: checkpoint \(3, 2, 1, 1\) vs model \(3, 4, 1, 1\)\)"),
+        # 4 * 2**12 channels at the bottleneck (about 10 GB of weights): refused on the meta device, unallocated
+        (lambda c: c.model["options"].update(depth=12), r"missing keys"),
+        (lambda c: c.model["options"].update(base_width="4"), r"model 'unet': option base_width='4'; expected an int"),
+        # 4 * 2**40 channels: the builder's own failure (here a size overflow) is reported with the options
+        (lambda c: c.model["options"].update(depth=40), r"model 'unet' cannot be built with options .*'depth': 40"),
+        (lambda c: c.model["options"].update(width=4), r"model 'unet': unknown option"),
+        (lambda c: c.model.update(name="resnet"), r"unknown model 'resnet'"),
+        (lambda c: setattr(c, "calibrator", {"method": "vs", "state_dict": {"weight": torch.ones(5),
+                                                                            "bias": torch.zeros(3)}}),
+         r"the vs calibrator of checkpoint .*1 shape mismatch \(weight: checkpoint \(5,\) vs model \(3,\)\)"),
+        (lambda c: setattr(c, "calibrator", {"method": "lts", "state_dict": {}}), r"lts calibrator .* missing keys"),
+        (lambda c: setattr(c, "calibrator", {"method": "platt", "state_dict": {}}), r"unknown calibration method"),
+    ],
+)
+def test_checkpoints_that_do_not_fit_their_recipe_are_one_line_errors_naming_the_file(tmp_path, edit, message):
+    path, checkpoint = edited_checkpoint(tmp_path, edit)
+    with pytest.raises(UserError, match=message) as info:
+        predictor_from_checkpoint(checkpoint)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_checkpoint_with_a_fitted_calibrator_predicts_calibrated_logits(tmp_path):
+    calibrator = build_calibrator("ts", 3)
+    calibrator.log_temperature.data.fill_(0.5)
+    path, checkpoint = edited_checkpoint(
+        tmp_path, lambda c: setattr(c, "calibrator", {"method": "ts", "state_dict": calibrator.state_dict()}))
+    images = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
+    raw = predictor_from_checkpoint(checkpoint, calibrated=False)(images)
+    assert torch.allclose(predictor_from_checkpoint(checkpoint)(images), raw * torch.exp(torch.tensor(-0.5)))

@@ -131,6 +131,14 @@ def test_describe_mismatch_singular():
     assert describe_mismatch("s", "M", ["k"], [], []) == "cannot load s into M: 1 missing key (k)"
 
 
+def test_keys_with_line_breaks_are_quoted_so_the_message_stays_one_line():
+    message = describe_mismatch("s", "M", [], ["a.weight", "line\nbreak"], [])
+    assert message == "cannot load s into M: 2 unexpected keys (a.weight, 'line\\nbreak')"
+    with pytest.raises(UserError, match=r"keys such as 'x\\ny'") as info:
+        detect_vit_layout({"x\ny": torch.zeros(1)})
+    assert "\n" not in str(info.value)
+
+
 # ---- parity with transformers ---------------------------------------------------------------------
 
 
@@ -256,6 +264,27 @@ def test_mismatched_architecture_lists_missing_and_unexpected_keys():
     no_ls = ViT(ViTConfig(patch_size=14, embed_dim=48, depth=2, num_heads=3, pos_grid=4))
     with pytest.raises(UserError, match=r"4 unexpected keys \(blocks\.0\.ls1\.gamma, blocks\.0\.ls2\.gamma"):
         load_vit_weights(no_ls, hf.state_dict())
+
+
+@pytest.mark.parametrize(
+    "key, shape, message",
+    [
+        # q, k and v that cannot be stacked into one (3C, C) matrix stay apart and are reported
+        (r"layer\.0\.attention\..*(key|k_proj)\.weight", (48, 47), r"unexpected keys \(blocks\.0\.attn\.q\.weight"),
+        (r"layer\.0\.attention\..*(query|q_proj)\.weight", (), r"unexpected keys \(blocks\.0\.attn\.q\.weight"),
+        (r"layer\.0\.attention\..*(value|v_proj)\.bias", (2, 48), r"unexpected keys \(blocks\.0\.attn\.q\.weight"),
+        # a CLS token of another width is not added to the CLS position: both are reported by shape
+        (r"embeddings\.cls_token", (1, 1, 47), r"cls_token: checkpoint \(1, 1, 47\)"),
+    ],
+)
+def test_damaged_dinov2_tensors_are_one_readable_error(key, shape, message):
+    hf, _ = _dinov2(0)
+    state = dict(hf.state_dict())
+    (name,) = [k for k in state if re.search(key, k)]
+    state[name] = torch.zeros(shape)
+    model = ViT(ViTConfig(patch_size=14, embed_dim=48, depth=2, num_heads=3, pos_grid=4, layerscale=1.0))
+    with pytest.raises(UserError, match=message):
+        load_vit_weights(model, state)
 
 
 # ---- timm layout ----------------------------------------------------------------------------------

@@ -86,6 +86,21 @@ def test_bad_files(tmp_path):
         load_train_config(write(tmp_path, "steps: [1\n"))
     with pytest.raises(UserError, match="expected a mapping"):
         load_train_config(write(tmp_path, "- 1\n- 2\n"))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"steps: 10\n\x80\xff")
+    with pytest.raises(UserError, match=r"binary.yaml: not UTF-8 text \(byte 10\)"):
+        load_train_config(binary)
+
+
+def test_deep_nesting_is_a_user_error_in_a_file_and_a_plain_string_in_an_override(tmp_path):
+    deep = 5000
+    with pytest.raises(UserError, match="deep.yaml: nested too deeply"):
+        load_train_config(write(tmp_path, "steps: 10\nmodel: {options: {a: " + "[" * deep + "]" * deep + "}}\n")
+                          .rename(tmp_path / "deep.yaml"))
+    # an override value that is not YAML stays the string it is (here refused as a number)
+    with pytest.raises(UserError, match=r"optim\.lr='\[\[\[") as error:
+        load_train_config(None, ["steps=10", "optim.lr=" + "[" * deep])
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("name", sorted(path.stem for path in CONFIGS.glob("*.yaml")))

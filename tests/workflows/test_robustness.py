@@ -1,6 +1,7 @@
 """`trustseg robustness` and `trustseg corrupt` end to end on a tiny folder dataset and U-Net."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,9 +13,13 @@ from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 import trustseg.workflows.robustness as robustness_workflow
+from trustseg.engine.journal import Journal
 from trustseg.data.base import ClassInfo
+from trustseg.engine.rundir import RunDir
+from trustseg.errors import UserError
 from trustseg.robustness.corruptions import corrupt
 from trustseg.robustness.dataset import condition_seed
+from trustseg.robustness.summary import summarize
 
 from cli_helpers import folder_tree, run_cli as run_trustseg, save_tiny_unet
 
@@ -141,6 +146,36 @@ def test_self_baseline_gives_unit_mce_and_bad_baselines_are_user_errors(tmp_path
     run_cli(robustness_args(path, dataset_root, tmp_path / "fourth", "--corruptions", "fog", "--severities", "2,4",
                             "--baseline", str(tmp_path / "other.json")), monkeypatch, code=2)
     assert "classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [
+    b"\x80\x81",                                                      # not UTF-8
+    b"[" * 5000 + b"]" * 5000,                                        # deeper than the JSON parser recurses
+    b'{"class_names": [null], "conditions": {}}',
+    b'{"class_names": ["zero", "one", "two"], "conditions": []}',
+    b'{"class_names": ["zero", "one", "two"], "conditions": {"clean": {"mIoU": 0.5}}}',    # no per_class
+    b'{"class_names": ["zero", "one", "two"], "conditions": {"clean": {"mIoU": "0.5", "per_class": {}}}}',
+    b'{"class_names": ["zero", "one", "two"], "conditions": {"clean": {"mIoU": 2.0, "per_class": {}}}}',
+])
+def test_damaged_results_files_are_one_line_errors(tmp_path, content):
+    path = tmp_path / "robustness.json"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="not a robustness.json written by trustseg robustness") as info:
+        robustness_workflow.load_baseline(str(path), CLASSES, ["clean"])
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_null_miou_is_a_missing_baseline_condition_and_nan_when_recorded(tmp_path):
+    conditions = {"clean": {"per_class": {}, "mIoU": 0.6}, "fog/2": {"per_class": {}, "mIoU": None}}  # NaN as written
+    path = tmp_path / "robustness.json"
+    path.write_text(json.dumps({"setup": {}, "class_names": list(CLASSES.names), "conditions": conditions}))
+    with pytest.raises(UserError, match="lacks 1 of the conditions evaluated here \\(e.g. fog/2\\)"):
+        robustness_workflow.load_baseline(str(path), CLASSES, ["clean", "fog/2"])
+    journal = Journal(RunDir(tmp_path / "run"), "robustness", {}, resume=False)
+    recorded = {key: robustness_workflow.nan_for_null(journal.record(key, {**value, "mIoU": value["mIoU"] or math.nan}))
+                for key, value in conditions.items()}
+    assert np.isnan(recorded["fog/2"]["mIoU"])
+    assert np.isnan(summarize(recorded, ["fog"], [2])["relative_robustness"])
 
 
 @pytest.mark.parametrize("args, message", [

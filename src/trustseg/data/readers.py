@@ -37,7 +37,9 @@ def _open(path: Path | str, what: str) -> Image.Image:
 def read_image(path: Path | str) -> torch.Tensor:
     """Decode an image file to uint8 RGB (3, H, W); grey, palette and RGBA images are converted."""
     array = np.asarray(_open(path, "image").convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    # a copy, always: np.asarray views Pillow's read-only bytes, and ascontiguousarray would return that
+    # view for a 1x1 image (already "contiguous"), which transforms then write into
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
 def read_mask_array(path: Path | str) -> np.ndarray:

@@ -61,6 +61,9 @@ COMMON_CLASSES = (DISC, BOX, TRIANGLE, RING, BAR)
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 DEFAULT_NUM_IMAGES = {"train": 640, "val": 64, "test": 64}
 MIN_SIZE = 32
+# A 4096 x 4096 scene takes about 4 s and 200 MB to render; a larger side is taken for a typo (size=40960),
+# refused instead of rendered until memory runs out.
+MAX_SIZE = 4096
 REFERENCE_SIDE = 128.0
 
 Texture = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (y (h, 1), x (1, w)) -> t float32 (h, w)
@@ -333,8 +336,8 @@ def _parse_size(size: int | str | Sequence[int]) -> tuple[int, int]:
         dims = [int(s) for s in size]
     else:
         raise UserError(f"size={size!r}: expected an int or (H, W) pair of ints")
-    if len(dims) != 2 or min(dims) < MIN_SIZE:
-        raise UserError(f"size={size!r}: expected an int or (H, W) pair, each at least {MIN_SIZE}")
+    if len(dims) != 2 or min(dims) < MIN_SIZE or max(dims) > MAX_SIZE:
+        raise UserError(f"size={size!r}: expected an int or (H, W) pair, each in {MIN_SIZE}..{MAX_SIZE}")
     return dims[0], dims[1]
 
 

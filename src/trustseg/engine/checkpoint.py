@@ -8,6 +8,7 @@ Files hold only tensors and plain Python containers, so they load with ``weights
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ class Checkpoint:
     training_state: dict[str, Any] = field(default_factory=dict)
     # a fitted post-hoc calibrator that eval/predict apply: {"method": name, "state_dict": {...}}
     calibrator: dict[str, Any] | None = None
+    # what the checkpoint was read from, for messages (not saved)
+    source: str = field(default="checkpoint", compare=False, repr=False)
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -57,24 +60,74 @@ class Checkpoint:
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], source: str) -> Checkpoint:
+        """The checkpoint in a loaded `payload`, every field checked, so that a damaged or foreign file
+        fails here in one line naming `source`, not later in a model builder or a forward pass."""
+        missing = [key for key in ("model", "state_dict", "classes", "mean", "std") if key not in payload]
+        _expect(not missing, source, missing[0] if missing else "", "present")
+        model, classes, calibrator = payload["model"], payload["classes"], payload.get("calibrator")
+        _expect(isinstance(model, dict) and isinstance(model.get("name"), str)
+                and _is_options(model.get("options", {})),
+                source, "model", "{'name': builder name, 'options': {name: value}}")
+        _expect(_is_tensors(payload["state_dict"]), source, "state_dict", "a dict of named tensors")
+        _expect(isinstance(classes, dict) and {"names", "palette", "ignore_index"} <= set(classes), source, "classes",
+                "names, palette and ignore_index")
+        names, palette, ignore_index = classes["names"], classes["palette"], classes["ignore_index"]
+        _expect(isinstance(names, (list, tuple)) and len(names) > 0 and all(isinstance(n, str) for n in names),
+                source, "classes.names", "a list of class names")
+        _expect(isinstance(palette, (list, tuple)) and all(_is_colour(c) for c in palette), source, "classes.palette",
+                "one [R, G, B] colour (0..255) per class")
+        _expect(_is_int(ignore_index), source, "classes.ignore_index", "an int")
+        for key in ("mean", "std"):
+            value = payload[key]
+            positive = key == "std"
+            _expect(isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) for v in value)
+                    and (not positive or min(value) > 0), source, key, "three finite numbers" + " > 0" * positive)
+        for key in ("train_config", "training_state"):
+            _expect(isinstance(payload.get(key, {}), dict), source, key, "a mapping")
+        _expect(calibrator is None or (isinstance(calibrator, dict) and isinstance(calibrator.get("method"), str)
+                                       and _is_tensors(calibrator.get("state_dict"))),
+                source, "calibrator", "null or {'method': name, 'state_dict': a dict of named tensors}")
         try:
-            classes = payload["classes"]
-            return cls(
-                model=dict(payload["model"]),
-                state_dict=payload["state_dict"],
-                classes=ClassInfo(
-                    names=tuple(classes["names"]),
-                    palette=tuple(tuple(int(v) for v in c) for c in classes["palette"]),
-                    ignore_index=int(classes["ignore_index"]),
-                ),
-                mean=tuple(payload["mean"]),
-                std=tuple(payload["std"]),
-                train_config=dict(payload.get("train_config", {})),
-                training_state=dict(payload.get("training_state", {})),
-                calibrator=payload.get("calibrator"),
-            )
-        except (KeyError, TypeError, ValueError) as error:
-            raise UserError(f"{source}: not a trustseg checkpoint (missing or bad field {error})") from None
+            class_info = ClassInfo(names=tuple(names), palette=tuple(tuple(int(v) for v in c) for c in palette),
+                                   ignore_index=int(ignore_index))
+        except ValueError as error:
+            raise UserError(f"{source}: not a trustseg checkpoint (classes: {error})") from None
+        return cls(
+            model={"name": model["name"], "options": dict(model.get("options", {}))},
+            state_dict=payload["state_dict"],
+            classes=class_info,
+            mean=tuple(float(v) for v in payload["mean"]),
+            std=tuple(float(v) for v in payload["std"]),
+            train_config=dict(payload.get("train_config", {})),
+            training_state=dict(payload.get("training_state", {})),
+            calibrator=calibrator,
+            source=source,
+        )
+
+
+def _expect(ok: bool, source: str, field: str, expected: str) -> None:
+    if not ok:
+        raise UserError(f"{source}: not a trustseg checkpoint (field {field}: expected {expected})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_colour(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in value)
+
+
+def _is_options(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+
+
+def _is_tensors(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -114,6 +167,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except Exception as error:  # torch raises many types for corrupt files
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"checkpoint {path} is unreadable ({reason[:120]})") from None
-    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+    if not isinstance(payload, dict) or not (_is_int(payload.get("format_version"))
+                                            and payload["format_version"] == FORMAT_VERSION):
         raise UserError(f"checkpoint {path} is not a trustseg checkpoint (format_version {FORMAT_VERSION})")
-    return Checkpoint.from_payload(payload, str(path))
+    return Checkpoint.from_payload(payload, f"checkpoint {path}")

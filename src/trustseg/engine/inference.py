@@ -20,6 +20,7 @@ from trustseg.engine.checkpoint import Checkpoint
 from trustseg.engine.devices import autocast
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
+from trustseg.models.weights import load_mapped, require_fit
 
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
@@ -147,15 +148,27 @@ class Predictor(nn.Module):
 
 
 def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
-    """The checkpoint's model, weights loaded, in eval mode."""
-    recipe = checkpoint.model
-    model = build_model(recipe["name"], num_classes=checkpoint.classes.num_classes, **recipe.get("options", {}))
-    missing, unexpected = model.load_state_dict(checkpoint.state_dict, strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"checkpoint weights do not fit model {recipe['name']!r}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
+    """The checkpoint's model, weights loaded, in eval mode.
+
+    The recipe is built on the meta device first and the weights checked against it (names and shapes):
+    a damaged recipe (a flipped ``depth``) fails in one line before any memory is allocated for it.
+    """
+    name, options = checkpoint.model["name"], checkpoint.model.get("options", {})
+    source = checkpoint.source
+
+    def build() -> nn.Module:
+        try:
+            return build_model(name, num_classes=checkpoint.classes.num_classes, **options)
+        except UserError as error:
+            raise UserError(f"{source}: {error}") from None
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:  # option values the builder refuses
+            raise UserError(f"{source}: model {name!r} cannot be built with options {options} "
+                            f"({_first_line(error)})") from None
+
+    with torch.device("meta"):
+        require_fit(build(), checkpoint.state_dict, source=f"the weights of {source}")
+    model = build()
+    model.load_state_dict(checkpoint.state_dict)
     return model.eval()
 
 
@@ -163,9 +176,19 @@ def calibrator_from_checkpoint(checkpoint: Checkpoint) -> nn.Module | None:
     """The checkpoint's fitted calibrator, or None."""
     if checkpoint.calibrator is None:
         return None
-    calibrator = build_calibrator(checkpoint.calibrator["method"], checkpoint.classes.num_classes)
-    calibrator.load_state_dict(checkpoint.calibrator["state_dict"])
+    method = checkpoint.calibrator["method"]
+    try:
+        calibrator = build_calibrator(method, checkpoint.classes.num_classes)
+    except UserError as error:
+        raise UserError(f"{checkpoint.source}: {error}") from None
+    source = f"the {method} calibrator of {checkpoint.source}"
+    load_mapped(calibrator, checkpoint.calibrator["state_dict"], source=source)
     return calibrator.eval().requires_grad_(False)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def predictor_from_checkpoint(

@@ -4,7 +4,8 @@ uninterrupted one.
 
 OUT/progress.jsonl holds a header line (the command and the setup its results depend on), then one
 line per finished unit, each appended, flushed and synced to disk before the command moves on. A kill
-can tear only the last line: resuming drops it and does that unit again. A unit's value is kept as it
+can tear only the last line: resuming drops it and does that unit again. Each line carries the CRC-32
+of its content, so a line damaged on disk is refused rather than trusted. A unit's value is kept as it
 reads back from JSON, in the run that records it too, so a resumed run computes from exactly the same
 numbers as an uninterrupted one.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +62,15 @@ class Journal:
     def _open(self, resume: bool) -> dict[str, Any] | str:
         """The finished units (a fresh journal when there is none), or why this run may not go on."""
         if not self.path.exists():
-            header = json.dumps({"command": self.command, "setup": self.setup}, allow_nan=False) + "\n"
+            header = _line({"command": self.command, "setup": self.setup})
             atomic_write(self.path, lambda handle: handle.write(header.encode()))
             return {}
         try:
             lines = self._complete_lines()
-            header, units = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
-            done = {unit["unit"]: unit["value"] for unit in units}
-        except (ValueError, KeyError, TypeError, IndexError):
+            header, units = _record(lines[0]), [_record(line) for line in lines[1:]]
+            done = {str(unit["unit"]): unit["value"] for unit in units}
+            header["command"], header["setup"]  # noqa: B018 - a header without them is damaged
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError):
             return f"{self.path} is damaged; use another --out (its finished results cannot be trusted)"
         if header.get("command") != self.command:
             return (f"--out {self.run_dir.path} holds a trustseg {header.get('command')} run; use another --out "
@@ -102,7 +105,7 @@ class Journal:
         """Append finished `unit` durably (main process) and return its value as read back from JSON."""
         value = as_read_back(value)
         if is_main_process():
-            line = json.dumps({"unit": unit, "value": value}, allow_nan=False) + "\n"
+            line = _line({"unit": unit, "value": value})
             try:
                 with open(self.path, "ab") as handle:
                     handle.write(line.encode())
@@ -113,6 +116,23 @@ class Journal:
                                 "before it are kept (continue with --resume)") from None
         self.done[unit] = value
         return value
+
+
+def _line(record: dict[str, Any]) -> str:
+    """One journal line: the record and the CRC-32 of its canonical JSON, so a damaged line is noticed."""
+    return json.dumps({**record, "crc": _crc(record)}, allow_nan=False) + "\n"
+
+
+def _record(line: str) -> dict[str, Any]:
+    """A journal line read back; ValueError (or a TypeError of a foreign shape) when damaged."""
+    record = json.loads(line)
+    if record.pop("crc") != _crc(record):
+        raise ValueError("CRC mismatch")
+    return record
+
+
+def _crc(record: dict[str, Any]) -> int:
+    return zlib.crc32(json.dumps(record, sort_keys=True, allow_nan=False).encode())
 
 
 def _differences(before: dict[str, Any], now: dict[str, Any], shown: int = 3) -> str:

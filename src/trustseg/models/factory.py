@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from importlib import import_module
 from typing import Any, Callable
 
@@ -32,13 +34,50 @@ def model_options(name: str) -> list[str]:
 
 
 def build_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
-    """Model whose forward maps normalised images (B, 3, H, W) to logits (B, K, H, W)."""
+    """Model whose forward maps normalised images (B, 3, H, W) to logits (B, K, H, W).
+
+    Options come from recipes and checkpoints, so each is checked against the builder's annotation
+    (int, float, str, bool, a Literal of names, or None where allowed) before the builder sees it.
+    """
     accepted = set(model_options(name))
     builder = _builder(name)
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise UserError(f"model {name!r}: unknown option(s) {unknown}; accepted: {sorted(accepted)}")
+    hints = typing.get_type_hints(builder)
+    for key, value in options.items():
+        if key in hints and not _accepts(value, hints[key]):
+            raise UserError(f"model {name!r}: option {key}={value!r}; expected {_describe(hints[key])}")
     return builder(num_classes=num_classes, **options)
+
+
+def _accepts(value: Any, annotation: Any) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return True  # another type: left to the builder
+
+
+def _describe(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    return {type(None): "null", bool: "true or false", int: "an int", float: "a number", str: "a string"}.get(
+        annotation, str(annotation))
 
 
 def class_dependent_keys(name: str, **options: Any) -> set[str]:

@@ -25,8 +25,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trustseg.data.paths import inside
 from trustseg.errors import UserError
-from trustseg.models.weights import LoadReport, StateDict, detect_vit_layout, load_vit_weights, read_state_dict
+from trustseg.models.weights import (
+    LoadReport,
+    StateDict,
+    detect_vit_layout,
+    load_vit_weights,
+    printable_key,
+    read_state_dict,
+)
 
 # What each model takes; unet has no published pretrained layout (start it from a trustseg checkpoint).
 FAMILIES = {"segformer": "segformer", "vit_segmenter": "vit"}
@@ -60,10 +68,10 @@ def find_weights(path: str | Path) -> PretrainedFile:
     folder = path if path.is_dir() else path.parent
     model_type = None
     if (folder / "config.json").is_file():
-        try:
-            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-        except (json.JSONDecodeError, AttributeError):
-            raise UserError(f"model.weights: {folder / 'config.json'} is not a JSON object") from None
+        model_type = _read_json(folder / "config.json", "a JSON object").get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise UserError(f"model.weights: {folder / 'config.json'}: model_type {model_type!r} is not a name "
+                            "(expected e.g. \"segformer\" or \"dinov2\")")
     if path.is_file():
         return PretrainedFile(path, model_type)
     for name in WEIGHT_FILES:
@@ -77,14 +85,24 @@ def read_weights(file: PretrainedFile) -> StateDict:
     """All tensors of ``file``; a sharded index reads and merges its shards."""
     if not file.path.name.endswith(".index.json"):
         return read_state_dict(file.path)
-    try:
-        shards = sorted(set(json.loads(file.path.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise UserError(f"model.weights: {file.path} is not a shard index (no weight_map)") from None
+    weight_map = _read_json(file.path, "a shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+        raise UserError(f"model.weights: {file.path} is not a shard index (no weight_map of tensor name -> file)")
     state: StateDict = {}
-    for shard in shards:
-        state.update(read_state_dict(file.path.parent / shard))
+    for shard in sorted(set(weight_map.values())):
+        state.update(read_state_dict(inside(file.path.parent, shard, f"model.weights: {file.path} names shard")))
     return state
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; anything else (not UTF-8, not JSON, not an object) is a UserError."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(f"model.weights: {path} is not {what} (expected a JSON object)")
+    return value
 
 
 def is_trustseg_checkpoint(path: Path) -> bool:
@@ -132,7 +150,7 @@ def load_pretrained(
     state = read_weights(file)
     found = weights_family(state, file.model_type)
     if found != expected:
-        keys = ", ".join(list(state)[:3])
+        keys = ", ".join(map(printable_key, list(state)[:3]))
         what = FAMILY_NAMES[found] if found else f"weights of an unknown layout (keys such as {keys})"
         raise UserError(f"model.weights={path}: found {what}, but model {name!r} takes {FAMILY_NAMES[expected]}")
     source = str(file.path)
@@ -143,7 +161,10 @@ def load_pretrained(
         encoder_only = any(key.startswith("decoder.") for key in report.missing)
         return report, "segformer, encoder only" if encoder_only else "segformer"
     backbone = model.backbone
-    layout = detect_vit_layout(state)
+    try:  # config.json may say "dinov2" about keys of no ViT layout
+        layout = detect_vit_layout(state)
+    except UserError as error:
+        raise UserError(f"model.weights={path}: {error}") from None
     report = load_vit_weights(backbone, state, layout=layout, source=f"ViT weights {source}")
     head = [key for key in model.state_dict() if not key.startswith("backbone.")]
     prefixed = LoadReport(missing=[f"backbone.{k}" for k in report.missing] + head,

@@ -103,7 +103,7 @@ def unwrap_state_dict(obj: object, *, source: str = "checkpoint") -> StateDict:
         raise UserError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
     state = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not state:
-        keys = ", ".join(sorted(map(str, obj.keys()))[:8])
+        keys = ", ".join(printable_key(key) for key in sorted(map(str, obj.keys()))[:8])
         raise UserError(f"{source}: no tensors found (top-level keys: {keys or 'none'})")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
@@ -187,18 +187,42 @@ def load_mapped(
         k for k in expected if k in reinitialise and k in renamed and renamed[k].shape != expected[k].shape
     ]
     renamed = {k: v for k, v in renamed.items() if k not in reinitialised}
-    missing = [k for k in expected if k not in renamed and k not in reinitialised]
-    unexpected = [k for k in renamed if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(renamed[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in renamed and renamed[k].shape != expected[k].shape
-    ]
+    missing, unexpected, mismatched = _compare(expected, renamed, skip=reinitialised)
     if mismatched or (strict and (missing or unexpected)):
         raise UserError(describe_mismatch(source, type(model).__name__, missing, unexpected, mismatched))
     with torch.no_grad():
         model.load_state_dict(renamed, strict=False)
     return LoadReport(missing=missing, unexpected=unexpected, dropped=dropped, reinitialised=reinitialised)
+
+
+def require_fit(model: nn.Module, state: Mapping[str, Tensor], *, source: str) -> None:
+    """Raise one readable UserError unless ``state`` holds exactly ``model``'s keys, with its shapes.
+
+    Only names and shapes are read, so ``model`` may live on the meta device: a check before building
+    the model for real.
+    """
+    missing, unexpected, mismatched = _compare(model.state_dict(), state)
+    if missing or unexpected or mismatched:
+        raise UserError(describe_mismatch(source, type(model).__name__, missing, unexpected, mismatched))
+
+
+def _compare(
+    expected: Mapping[str, Tensor], state: Mapping[str, Tensor], skip: Collection[str] = ()
+) -> tuple[list[str], list[str], list[str]]:
+    """(our keys ``state`` lacks, its keys we lack, "key: checkpoint (shape) vs model (shape)" lines)."""
+    missing = [k for k in expected if k not in state and k not in skip]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    return missing, unexpected, mismatched
+
+
+def printable_key(key: str) -> str:
+    """`key` as it is, or quoted with escapes when it holds a line break or another control character."""
+    return key if key.isprintable() else repr(key)
 
 
 def describe_mismatch(
@@ -212,7 +236,8 @@ def describe_mismatch(
         noun = label if label == "shape mismatch" else f"{label} key"
         plural = "es" if noun.endswith("mismatch") else "s"
         head = f"{len(items)} {noun}{plural if len(items) != 1 else ''}"
-        shown = ", ".join(items[:limit]) + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+        shown = ", ".join(map(printable_key, items[:limit]))
+        shown += f", ... and {len(items) - limit} more" if len(items) > limit else ""
         parts.append(f"{head} ({shown})")
     return f"cannot load {source} into {target}: " + "; ".join(parts)
 
@@ -299,10 +324,12 @@ def fuse_qkv(state: StateDict) -> StateDict:
     for i in blocks:
         p = f"blocks.{i}.attn."
         weights = [state.get(f"{p}{n}.weight") for n in "qkv"]
-        if any(w is None for w in weights):
-            continue  # incomplete: leave the parts for the mismatch report
-        out[f"{p}qkv.weight"] = torch.cat(weights, dim=0)
         biases = [state.get(f"{p}{n}.bias") for n in "qkv"]
+        if any(w is None or w.dim() != 2 or w.shape[1] != weights[0].shape[1] for w in weights) or any(
+            b is not None and b.shape != w.shape[:1] for b, w in zip(biases, weights)
+        ):
+            continue  # incomplete or not (out, in) matrices with matching biases: parts left for the mismatch report
+        out[f"{p}qkv.weight"] = torch.cat(weights, dim=0)
         if any(b is not None for b in biases):
             out[f"{p}qkv.bias"] = torch.cat(
                 [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)]
@@ -319,8 +346,8 @@ def fold_cls_pos(state: StateDict) -> StateDict:
     Adding the CLS position to the CLS token once is what the embedding layer did on every forward.
     """
     pos, cls = state.get("pos_embed"), state.get("cls_token")
-    if pos is None or cls is None or pos.dim() != 3:
-        return state
+    if pos is None or cls is None or pos.dim() != 3 or cls.shape != (1, 1, pos.shape[2]):
+        return state  # not a token and positions of one width: left for the mismatch report
     n = pos.shape[1]
     if math.isqrt(n) ** 2 == n or math.isqrt(n - 1) ** 2 != n - 1:
         return state  # no CLS slot (or not a square grid: left for the mismatch report)
@@ -343,7 +370,8 @@ def detect_vit_layout(state: Mapping[str, Tensor]) -> str:
     if has(r"^patch_embed\.weight$") and has(r"^blocks\.\d+\.attn\.qkv\."):
         return "trustseg"
     raise UserError(
-        f"cannot tell the ViT layout from keys such as {', '.join(keys[:4])}; pass layout= one of {VIT_LAYOUTS}"
+        f"cannot tell the ViT layout from keys such as {', '.join(map(printable_key, keys[:4])) or '(none)'}; "
+        f"pass layout= one of {VIT_LAYOUTS}"
     )
 
 

@@ -355,7 +355,8 @@ def build_dataclass(cls: type, values: dict[str, Any], *, prefix: str = "") -> A
     unknown = [k for k in values if k not in names]
     if unknown:
         section = f" in {prefix.rstrip('.')}" if prefix else ""
-        raise UserError(f"unknown config key {prefix}{unknown[0]}; accepted keys{section}: {', '.join(names)}")
+        shown = repr(f"{prefix}{unknown[0]}")[1:-1]  # a key holding a line break stays on one line
+        raise UserError(f"unknown config key {shown}; accepted keys{section}: {', '.join(names)}")
     return cls(**{name: _coerce(value, hints[name], prefix + name) for name, value in values.items()})
 
 
@@ -363,7 +364,7 @@ def _parse_value(text: str) -> Any:
     """YAML scalar/list syntax for override values ("3", "true", "[240, 320]", "null"); else the raw string."""
     try:
         return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # PyYAML recurses once per nesting level: "[[[..." ends here too
         return text
 
 
@@ -402,11 +403,17 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as error:
+            raise UserError(f"config file {path}: not UTF-8 text (byte {error.start}); expected a YAML recipe"
+                            ) from None
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark is not None else ""
             raise UserError(f"config file {path}: not valid YAML{where}") from None
+        except RecursionError:  # PyYAML recurses once per nesting level
+            raise UserError(f"config file {path}: nested too deeply to parse; a recipe nests a few levels "
+                            f"(e.g. model.options.depth)") from None
         if not isinstance(values, dict):
             raise UserError(f"config file {path}: expected a mapping of keys at the top level")
     return config_from_dict(values, overrides)

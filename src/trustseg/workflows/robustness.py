@@ -63,19 +63,48 @@ class RobustnessResult:
     run_dir: Path
 
 
+def read_results(path: Path, what: str, fix: str = "") -> dict[str, Any]:
+    """A robustness.json: class names, and conditions each with an mIoU (a fraction, or null: NaN, which
+    reads back as NaN) and per-class IoUs. Anything else, damaged or foreign, is a UserError naming `what`
+    and the file, followed by `fix`."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what} {path}: file not found") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        results = None
+    conditions = results.get("conditions") if isinstance(results, dict) else None
+    names = results.get("class_names") if isinstance(results, dict) else None
+    if not (isinstance(conditions, dict) and all(_is_condition(c) for c in conditions.values())
+            and isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise UserError(f"{what} {path}: not a robustness.json written by trustseg robustness (class_names, and "
+                        f"conditions with mIoU and per_class each){fix}")
+    for condition in conditions.values():
+        nan_for_null(condition)
+    return results
+
+
+def nan_for_null(condition: dict[str, Any]) -> dict[str, Any]:
+    """A condition read back from JSON, its mIoU a number again (JSON writes NaN, no class, as null)."""
+    condition["mIoU"] = math.nan if condition["mIoU"] is None else float(condition["mIoU"])
+    return condition
+
+
+def _is_condition(value: Any) -> bool:
+    if not (isinstance(value, dict) and "mIoU" in value and isinstance(value.get("per_class"), dict)):
+        return False
+    miou = value["mIoU"]
+    return miou is None or (isinstance(miou, (int, float)) and not isinstance(miou, bool) and 0 <= miou <= 1)
+
+
 def load_baseline(path: str, classes: ClassInfo, needed: list[str]) -> dict[str, dict[str, Any]]:
     """The conditions of a baseline run, checked to cover ours and to share our class set."""
-    try:
-        baseline = json.loads(Path(path).read_text())
-        conditions, names = baseline["conditions"], baseline["class_names"]
-    except FileNotFoundError:
-        raise UserError(f"--baseline {path}: file not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"--baseline {path}: not a robustness.json written by trustseg robustness") from None
-    if list(names) != list(classes.names):
+    baseline = read_results(Path(path), "--baseline")
+    conditions, names = baseline["conditions"], baseline["class_names"]
+    if names != list(classes.names):
         raise UserError(f"--baseline {path}: its classes ({len(names)}: {', '.join(names[:4])}, ...) differ from the "
                         f"checkpoint's ({classes.num_classes}: {', '.join(classes.names[:4])}, ...)")
-    missing = [key for key in needed if key not in conditions or conditions[key].get("mIoU") is None]
+    missing = [key for key in needed if key not in conditions or math.isnan(conditions[key]["mIoU"])]
     if missing:
         raise UserError(f"--baseline {path}: lacks {len(missing)} of the conditions evaluated here "
                         f"(e.g. {', '.join(missing[:3])}); run the baseline with the same corruptions and severities")
@@ -112,7 +141,7 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
             batch_size=config.batch_size, batch_transform=transform, num_workers=config.num_workers,
             progress=config.progress, description=f"{key} ({number}/{len(todo)})", device=device,
         ))
-    conditions = {key: journal.done[key] for key in keys}
+    conditions = {key: nan_for_null(journal.done[key]) for key in keys}
     header = {"setup": {"checkpoint": config.checkpoint, **journal.setup}, "class_names": list(classes.names)}
 
     summary = summarize(conditions, config.corruptions, config.severities, baseline)
