@@ -5,10 +5,15 @@ malloc's retained pages. Instead every op's freshly allocated output storage is 
 alive (a `TorchDispatchMode` sees each op; a weakref finaliser sees the storage die). Inputs, views
 and in-place results reuse existing storage and are not counted; scratch memory that a kernel frees
 before returning is invisible to this count.
+
+For a whole command, allocator and Python heap included, `wait_peak_rss` reads a child process's
+peak resident set size as the kernel recorded it.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -51,3 +56,14 @@ def peak_tensor_bytes(fn: Callable[[], Any]) -> int:
     with _TensorBytes() as counter:
         fn()
     return counter.peak
+
+
+def wait_peak_rss(process: subprocess.Popen) -> int:
+    """Wait for `process` and return its peak resident set size in bytes (Linux ``ru_maxrss``).
+
+    ``os.wait4`` reports this child's own usage; ``RUSAGE_CHILDREN`` would give the maximum over every
+    child waited for so far. Sets ``process.returncode``.
+    """
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss * 1024  # KiB on Linux
