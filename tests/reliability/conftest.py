@@ -28,3 +28,15 @@ def folder_data(tmp_path):
     checkpoint = tmp_path / "model.pt"
     save_tiny_unet(checkpoint)
     return root, checkpoint
+
+
+@pytest.fixture()
+def robustness_args(folder_data):
+    """`trustseg robustness` of the tiny U-Net on `folder_data` into `out`, over the given conditions."""
+    root, checkpoint = folder_data
+
+    def args(out, corruptions: str, severities: str, *extra: str) -> list[str]:
+        return ["robustness", "--checkpoint", str(checkpoint), "--data", f"folder:{root}", "--out", str(out),
+                "--corruptions", corruptions, "--severities", severities, "--no-progress", *extra]
+
+    return args

@@ -39,12 +39,9 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
 
 
-def test_robustness_stopped_by_a_full_disk_keeps_its_units_and_resumes(tmp_path, folder_data, monkeypatch, capsys):
-    root, checkpoint = folder_data
-
+def test_robustness_stopped_by_a_full_disk_keeps_its_units_and_resumes(tmp_path, robustness_args, monkeypatch, capsys):
     def args(out, *extra):
-        return ["robustness", "--checkpoint", str(checkpoint), "--data", f"folder:{root}", "--out", str(out),
-                "--corruptions", "contrast", "--severities", "1,2", "--no-progress", *extra]
+        return robustness_args(out, "contrast", "1,2", *extra)
 
     whole, full = tmp_path / "whole", tmp_path / "full"
     assert run_cli(args(whole), monkeypatch) == 0

@@ -51,12 +51,9 @@ def refuse_then_resume(args: list[str], monkeypatch, capsys, expect: str) -> Non
     assert expect in capsys.readouterr().err
 
 
-def test_robustness_resumes_after_sigkill_with_identical_results(tmp_path, folder_data, monkeypatch, capsys):
-    root, checkpoint = folder_data
-
+def test_robustness_resumes_after_sigkill_with_identical_results(tmp_path, robustness_args, monkeypatch, capsys):
     def args(out, *extra):
-        return ["robustness", "--checkpoint", str(checkpoint), "--data", f"folder:{root}", "--out", str(out),
-                "--corruptions", "gaussian_noise,fog", "--severities", "1,4", "--no-progress", *extra]
+        return robustness_args(out, "gaussian_noise,fog", "1,4", *extra)
 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert run_cli(args(whole), monkeypatch) == 0
@@ -115,22 +112,18 @@ def test_calibrate_resumes_after_sigkill_with_identical_results(tmp_path, folder
         assert torch.equal(states[1]["state_dict"][name], tensor), name
 
 
-def test_resume_of_a_run_that_never_started_begins_it(tmp_path, folder_data, monkeypatch, capsys):
-    root, checkpoint = folder_data
+def test_resume_of_a_run_that_never_started_begins_it(tmp_path, robustness_args, monkeypatch, capsys):
     out = tmp_path / "fresh"
-    args = ["robustness", "--checkpoint", str(checkpoint), "--data", f"folder:{root}", "--out", str(out),
-            "--corruptions", "fog", "--severities", "1", "--no-progress", "--resume"]
+    args = robustness_args(out, "fog", "1", "--resume")
     assert run_cli(args, monkeypatch) == 0
     assert "resuming" not in capsys.readouterr().err
     assert json.loads((out / "robustness.json").read_text())["conditions"].keys() == {"clean", "fog/1"}
 
 
 @pytest.mark.parametrize("damage", ["header", "middle"])
-def test_a_damaged_journal_is_refused_not_trusted(tmp_path, folder_data, monkeypatch, capsys, damage):
-    root, checkpoint = folder_data
+def test_a_damaged_journal_is_refused_not_trusted(tmp_path, robustness_args, monkeypatch, capsys, damage):
     out = tmp_path / "run"
-    args = ["robustness", "--checkpoint", str(checkpoint), "--data", f"folder:{root}", "--out", str(out),
-            "--corruptions", "fog", "--severities", "1", "--no-progress"]
+    args = robustness_args(out, "fog", "1")
     assert run_cli(args, monkeypatch) == 0
     lines = (out / "progress.jsonl").read_text().splitlines(keepends=True)
     lines[0 if damage == "header" else 1] = "{not json\n"

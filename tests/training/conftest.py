@@ -53,3 +53,26 @@ def first_step(monkeypatch):
 
     monkeypatch.setattr(loop._Run, "_train_step", spy)
     return seen
+
+
+class Interrupted(Exception):
+    """A kill right after a checkpoint: the steps after it never happen."""
+
+
+@pytest.fixture
+def train_until_killed(monkeypatch):
+    """train(config) stopped right after it writes last.pt at step `step` (as a kill would stop it)."""
+    def run(config, step: int) -> None:
+        save = loop.save_checkpoint
+
+        def save_then_stop(checkpoint, path):
+            save(checkpoint, path)
+            if path.name == "last.pt" and checkpoint.training_state["step"] == step:
+                raise Interrupted
+
+        with monkeypatch.context() as patch:
+            patch.setattr(loop, "save_checkpoint", save_then_stop)
+            with pytest.raises(Interrupted):
+                loop.train(config, progress=False)
+
+    return run
