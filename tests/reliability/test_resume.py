@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from cli_helpers import run_cli
+from trustseg.engine.journal import Journal
+from trustseg.engine.rundir import RunDir
 
 KILLED_RUN = Path(__file__).with_name("killed_run.py")
 BOOKKEEPING = {"config.yaml", "progress.jsonl", ".trustseg.lock"}  # config.yaml records --resume itself
@@ -118,6 +120,11 @@ def test_resume_of_a_run_that_never_started_begins_it(tmp_path, robustness_args,
     assert run_cli(args, monkeypatch) == 0
     assert "resuming" not in capsys.readouterr().err
     assert json.loads((out / "robustness.json").read_text())["conditions"].keys() == {"clean", "fog/1"}
+
+    # a run stopped before it finished anything (here: another setup) leaves nothing to keep or refuse
+    stopped = tmp_path / "stopped"
+    Journal(RunDir(stopped), "robustness", {"seed": 7}, resume=False)
+    assert run_cli(robustness_args(stopped, "fog", "1"), monkeypatch) == 0
 
 
 @pytest.mark.parametrize("damage", ["header", "middle"])

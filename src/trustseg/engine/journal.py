@@ -51,7 +51,6 @@ class Journal:
     def __init__(self, run_dir: RunDir, command: str, setup: dict[str, Any], *, resume: bool) -> None:
         self.run_dir, self.command, self.setup = run_dir, command, as_read_back(setup)
         self.path = run_dir.file(JOURNAL)
-        self.resumed = False
         outcome = self._open(resume) if is_main_process() else None
         outcome = broadcast_from_main(outcome)
         if isinstance(outcome, str):
@@ -60,18 +59,25 @@ class Journal:
         self.resumed = bool(self.done)
 
     def _open(self, resume: bool) -> dict[str, Any] | str:
-        """The finished units (a fresh journal when there is none), or why this run may not go on."""
-        if not self.path.exists():
-            header = _line({"command": self.command, "setup": self.setup})
-            atomic_write(self.path, lambda handle: handle.write(header.encode()))
-            return {}
-        try:
-            lines = self._complete_lines()
-            header, units = _record(lines[0]), [_record(line) for line in lines[1:]]
-            done = {str(unit["unit"]): unit["value"] for unit in units}
-            header["command"], header["setup"]  # noqa: B018 - a header without them is damaged
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError):
-            return f"{self.path} is damaged; use another --out (its finished results cannot be trusted)"
+        """The finished units (a fresh journal when there is none, or none finished in it), or why this
+        run may not go on."""
+        if self.path.exists():
+            try:
+                lines = self._complete_lines()
+                header, units = _record(lines[0]), [_record(line) for line in lines[1:]]
+                done = {str(unit["unit"]): unit["value"] for unit in units}
+                if not {"command", "setup"} <= header.keys():
+                    raise KeyError("header")
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError):
+                return f"{self.path} is damaged; use another --out (its finished results cannot be trusted)"
+            if done:
+                return self._check(header, done, resume)
+        header = _line({"command": self.command, "setup": self.setup})  # nothing finished: nothing to keep
+        atomic_write(self.path, lambda handle: handle.write(header.encode()))
+        return {}
+
+    def _check(self, header: dict[str, Any], done: dict[str, Any], resume: bool) -> dict[str, Any] | str:
+        """`done`, if this run may continue the one that finished them; else why not."""
         if header.get("command") != self.command:
             return (f"--out {self.run_dir.path} holds a trustseg {header.get('command')} run; use another --out "
                     f"for {self.command}")
