@@ -25,6 +25,7 @@ from trustseg.data.base import SegmentationDataset
 from trustseg.data.spec import load_dataset
 from trustseg.engine.checkpoint import load_checkpoint
 from trustseg.engine.devices import resolve_device
+from trustseg.engine.distributed import is_main_process
 from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, pad_to_multiple, predictor_from_checkpoint
 from trustseg.engine.journal import Journal
@@ -76,8 +77,11 @@ class PosEmbeddingResult:
 
 def base_recipe(config: PosEmbeddingConfig) -> TrainConfig:
     """The shared recipe with the experiment's data, budget and device; checked to be a ViT segmenter."""
-    budget = (["steps=null", "epochs=null", f"time_budget_min={config.budget_min}"] if config.budget_min else
-              [f"steps={config.steps}", "epochs=null", "time_budget_min=null"] if config.steps else [])
+    budget = []  # the recipe's own when neither is given
+    if config.budget_min:
+        budget = ["steps=null", "epochs=null", f"time_budget_min={config.budget_min}"]
+    elif config.steps:
+        budget = [f"steps={config.steps}", "epochs=null", "time_budget_min=null"]
     recipe = load_train_config(config.recipe or RECIPE, [*config.overrides, f"data.train={config.data}", *budget,
                                                          f"device={config.device}"])
     if recipe.model.name != "vit_segmenter":
@@ -95,11 +99,13 @@ def run_pos_embedding(config: PosEmbeddingConfig) -> PosEmbeddingResult:
     recipe = base_recipe(config)
     device = resolve_device(config.device)
     run_dir = RunDir(config.out)
-    journal = Journal(run_dir, "experiment pos-embedding", {"recipe": replace(recipe, out=""),
+    # where it runs is not part of the setup: an experiment may resume on another device
+    journal = Journal(run_dir, "experiment pos-embedding", {"recipe": replace(recipe, out="", device=""),
                                                            "scales": config.scales,
                                                            "probe_images": config.probe_images},
                       resume=config.resume)
-    run_dir.write_config({"command": "experiment pos-embedding", **vars(config)})
+    if is_main_process():
+        run_dir.write_config({"command": "experiment pos-embedding", **vars(config)})
     spec, split = val_spec(recipe)
     val = load_dataset(spec, split=split)
     short_side = min(recipe.data.base_size) if recipe.data.base_size else None
@@ -115,10 +121,11 @@ def run_pos_embedding(config: PosEmbeddingConfig) -> PosEmbeddingResult:
         })
     runs = {unit: journal.done[unit] for unit in units}
     summary = summarize(runs, config)
-    run_dir.write_json(RESULTS, {"setup": journal.setup, "runs": runs, "summary": summary})
-    run_dir.write_metrics({f"mIoU_{variant}": entry["mIoU"]["1.0"]["mean"] for variant, entry in summary.items()
-                           if "1.0" in entry["mIoU"]})
-    write_report(run_dir, config, recipe, runs, summary)
+    if is_main_process():
+        run_dir.write_json(RESULTS, {"setup": journal.setup, "runs": runs, "summary": summary})
+        run_dir.write_metrics({f"mIoU_{variant}": entry["mIoU"]["1.0"]["mean"] for variant, entry in summary.items()
+                               if "1.0" in entry["mIoU"]})
+        write_report(run_dir, config, recipe, runs, summary)
     return PosEmbeddingResult(runs, summary, run_dir.path)
 
 
