@@ -60,8 +60,9 @@ def run_corrupt(config: CorruptConfig) -> CorruptResult:
     split = resolve_split(config.data, config.split, "val")
     dataset = load_dataset(config.data, split=split)
     run_dir = RunDir(config.out)
+    settings = {"command": "corrupt", **vars(config), "frost_source": frost_source()}
     if config.gallery:
-        run_dir.write_config({"command": "corrupt", **vars(config), "frost_source": frost_source()})
+        run_dir.write_config(settings)
         return CorruptResult(run_dir.path, [write_gallery(dataset, config, run_dir.file("gallery.png"))])
     if not isinstance(dataset, FileDataset):
         raise UserError(f"{config.data}: only datasets read from files can be copied; use --gallery to look at "
@@ -71,7 +72,7 @@ def run_corrupt(config: CorruptConfig) -> CorruptResult:
     journal = Journal(run_dir, "corrupt", {"data": config.data, "split": split, "images": len(pairs),
                                            "seed": config.seed, "frost_source": frost_source()},
                       resume=config.resume)
-    run_dir.write_config({"command": "corrupt", **vars(config), "frost_source": frost_source()})
+    run_dir.write_config(settings)  # after the journal: a refused rerun leaves the earlier config in place
     metadata = _metadata_files(root)
     conditions = [(name, severity) for name in config.corruptions for severity in config.severities]
     units = [_unit(name, severity, index) for name, severity in conditions for index in range(len(pairs))]
