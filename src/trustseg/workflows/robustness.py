@@ -11,10 +11,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from trustseg.engine.checkpoint import load_checkpoint
-from trustseg.data.base import ClassInfo
+from trustseg.data.base import ClassInfo, SegmentationDataset
 from trustseg.data.spec import load_dataset, resolve_split
 from trustseg.engine.devices import resolve_device
 from trustseg.engine.distributed import init_from_environment, is_main_process
@@ -133,14 +135,8 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
 
     todo = journal.announce(keys, "conditions")
     for number, key in enumerate(todo, 1):
-        data, transform = corrupted_view(dataset, key, seed=config.seed, device=device)
-        journal.record(key, evaluate(
-            predictor, data, default_accumulators(classes, boundary_iou=config.boundary_iou,
-                                                  calibration=config.calibration,
-                                                  uncertainty=("msp",) if config.calibration else ()),
-            batch_size=config.batch_size, batch_transform=transform, num_workers=config.num_workers,
-            progress=config.progress, description=f"{key} ({number}/{len(todo)})", device=device,
-        ))
+        journal.record(key, evaluate_condition(predictor, dataset, key, classes, config,
+                                               description=f"{key} ({number}/{len(todo)})", device=device))
     conditions = {key: nan_for_null(journal.done[key]) for key in keys}
     header = {"setup": {"checkpoint": config.checkpoint, **journal.setup}, "class_names": list(classes.names)}
 
@@ -153,6 +149,19 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
                                "per_class": conditions[CLEAN]["per_class"], "class_names": list(classes.names)})
         write_report(run_dir, config, summary, conditions, len(dataset))
     return RobustnessResult(summary=summary, conditions=conditions, classes=classes, run_dir=run_dir.path)
+
+
+def evaluate_condition(predictor: Callable[[torch.Tensor], torch.Tensor], dataset: SegmentationDataset, key: str,
+                       classes: ClassInfo, config: RobustnessConfig | Any, *, description: str,
+                       device: torch.device) -> dict[str, Any]:
+    """The metrics of `predictor` on `dataset` under the condition `key` (``clean`` or ``name/s``), through
+    the one evaluation loop. `config` supplies seed, batch_size, num_workers, boundary_iou, calibration and
+    progress (any object with those attributes, e.g. a RobustnessConfig)."""
+    data, transform = corrupted_view(dataset, key, seed=config.seed, device=device)
+    accumulators = default_accumulators(classes, boundary_iou=config.boundary_iou, calibration=config.calibration,
+                                        uncertainty=("msp",) if config.calibration else ())
+    return evaluate(predictor, data, accumulators, batch_size=config.batch_size, batch_transform=transform,
+                    num_workers=config.num_workers, progress=config.progress, description=description, device=device)
 
 
 def corruption_rows(summary: dict[str, Any], conditions: dict[str, dict[str, Any]],
