@@ -43,9 +43,16 @@ def per_class_rows(metrics: dict[str, Any], class_names: Sequence[str]) -> tuple
 
 
 def rich_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None) -> Table:
+    """A terminal table whose first column (class or method names) is never cut or wrapped: on a narrow
+    terminal the number columns give way instead."""
     table = Table(title=title)
+    first_width = max((len(str(row[0])) for row in rows), default=0)
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 and name == "class" else "right")
+        if i == 0:
+            table.add_column(name, justify="left" if name == "class" else "right", no_wrap=True,
+                             min_width=max(first_width, len(name)))
+        else:
+            table.add_column(name, justify="right")
     for row in rows:
         table.add_row(*row)
     return table
