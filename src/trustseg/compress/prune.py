@@ -140,7 +140,8 @@ def taylor_importance(
         for p in params:
             p.requires_grad_(True)
         for images, masks in data:
-            logits = forward(images.to(device)).float()
+            logits = forward(images.to(device))
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 -> fp32, keeps fp64
             masks = masks.to(device).long()
             # the mean over labelled pixels; a batch without any gives a zero loss instead of NaN
             labelled = (masks != ignore_index).sum().clamp_min(1)
