@@ -59,6 +59,8 @@ def _accepts(value: Any, annotation: Any) -> bool:
         return any(value == a and type(value) is type(a) for a in args)
     if annotation is type(None):
         return value is None
+    if origin in (list, tuple):  # list[int], tuple[int, ...]: every element of the element type
+        return isinstance(value, (list, tuple)) and all(_accepts(v, args[0]) for v in value)
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:
@@ -76,6 +78,8 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is typing.Literal:
         return "one of " + ", ".join(map(repr, args))
+    if origin in (list, tuple):
+        return f"a list, each {_describe(args[0])}"
     return {type(None): "null", bool: "true or false", int: "an int", float: "a number", str: "a string"}.get(
         annotation, str(annotation))
 

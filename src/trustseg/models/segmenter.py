@@ -50,6 +50,8 @@ def vit_segmenter(
     pos_grid: int | None = None,
     decoder_depth: int = 2,
     fpn_channels: int = 128,
+    block_heads: list[int] | None = None,
+    block_mlp_hidden: list[int] | None = None,
 ) -> Segmenter:
     """Build a ViT segmenter from names.
 
@@ -68,6 +70,9 @@ def vit_segmenter(
             presets, i.e. 224 px; 37 for the DINOv2 /14 presets, i.e. 518 px).
         decoder_depth: transformer blocks of the mask head.
         fpn_channels: width of the FPN head.
+        block_heads: attention heads of each backbone block, if fewer than the preset's (a structurally
+            pruned backbone, see ``trustseg.compress.prune``); one int >= 1 per block.
+        block_mlp_hidden: MLP hidden units of each backbone block, likewise.
     """
     if num_classes < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
@@ -76,7 +81,9 @@ def vit_segmenter(
     if head not in HEADS:
         raise UserError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
     # options left at None take the preset's value (e.g. RoPE and 4 registers for the DINOv3 layouts)
-    given = {"depth": depth, "pos_grid": pos_grid, "pos": pos}
+    given = {"depth": depth, "pos_grid": pos_grid, "pos": pos,
+             "block_heads": None if block_heads is None else tuple(block_heads),
+             "block_mlp_hidden": None if block_mlp_hidden is None else tuple(block_mlp_hidden)}
     backbone_options: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     if backbone.endswith("14"):
         if num_register_tokens not in (None, 0, 4):

@@ -9,6 +9,9 @@ Positional information is one of ``pos``:
 
 Token layout: ``[CLS?, registers..., patches...]``; the "prefix" tokens carry no position.
 
+Structurally pruned models (``compress/prune.py``) keep the width and head size but may have fewer
+heads and MLP hidden units per block: ``block_heads`` and ``block_mlp_hidden`` give one count per block.
+
 Token reduction (ToMe, ALGM, CTS) plugs in through ONE hook per block, ``Block.token_reducer``, called
 after the attention residual and before the MLP (where ToMe and ALGM merge), plus the same hook on the
 input tokens, ``ViT.input_reducer`` (where CTS shares tokens). A reducer is any callable
@@ -61,6 +64,8 @@ class ViTConfig:
     layerscale: float | None = None  # initial LayerScale value (Touvron et al. 2021); None = no LayerScale
     norm_eps: float = 1e-6
     drop_path: float = 0.0  # stochastic depth rate of the last block, linearly increasing from 0
+    block_heads: tuple[int, ...] | None = None  # heads per block (pruned models); None = num_heads everywhere
+    block_mlp_hidden: tuple[int, ...] | None = None  # MLP hidden units per block; None = embed_dim * mlp_ratio
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid"):
@@ -74,10 +79,23 @@ class ViTConfig:
             raise UserError(f"ViTConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.pos == "rope" and (self.embed_dim // self.num_heads) % 4:
             raise UserError(f"ViTConfig: 2-D RoPE needs head_dim divisible by 4, got {self.embed_dim // self.num_heads}")
+        for name in ("block_heads", "block_mlp_hidden"):
+            sizes = getattr(self, name)
+            if sizes is not None and (len(sizes) != self.depth or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes)):
+                raise UserError(f"ViTConfig.{name} must hold one int >= 1 per block ({self.depth}), got {sizes!r}")
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    def heads(self, block: int) -> int:
+        """Attention heads of block `block` (each of ``head_dim`` channels)."""
+        return self.num_heads if self.block_heads is None else self.block_heads[block]
+
+    def mlp_hidden(self, block: int) -> int:
+        """MLP hidden units of block `block`."""
+        return int(self.embed_dim * self.mlp_ratio) if self.block_mlp_hidden is None else self.block_mlp_hidden[block]
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -164,25 +182,31 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
+    """Multi-head self-attention with ``heads`` heads of ``cfg.head_dim`` channels (default ``cfg.num_heads``;
+    a pruned block has fewer, so the inner width ``heads * head_dim`` may be below ``embed_dim``)."""
+
+    def __init__(self, cfg: ViTConfig, heads: int | None = None) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.num_heads = cfg.num_heads if heads is None else heads
+        self.head_dim = cfg.head_dim
+        inner = self.num_heads * self.head_dim
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * inner, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(inner, cfg.embed_dim)
 
     def forward(self, x: Tensor, ctx: TokenContext | None = None) -> tuple[Tensor, Tensor]:
         """x (B, N, C) -> (out (B, N, C), keys before RoPE (B, heads, N, head_dim))."""
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         keys = k
         bias = None
         if ctx is not None:
             if ctx.rope is not None:
                 q, k = apply_rope(q, ctx.rope, ctx.num_prefix), apply_rope(k, ctx.rope, ctx.num_prefix)
             bias = ctx.attn_bias
-        # SDPA: on CPU the flash kernel never materialises the N x N matrix
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(y.transpose(1, 2).reshape(b, n, c)), keys
+        # SDPA: on CPU the flash kernel never materialises the N x N matrix; the scale is explicit so that
+        # it is 1/sqrt(head_dim) whatever the inferred dims
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / math.sqrt(self.head_dim))
+        return self.proj(y.transpose(1, 2).reshape(b, n, -1)), keys
 
 
 class MLP(nn.Module):
@@ -205,14 +229,17 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0) -> None:
+    """Pre-norm transformer block; `heads` and `mlp_hidden` default to the unpruned sizes of `cfg`."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0, *, heads: int | None = None,
+                 mlp_hidden: int | None = None) -> None:
         super().__init__()
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, heads)
         self.ls1 = LayerScale(dim, cfg.layerscale) if cfg.layerscale is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = MLP(dim, int(dim * cfg.mlp_ratio))
+        self.mlp = MLP(dim, int(dim * cfg.mlp_ratio) if mlp_hidden is None else mlp_hidden)
         self.ls2 = LayerScale(dim, cfg.layerscale) if cfg.layerscale is not None else nn.Identity()
         self.drop_path = drop_path
         self.token_reducer: TokenReducer | None = None
@@ -242,7 +269,8 @@ class ViT(nn.Module):
         self.reg_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, c)) if cfg.num_register_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_grid**2, c)) if cfg.pos == "ape" else None
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        self.blocks = nn.ModuleList(Block(cfg, rate, heads=cfg.heads(i), mlp_hidden=cfg.mlp_hidden(i))
+                                    for i, rate in enumerate(rates))
         self.norm = nn.LayerNorm(c, eps=cfg.norm_eps)
         self.input_reducer: TokenReducer | None = None
         self.reset_parameters()

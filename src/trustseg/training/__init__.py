@@ -8,6 +8,7 @@
 from trustseg.training.config import (
     DataConfig,
     ASGConfig,
+    DistillConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,
@@ -21,6 +22,7 @@ from trustseg.training.loop import TrainResult, train
 __all__ = [
     "DataConfig",
     "ASGConfig",
+    "DistillConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",

@@ -200,6 +200,21 @@ class ASGConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Distillation from a frozen teacher checkpoint (``training/distill.py``): the loss gains
+    ``weight * T**2 * KL(teacher || student)`` of the per-pixel softmax at temperature T. ``teacher``
+    None = off. Typical use: fine-tuning a pruned model with the unpruned one as teacher."""
+
+    teacher: str | None = None
+    weight: float = 1.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.weight >= 0, "distill.weight", self.weight, "a weight >= 0")
+        _check(self.temperature > 0, "distill.temperature", self.temperature, "a temperature > 0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run. The budget is ``steps`` or ``epochs`` and/or ``time_budget_min``: the run stops
     at whichever ends first. ``batch_size`` is global: under torchrun each process takes its share."""
@@ -224,6 +239,7 @@ class TrainConfig:
     schedule: ScheduleConfig = ScheduleConfig()
     loss: LossConfig = LossConfig()
     asg: ASGConfig = ASGConfig()
+    distill: DistillConfig = DistillConfig()
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", self.seed, "an int >= 0")

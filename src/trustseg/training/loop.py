@@ -41,6 +41,7 @@ from trustseg.engine.progress import make_progress
 from trustseg.engine.rundir import RunDir, to_plain
 from trustseg.training.asg import GuidedSegmenter, guidance_weight
 from trustseg.training.config import TrainConfig
+from trustseg.training.distill import distillation_loss, load_teacher
 from trustseg.training.data import TrainData, compute_class_weights, load_train_data
 from trustseg.training.history import History
 from trustseg.training.initial_weights import WEIGHTS_JSON, load_initial_weights
@@ -117,6 +118,9 @@ class _Run:
         _check_crop(config, int(getattr(self.model, "size_divisor", 1)))
         # built after the model, so the model's initial weights do not depend on ASG being on
         self.guided = GuidedSegmenter(self.model, config.asg).to(self.device) if config.asg.enabled else None
+        self.teacher = None if config.distill.teacher is None else load_teacher(
+            config.distill.teacher, num_classes=self.classes.num_classes, mean=config.data.mean,
+            std=config.data.std, device=self.device)
         self.optimizer = build_optimizer(self.model, config.optim, extra_groups=self._guidance_groups())
         # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.fp16)
@@ -263,6 +267,12 @@ class _Run:
             self.window["asg_loss"] += float(position_loss.detach())
             self.window["asg_error_patches"] += float(position_error)
             self.window["asg_lambda"] = weight
+        if self.teacher is not None:
+            with torch.no_grad(), autocast(self.device, bf16=config.bf16, fp16=config.fp16):
+                teacher_logits = self.teacher(images)
+            distill = distillation_loss(logits.float(), teacher_logits.float(), config.distill.temperature)
+            loss = loss + config.distill.weight * distill
+            self.window["distill_loss"] += float(distill.detach())
         value = loss.detach().clone()
         if is_distributed():  # every process must see the same value to stop together
             dist.all_reduce(value)
@@ -317,6 +327,8 @@ class _Run:
         if self.guided is not None:  # this process's own batches (the loss above is the processes' mean)
             record.update({"asg_loss": window["asg_loss"] / steps, "asg_lambda": window["asg_lambda"],
                            "asg_error_patches": window["asg_error_patches"] / steps})
+        if self.teacher is not None:
+            record["distill_loss"] = window["distill_loss"] / steps
         self.history.append(record)
         if self.bar is not None:
             if self.total_steps is None and self.budget_s is not None:  # time budget: estimate the total
@@ -332,6 +344,8 @@ class _Run:
         window = {"loss": 0.0, "steps": 0, "images": 0, "grad_norm": 0.0, "time_s": 0.0}
         if self.guided is not None:
             window.update(asg_loss=0.0, asg_error_patches=0.0, asg_lambda=0.0)
+        if self.teacher is not None:
+            window["distill_loss"] = 0.0
         return window
 
     # --- validation and checkpoints ------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Model compression: structural pruning and token reduction."""
