@@ -89,10 +89,15 @@ def merge_into(num_tokens: int, src: Tensor, dst: Tensor) -> TokenMerge:
     return TokenMerge(index=index, representative=representative)
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    """Similarities in float32 at least: bf16 cosines near 1 would tie."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _bipartite_scores(metric: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
     """Alternate split of the patch tokens of metric (B, N, D) into A (even) and B (odd); for each
     A token its best cosine similarity to a B token and that B token's index: (B, |A|), (B, |A|)."""
-    patches = F.normalize(metric[:, num_prefix:].float(), dim=-1)
+    patches = F.normalize(_at_least_float32(metric[:, num_prefix:]), dim=-1)
     a, b = patches[:, ::2], patches[:, 1::2]
     return (a @ b.transpose(1, 2)).max(dim=-1)
 
@@ -155,7 +160,7 @@ def window_similarity(metric: Tensor, grid: tuple[int, int], num_prefix: int) ->
     """
     h, w = grid
     b, _, d = metric.shape
-    windows = _windows(F.normalize(metric[:, num_prefix:].float(), dim=-1).view(b, h, w, d))
+    windows = _windows(F.normalize(_at_least_float32(metric[:, num_prefix:]), dim=-1).view(b, h, w, d))
     gram = windows @ windows.transpose(-1, -2)  # (B, h//2, w//2, 4, 4)
     return (gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)) / 12
 
@@ -203,7 +208,9 @@ def parse_r(depth: int, r: int | tuple[int, float] | Sequence[int]) -> list[int]
     if isinstance(r, bool):
         raise UserError(f"token merging r={r!r}; expected an int, (r, inflection) or a list of ints")
     if isinstance(r, int):
-        return parse_r(depth, [r] * depth)
+        if r < 0:
+            raise UserError(f"token merging r={r}; expected r >= 0")
+        return [r] * depth
     if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], (int, float)) and not isinstance(r[1], bool):
         base, inflection = r
         if not isinstance(base, int) or isinstance(base, bool) or base < 0 or not -1 <= inflection <= 1:
