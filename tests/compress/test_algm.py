@@ -182,6 +182,7 @@ def test_algm_on_a_segmenter_keeps_logits_and_state(pos, registers, one_thread):
         (dict(local_block=2, global_block=1), "expected 0 <= local < global < depth 3"),
         (dict(global_block=3), "expected 0 <= local < global < depth 3"),
         (dict(local_block=-1), "expected 0 <= local < global"),
+        (dict(global_block=1.0), "expected 0 <= local < global"),
     ],
 )
 def test_bad_arguments_are_user_errors(kwargs, message):

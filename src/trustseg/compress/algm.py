@@ -79,7 +79,8 @@ def install_algm(
     depth = vit.config.depth
     if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not -1.0 <= tau <= 1.0:
         raise UserError(f"ALGM tau={tau!r}; expected a cosine similarity in [-1, 1] (the paper uses 0.88-0.955)")
-    if not 0 <= local_block < global_block < depth:
+    blocks_are_ints = all(isinstance(i, int) and not isinstance(i, bool) for i in (local_block, global_block))
+    if not blocks_are_ints or not 0 <= local_block < global_block < depth:
         raise UserError(
             f"ALGM blocks local={local_block}, global={global_block}; expected 0 <= local < global < depth {depth}"
         )
