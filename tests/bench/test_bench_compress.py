@@ -18,6 +18,8 @@ def test_tiny_run_reports_consistent_numbers(one_thread):
     assert result["speedup"] == pytest.approx(
         sorted(result["plain_ms"])[1] / sorted(result["tome_ms"])[1]
     )
+    ratios = sorted(p / t for p, t in zip(result["plain_ms"], result["tome_ms"]))
+    assert result["speedup_per_round_median"] == pytest.approx(ratios[1])
     assert 0 < result["merge_overhead_fraction"] < 1
 
 

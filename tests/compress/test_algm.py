@@ -6,9 +6,16 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trustseg.compress.algm import LocalMergeReducer, install_algm
-from trustseg.compress.merging import adaptive_bipartite_matching, bipartite_soft_matching, window_matching, window_similarity
+from trustseg.compress.merging import (
+    adaptive_bipartite_matching,
+    bipartite_soft_matching,
+    window_matching,
+    window_similarity,
+)
 from trustseg.compress.reducers import find_vit, reduced_token_counts
 from trustseg.compress.tome import ToMeReducer
 from trustseg.errors import UserError
@@ -118,6 +125,37 @@ def test_odd_and_non_square_grids_merge_only_the_even_part():
     counts = torch.stack([torch.bincount(row, minlength=merge.num_out) for row in merge.index])
     assert (counts.gather(1, outside) == 1).all()
     assert window_matching(torch.randn(1, 1 + 3, D), (1, 3), 1, -1.0).num_out == 4  # no window at all
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    p=st.integers(0, 3),
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    tau=st.floats(-0.2, 0.6),
+    seed=st.integers(0, 2**16),
+)
+def test_window_matching_invariants(b, p, h, w, tau, seed):
+    g = torch.Generator().manual_seed(seed)
+    # 3-d features: windows range from similar to dissimilar
+    x = torch.randn(b, p + h * w, 3, generator=g)
+    merge = window_matching(x, (h, w), p, tau)
+    sim = window_similarity(x, (h, w), p).flatten(1)
+    r = (p + h * w - merge.num_out) // 3
+    assert p + h * w - merge.num_out == 3 * r
+    assert r == (int((sim >= tau).sum(1).min()) if sim.shape[1] else 0)
+    sizes = merge.merge(x, torch.ones(b, p + h * w))[1]
+    assert torch.equal(sizes.sum(1), torch.full((b,), float(p + h * w)))
+    assert sorted(set(sizes.flatten().tolist())) <= [1.0, 4.0]
+    assert torch.equal(merge.index[:, :p], torch.arange(p).expand(b, p))
+    for i in range(b):
+        windows = [k for k in range(sim.shape[1]) if len(set(merge.index[i, window_tokens(k, w, p)].tolist())) == 1]
+        assert len(windows) == r and all(sim[i, k] >= tau for k in windows)
+        # the chosen windows are the most similar ones
+        if r:
+            others = [k for k in range(sim.shape[1]) if k not in windows]
+            assert all(sim[i, k] <= min(sim[i, j] for j in windows) for k in others)
 
 
 def test_adaptive_global_count_matches_a_hand_computation():

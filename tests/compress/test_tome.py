@@ -13,7 +13,9 @@ from trustseg.models.vit import TokenContext, ViT, ViTConfig, rope_tables
 
 def tiny_vit(pos="none", registers=0, depth=3, seed=0) -> ViT:
     torch.manual_seed(seed)
-    cfg = ViTConfig(patch_size=4, embed_dim=16, depth=depth, num_heads=2, pos=pos, pos_grid=3, num_register_tokens=registers)
+    cfg = ViTConfig(
+        patch_size=4, embed_dim=16, depth=depth, num_heads=2, pos=pos, pos_grid=3, num_register_tokens=registers
+    )
     model = ViT(cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # non-trivial embeddings and norms, so every token differs
@@ -41,7 +43,7 @@ def record_states(vit: ViT) -> list[dict]:
         def wrapped(x, keys, ctx, inner=inner, i=i):
             out, unmerge = inner(x, keys, ctx)
             log.append(
-                dict(block=i, tokens=out.shape[1], store=dict(ctx.store), rope=ctx.rope, bias=ctx.attn_bias, grid=ctx.grid)
+                dict(block=i, tokens=out.shape[1], store=dict(ctx.store), rope=ctx.rope, bias=ctx.attn_bias)
             )
             return out, unmerge
 
@@ -200,7 +202,8 @@ def test_install_replaces_and_remove_restores(one_thread):
         ref = model(x)
         install_tome(model, r=2)
         install_tome(model, r=[0, 3, 0])
-        assert [type(b.token_reducer).__name__ for b in find_vit(model).blocks] == ["NoneType", "ToMeReducer", "NoneType"]
+        installed = [type(b.token_reducer).__name__ for b in find_vit(model).blocks]
+        assert installed == ["NoneType", "ToMeReducer", "NoneType"]
         merged = model(x)
         remove_token_reducers(model)
         back = model(x)
@@ -226,6 +229,8 @@ def test_r_larger_than_the_token_count_is_a_user_error():
     with pytest.raises(UserError, match=r"r=20 is larger than the 16 patch tokens"):
         model(torch.randn(1, 3, 64, 64))
     install_tome(model, r=16, image_size=(64, 64))  # as many as the patches: allowed, clipped per block
+    counts = reduced_token_counts(model, (1, 3, 64, 64))
+    assert [(t.attention, t.mlp) for t in counts] == [(17, 9), (9, 5), (5, 3)]  # CLS + 16 -> 8 -> 4 -> 2 patches
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,9 @@ def _identity(y: Tensor) -> Tensor:
     return y
 
 
-def apply_merge(x: Tensor, merge: TokenMerge, ctx: TokenContext, *, proportional_attention: bool) -> tuple[Tensor, Unmerge]:
+def apply_merge(
+    x: Tensor, merge: TokenMerge, ctx: TokenContext, *, proportional_attention: bool
+) -> tuple[Tensor, Unmerge]:
     """Merge x (B, N, C) -> (B, N', C) and keep the context consistent: sizes, sources, per-sample
     RoPE tables (a merged slot keeps its destination token's table), and with
     ``proportional_attention`` the attention bias log(size) per key (ToMe, Bolya et al. 2023, eq. 1).
@@ -111,11 +113,18 @@ def reduced_token_counts(model: nn.Module, images: Tensor | Sequence[int]) -> li
     param = next(model.parameters())
     if not isinstance(images, Tensor):
         images = torch.randn(*images, device=param.device, dtype=param.dtype)
-    counts: dict[int, list[int]] = {}
+    counts: dict[int, list[int]] = {i: [] for i in range(len(vit.blocks))}
+
+    def counter(i: int):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            counts[i].append(args[0].shape[1])  # (B, N, C) tokens
+
+        return hook
+
     handles = []
     for i, block in enumerate(vit.blocks):
-        handles.append(block.register_forward_pre_hook(lambda _m, args, i=i: counts.setdefault(i, []).append(args[0].shape[1])))
-        handles.append(block.mlp.register_forward_pre_hook(lambda _m, args, i=i: counts[i].append(args[0].shape[1])))
+        # the block sees the tokens before its reducer, its MLP after it
+        handles += [block.register_forward_pre_hook(counter(i)), block.mlp.register_forward_pre_hook(counter(i))]
     try:
         with torch.no_grad():
             model(images)
