@@ -224,7 +224,8 @@ def test_algm_on_a_segmenter_keeps_logits_and_state(pos, registers, one_thread):
     ],
 )
 def test_bad_arguments_are_user_errors(kwargs, message):
-    model = build_model("vit_segmenter", num_classes=3, backbone="vit_ti16", depth=3)
+    with torch.device("meta"):  # the arguments are checked before anything runs
+        model = build_model("vit_segmenter", num_classes=3, backbone="vit_ti16", depth=3)
     with pytest.raises(UserError, match=message):
         install_algm(model, **kwargs)
 
