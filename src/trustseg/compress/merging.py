@@ -63,10 +63,6 @@ class TokenMerge:
         """(B, N', D) -> (B, N, D): every input token gets the value of its slot."""
         return y.gather(1, self.index[..., None].expand(-1, -1, y.shape[-1]))
 
-    def keep(self, t: Tensor) -> Tensor:
-        """(B, N, D) -> (B, N', D): each slot keeps its representative's row (e.g. a RoPE table)."""
-        return t.gather(1, self.representative[..., None].expand(-1, -1, t.shape[-1]))
-
     def track(self, source: Tensor) -> Tensor:
         """Source tracking: ``source`` (B, M) = the slot of each of M original tokens before this step
         -> their slot after it (B, M)."""
