@@ -20,7 +20,8 @@ from trustseg.compress.reducers import find_vit, reduced_token_counts
 from trustseg.compress.tome import ToMeReducer
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
-from trustseg.models.vit import TokenContext, rope_tables
+from trustseg.models.flops import count_flops
+from trustseg.models.vit import TokenContext, ViT, ViTConfig, rope_tables
 
 D = 6
 E = torch.eye(D)
@@ -244,3 +245,26 @@ def test_local_merge_after_another_reduction_is_refused():
     vit.blocks[1].token_reducer = LocalMergeReducer(0.5, proportional_attention=False)
     with pytest.raises(UserError, match="needs the full token grid"):
         model(torch.randn(1, 3, 64, 64))
+
+
+def test_flops_on_images_follow_the_content():
+    """ALGM's work depends on the image: count_flops on given images must equal the hand formula on
+    the token counts of that forward plus the matching matmuls (window Gram matrices, bipartite
+    scores on features), and a flat image costs less than noise."""
+    torch.manual_seed(0)
+    c, hidden, batch = 16, 64, 2
+    model = ViT(ViTConfig(patch_size=4, embed_dim=c, depth=3, num_heads=2, pos="none")).eval()
+    install_algm(model, tau=0.99, local_block=0, global_block=1)
+    # constant over each 8 x 8 block = each 2 x 2 window of patches: windows hold identical tokens
+    flat = torch.randn(batch, 3, 2, 1, 2, 1).expand(-1, -1, -1, 8, -1, 8).reshape(batch, 3, 16, 16)
+    counts = reduced_token_counts(model, flat)
+    assert counts[0].attention == 17 and counts[0].mlp == 1 + 4  # all four windows merged
+    expected = 2 * batch * 16 * c * 3 * 4 * 4  # patch embedding
+    for tokens in counts:
+        expected += 2 * batch * tokens.attention * 4 * c * c + 4 * batch * tokens.attention**2 * c
+        expected += 2 * batch * tokens.mlp * 2 * hidden * c
+    expected += 2 * batch * 4 * 4 * 4 * c  # block 0: a 4 x 4 Gram matrix per window
+    patches = counts[1].attention - 1
+    expected += 2 * batch * ((patches + 1) // 2) * (patches // 2) * c  # block 1: bipartite scores
+    assert count_flops(model, flat) == expected
+    assert count_flops(model, flat) < count_flops(model, (batch, 3, 16, 16))
