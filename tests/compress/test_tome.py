@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from trustseg.compress.reducers import find_vit, reduced_token_counts, remove_token_reducers
-from trustseg.compress.tome import ToMeReducer, install_tome
+from trustseg.compress.reducers import find_vit, reduced_token_counts
+from trustseg.compress.tome import ToMeReducer, install_tome, remove_token_reducers
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
 from trustseg.models.flops import count_flops
@@ -208,6 +208,15 @@ def test_install_replaces_and_remove_restores(one_thread):
         remove_token_reducers(model)
         back = model(x)
     assert not torch.equal(merged, ref) and torch.equal(back, ref)
+
+
+def test_install_keeps_an_input_reducer_and_remove_takes_it_off():
+    vit = tiny_vit()
+    vit.input_reducer = lambda x, keys, ctx: (x, lambda y: y)
+    install_tome(vit, r=2)
+    assert vit.input_reducer is not None
+    remove_token_reducers(vit)
+    assert vit.input_reducer is None and all(b.token_reducer is None for b in vit.blocks)
 
 
 @pytest.mark.parametrize("name, options", [("unet", dict(base_width=4, depth=2)), ("segformer", {})])

@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from trustseg.compress.merging import adaptive_bipartite_matching, window_matching
-from trustseg.compress.reducers import apply_merge, find_vit, remove_token_reducers
+from trustseg.compress.reducers import apply_merge, clear_block_reducers, find_vit
 from trustseg.errors import UserError
 from trustseg.models.vit import TokenContext, Unmerge
 
@@ -67,8 +67,8 @@ def install_algm(
     global_block: int = 4,
     proportional_attention: bool = False,
 ) -> None:
-    """Install ALGM on the ViT of ``model`` (a ViT or a segmenter holding one), replacing any token
-    reducers it had.
+    """Install ALGM on the ViT of ``model`` (a ViT or a segmenter holding one), replacing the reducers
+    its blocks had.
 
     Args:
         tau: cosine-similarity threshold of a 2x2 window, in [-1, 1] (``PAPER_TAU`` lists the paper's).
@@ -84,7 +84,7 @@ def install_algm(
         raise UserError(
             f"ALGM blocks local={local_block}, global={global_block}; expected 0 <= local < global < depth {depth}"
         )
-    remove_token_reducers(vit)
+    clear_block_reducers(vit)
     vit.blocks[local_block].token_reducer = LocalMergeReducer(float(tau), proportional_attention=proportional_attention)
     vit.blocks[global_block].token_reducer = GlobalMergeReducer(
         global_block + 1, proportional_attention=proportional_attention

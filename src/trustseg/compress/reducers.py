@@ -78,6 +78,11 @@ def remove_token_reducers(model: nn.Module) -> None:
     """Take every token reducer off the model's ViT (blocks and input), restoring the plain forward."""
     vit = find_vit(model)
     vit.input_reducer = None
+    clear_block_reducers(vit)
+
+
+def clear_block_reducers(vit: ViT) -> None:
+    """Take the reducers off the blocks; an input reducer (token sharing at the input) stays."""
     for block in vit.blocks:
         block.token_reducer = None
 

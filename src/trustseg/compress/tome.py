@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from trustseg.compress.merging import bipartite_soft_matching, parse_r
-from trustseg.compress.reducers import apply_merge, find_vit, patch_grid, remove_token_reducers
+from trustseg.compress.reducers import apply_merge, clear_block_reducers, find_vit, patch_grid, remove_token_reducers
 from trustseg.errors import UserError
 from trustseg.models.vit import TokenContext, Unmerge
+
+__all__ = ["ToMeReducer", "install_tome", "remove_token_reducers"]
 
 
 class ToMeReducer:
@@ -53,8 +55,8 @@ def install_tome(
     proportional_attention: bool = True,
     image_size: Sequence[int] | None = None,
 ) -> list[int]:
-    """Install ToMe on the ViT of ``model`` (a ViT or a segmenter holding one), replacing any token
-    reducers it had; returns the per-block r.
+    """Install ToMe on the ViT of ``model`` (a ViT or a segmenter holding one), replacing the reducers
+    its blocks had (an input reducer stays); returns the per-block r.
 
     Args:
         r: tokens merged per block: an int, ToMe's ``(r, inflection)`` schedule, or one int per block.
@@ -70,7 +72,7 @@ def install_tome(
         grid = patch_grid(vit, image_size)
         for value in schedule:
             _check_r_fits(value, grid)
-    remove_token_reducers(vit)
+    clear_block_reducers(vit)
     for block, value in zip(vit.blocks, schedule):
         if value > 0:
             block.token_reducer = ToMeReducer(value, proportional_attention=proportional_attention)
