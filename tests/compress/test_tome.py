@@ -256,3 +256,14 @@ def test_bad_arguments_are_user_errors(kwargs, message):
         model = segmenter()
     with pytest.raises(UserError, match=message):
         install_tome(model, **kwargs)
+
+
+@pytest.mark.parametrize("pos", ["rope", "none"])
+def test_runs_under_bf16_autocast(pos, one_thread):
+    """Keys come out of the qkv Linear in bf16; the matching upcasts and the bias follows the stream."""
+    model = segmenter(pos, registers=4)
+    install_tome(model, r=3)
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.shape == (2, 5, 64, 48) and torch.isfinite(logits).all()
