@@ -121,6 +121,8 @@ def test_bipartite_assignment_invariants(b, p, n, r, seed):
     assert merge.index.shape == (b, total) and merge.index.min() >= 0 and merge.index.max() < max(expected_out, 1)
     # every slot holds at least its representative, which maps to that slot
     assert torch.equal(merge.index.gather(1, merge.representative), torch.arange(expected_out).expand(b, -1))
+    # kept tokens stay in their original order
+    assert (merge.representative.diff(dim=1) > 0).all()
     # prefix tokens: each alone in its own slot, in order
     assert torch.equal(merge.index[:, :p], torch.arange(p).expand(b, p))
     assert (merge.index[:, p:] >= p).all()
@@ -136,6 +138,9 @@ def test_bipartite_assignment_invariants(b, p, n, r, seed):
     for i in range(b):
         for slot in range(expected_out):
             members = x[i][merge.index[i] == slot]
+            if len(members) > 1:  # a group is one B (odd patch) token and the A tokens merged into it
+                positions = (merge.index[i] == slot).nonzero().flatten() - p
+                assert (positions % 2 == 1).sum() == 1
             assert (merged[i, slot] >= members.min(0).values - 1e-6).all()
             assert (merged[i, slot] <= members.max(0).values + 1e-6).all()
 
