@@ -38,19 +38,24 @@ def register_cpu_sdpa_flops() -> None:
             register_flop_formula(op)(formula)
 
 
-def count_flops(model: nn.Module, input_shape: Sequence[int], *, backward: bool = False) -> int:
+def count_flops(model: nn.Module, input_shape: Sequence[int] | torch.Tensor, *, backward: bool = False) -> int:
     """FLOPs of one forward (and, with ``backward=True``, backward) pass on a random input.
 
     Args:
         model: the module; called as ``model(x)`` with ``x`` of ``input_shape`` (e.g. (1, 3, 512, 512)),
             on the device and dtype of its first parameter. Its train/eval mode is left as it is.
+        input_shape: the shape, or the input itself where the work depends on the content (e.g.
+            ALGM's token merging merges more on flat images).
         backward: also count the backward pass of ``output.float().sum()``.
     """
     register_cpu_sdpa_flops()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    x = torch.randn(*input_shape, device=device, dtype=dtype)
+    if isinstance(input_shape, torch.Tensor):
+        x = input_shape.to(device=device, dtype=dtype)
+    else:
+        x = torch.randn(*input_shape, device=device, dtype=dtype)
     saved_grads = {p: p.grad for p in model.parameters()}  # leave the caller's gradients untouched
     counter = FlopCounterMode(display=False)
     try:
