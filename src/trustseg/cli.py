@@ -381,6 +381,57 @@ def calibrate_command(
         console.print(f"run directory: {result.run_dir}")
 
 
+@app.command("compress")
+def compress_command(
+    checkpoint: Path = CheckpointOption,
+    data: str = DataOption,
+    out: Path = typer.Option(..., "--out", help="Run directory: compression.json, models/<method>.pt, frontier plots."),
+    method: list[str] = typer.Option([], "--method", help="A compression spec, repeatable: tome:r=8 | "
+                                     "algm:tau=0.9 | prune:flops=0.5[,importance=magnitude] | prune:flops=0.7+tome:r=4."),
+    sweep: str = typer.Option("", "--sweep", help="Families run over a ladder of 4 levels each: tome, algm, prune, "
+                              "prune+tome (comma-separated)."),
+    corruptions: Optional[str] = typer.Option(None, "--corruptions", help="Corruption set for the corrupted mIoU "
+                                              "(names, a family, common or all; default: one per family)."),
+    severities: str = typer.Option("3", "--severities", help="Severities of the corruption set: 3, 1-5 or 1,3,5."),
+    split: Optional[str] = ValSplitOption,
+    max_images: Optional[int] = MaxImagesOption,
+    importance_images: int = typer.Option(16, "--importance-images", min=1,
+                                          help="Training images for the Taylor importance of pruning."),
+    finetune_steps: int = typer.Option(0, "--finetune-steps", min=0, help="Fine-tune each pruned model this many "
+                                       "steps (its own recipe, lr x 0.1, distilled from the uncompressed model)."),
+    cost_size: Optional[str] = typer.Option(None, "--cost-size", help="'H,W' for GFLOPs and latency (default: the "
+                                            "first image's size, padded to the model's stride)."),
+    latency_runs: int = typer.Option(10, "--latency-runs", min=1, help="Timed forwards per model."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOption,
+    progress: bool = ProgressOption,
+    resume: bool = ResumeOption,
+) -> None:
+    """Compress a ViT checkpoint (token merging, structural pruning, both) and measure cost and accuracy.
+
+    Each method is timed side by side with the uncompressed model and evaluated clean and on a corruption
+    set; --sweep draws the accuracy-cost frontier.
+
+    Example: trustseg compress --checkpoint runs/vit/best.pt --data camvid:data/camvid --sweep tome,prune --out runs/compress
+    """
+    from trustseg.report.tables import rich_table
+    from trustseg.robustness.corruptions import parse_corruptions, parse_severities
+    from trustseg.workflows.compress import CompressConfig, cost_rows, run_compress
+
+    chosen = {} if corruptions is None else {"corruptions": parse_corruptions(corruptions)}
+    config = CompressConfig(
+        checkpoint=str(checkpoint), data=data, out=str(out), methods=tuple(method),
+        sweep=tuple(p.strip() for p in sweep.split(",") if p.strip()), **chosen,
+        severities=parse_severities(severities), split=split, max_images=max_images,
+        importance_batches=importance_images, finetune_steps=finetune_steps,
+        cost_size=parse_pair(cost_size, "--cost-size"), latency_runs=latency_runs, seed=seed, device=device,
+        progress=progress, resume=resume,
+    )
+    result = run_compress(config)
+    console.print(rich_table(*cost_rows(result.baseline, result.methods), title="cost and accuracy"))
+    console.print(f"run directory: {result.run_dir}")
+
+
 @app.command("info")
 def info_command(
     data: str = DataOption,

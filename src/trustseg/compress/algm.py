@@ -64,7 +64,7 @@ def install_algm(
     tau: float = PAPER_TAU["vit_s16"],
     *,
     local_block: int = 0,
-    global_block: int = 4,
+    global_block: int | None = None,
     proportional_attention: bool = False,
 ) -> None:
     """Install ALGM on the ViT of ``model`` (a ViT or a segmenter holding one), replacing the reducers
@@ -72,11 +72,14 @@ def install_algm(
 
     Args:
         tau: cosine-similarity threshold of a 2x2 window, in [-1, 1] (``PAPER_TAU`` lists the paper's).
-        local_block, global_block: 0-based blocks of the local and the global stage, local first.
+        local_block, global_block: 0-based blocks of the local and the global stage, local first;
+            global_block None is the paper's block 4, or the last block of a ViT shallower than 5.
         proportional_attention: add log(size) to the attention logits of merged keys.
     """
     vit = find_vit(model)
     depth = vit.config.depth
+    if global_block is None:
+        global_block = min(4, depth - 1)
     if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not -1.0 <= tau <= 1.0:
         raise UserError(f"ALGM tau={tau!r}; expected a cosine similarity in [-1, 1] (the paper uses 0.88-0.955)")
     blocks_are_ints = all(isinstance(i, int) and not isinstance(i, bool) for i in (local_block, global_block))

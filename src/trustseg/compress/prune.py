@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trustseg.compress.reducers import find_vit
 from trustseg.data.base import SegmentationDataset
 from trustseg.engine.checkpoint import Checkpoint
 from trustseg.engine.inference import Predictor, model_from_checkpoint
@@ -53,6 +54,7 @@ from trustseg.models.vit import Block, ViT, ViTConfig
 
 Importance = Literal["taylor", "magnitude"]
 IMPORTANCES = ("taylor", "magnitude")
+PURPOSE = "structural pruning"
 Batches = Iterable[tuple[Tensor, Tensor]]  # (inputs of `forward` (B, 3, H, W), masks (B, H, W))
 
 
@@ -62,14 +64,6 @@ class BlockScores:
 
     heads: Tensor
     mlp: Tensor
-
-
-def find_vit(model: nn.Module) -> ViT:
-    """The ViT of `model` (a ViT itself or a segmenter with a ``backbone``); UserError if it has none."""
-    vit = model if isinstance(model, ViT) else getattr(model, "backbone", None)
-    if not isinstance(vit, ViT):
-        raise UserError(f"structural pruning needs a ViT backbone; {type(model).__name__} has none")
-    return vit
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,7 +96,7 @@ def _unit_parameters(vit: ViT) -> list[nn.Parameter]:
 
 def magnitude_importance(model: nn.Module) -> list[BlockScores]:
     """L2 norm of each unit's weights, divided by the mean norm over all units of its kind."""
-    vit = find_vit(model)
+    vit = find_vit(model, PURPOSE)
     with torch.no_grad():
         norms = [_unit_sums(block, lambda p: p.double() ** 2) for block in vit.blocks]
     norms = [BlockScores(s.heads.sqrt(), s.mlp.sqrt()) for s in norms]
@@ -128,7 +122,7 @@ def taylor_importance(
         forward: images -> logits (B, K, H, W) through `model` (default: `model` itself; e.g. a
             ``Predictor`` that normalises raw images).
     """
-    vit = find_vit(model)
+    vit = find_vit(model, PURPOSE)
     forward = model if forward is None else forward
     params = _unit_parameters(vit)
     device = params[0].device
@@ -289,7 +283,7 @@ def prune_model(
         (pruned model, report): the report holds the target and counted FLOP ratio, FLOPs and parameter
         counts before and after, and the per-block ``block_heads`` and ``block_mlp_hidden``.
     """
-    vit = find_vit(model)
+    vit = find_vit(model, PURPOSE)
     valid_ratio = isinstance(flops_ratio, (int, float)) and not isinstance(flops_ratio, bool) and 0 < flops_ratio <= 1
     if not valid_ratio:
         raise UserError(f"flops_ratio={flops_ratio!r}; expected a number in (0, 1] (kept / original FLOPs)")
@@ -313,7 +307,7 @@ def prune_model(
     keep_heads, keep_mlp = select_units(scores, head_flops, mlp_unit_flops, total_flops=total,
                                         target_flops=flops_ratio * total)
     pruned = copy.deepcopy(model)
-    pruned_vit = find_vit(pruned)
+    pruned_vit = find_vit(pruned, PURPOSE)
     prune_blocks_(pruned_vit, keep_heads, keep_mlp)
     kept = count_flops(pruned, input_shape)
     report = {

@@ -59,18 +59,19 @@ def _keep_patch_rows(table: Tensor, merge: TokenMerge, num_prefix: int, batch: i
     return table.gather(1, patch_slots[..., None].expand(-1, -1, table.shape[-1]))
 
 
-def find_vit(model: nn.Module) -> ViT:
-    """The ViT inside ``model`` (the model itself, or a segmenter's backbone)."""
+def find_vit(model: nn.Module, purpose: str = "token merging") -> ViT:
+    """The ViT inside ``model`` (the model itself, or a segmenter's backbone); UserError naming `purpose`
+    (the method that needs it) for a model without one."""
     if isinstance(model, ViT):
         return model
     found = [m for m in model.modules() if isinstance(m, ViT)]
     if not found:
         raise UserError(
-            f"token merging needs a ViT backbone; {type(model).__name__} has none "
+            f"{purpose} needs a ViT backbone; {type(model).__name__} has none "
             "(use a vit_segmenter model, not a U-Net or SegFormer)"
         )
     if len(found) > 1:
-        raise UserError(f"token merging: {type(model).__name__} holds {len(found)} ViTs; pass the one to reduce")
+        raise UserError(f"{purpose}: {type(model).__name__} holds {len(found)} ViTs; pass the one to reduce")
     return found[0]
 
 

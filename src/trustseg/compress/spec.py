@@ -35,10 +35,6 @@ def _schedule(text: str) -> int | tuple[int, ...]:
     return values[0] if len(values) == 1 else values
 
 
-def _blocks(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split("/"))
-
-
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -61,7 +57,7 @@ def _similarity(text: str) -> float:
 # method -> (kind, {option: parser}); the parsers raise ValueError with what they expected
 METHODS: dict[str, tuple[str, dict[str, Callable[[str], Any]]]] = {
     "tome": ("tokens", {"r": _schedule, "inflect": float, "prop_attn": _flag}),
-    "algm": ("tokens", {"tau": _similarity, "local": int, "global": _blocks}),
+    "algm": ("tokens", {"tau": _similarity, "local": int, "global": int}),
     "prune": ("weights", {"flops": _ratio, "importance": _choice("taylor", "magnitude")}),
 }
 REQUIRED = {"tome": ("r",), "prune": ("flops",)}

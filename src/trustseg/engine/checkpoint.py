@@ -27,7 +27,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Checkpoint:
-    """A trained model and what is needed to use it: `model` = {"name": builder, "options": {...}}."""
+    """A trained model and what is needed to use it: `model` = {"name": builder, "options": {...}}, plus
+    ``"token_reduction": "tome:r=8"`` for a model that `trustseg compress` made merge tokens."""
 
     model: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
@@ -68,6 +69,8 @@ class Checkpoint:
         _expect(isinstance(model, dict) and isinstance(model.get("name"), str)
                 and _is_options(model.get("options", {})),
                 source, "model", "{'name': builder name, 'options': {name: value}}")
+        _expect(isinstance(model.get("token_reduction", ""), str), source, "model.token_reduction",
+                "a compression spec such as 'tome:r=8'")
         _expect(_is_tensors(payload["state_dict"]), source, "state_dict", "a dict of named tensors")
         _expect(isinstance(classes, dict) and {"names", "palette", "ignore_index"} <= set(classes), source, "classes",
                 "names, palette and ignore_index")
@@ -93,7 +96,8 @@ class Checkpoint:
         except ValueError as error:
             raise UserError(f"{source}: not a trustseg checkpoint (classes: {error})") from None
         return cls(
-            model={"name": model["name"], "options": dict(model.get("options", {}))},
+            model={"name": model["name"], "options": dict(model.get("options", {})),
+                   **({"token_reduction": model["token_reduction"]} if "token_reduction" in model else {})},
             state_dict=payload["state_dict"],
             classes=class_info,
             mean=tuple(float(v) for v in payload["mean"]),

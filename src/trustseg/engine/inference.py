@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trustseg.calibrators.methods import build_calibrator
+from trustseg.compress.apply import install_token_reduction, token_step
 from trustseg.engine.checkpoint import Checkpoint
 from trustseg.engine.devices import autocast
 from trustseg.errors import UserError
@@ -148,7 +149,7 @@ class Predictor(nn.Module):
 
 
 def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
-    """The checkpoint's model, weights loaded, in eval mode.
+    """The checkpoint's model, weights loaded, its token reduction (if any) installed, in eval mode.
 
     The recipe is built on the meta device first and the weights checked against it (names and shapes):
     a damaged recipe (a flipped ``depth``) fails in one line before any memory is allocated for it.
@@ -169,6 +170,9 @@ def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
         require_fit(build(), checkpoint.state_dict, source=f"the weights of {source}")
     model = build()
     model.load_state_dict(checkpoint.state_dict)
+    step = token_step(checkpoint)
+    if step is not None:  # token merging recorded by trustseg compress: part of how this model runs
+        install_token_reduction(model, step)
     return model.eval()
 
 

@@ -43,16 +43,14 @@ def per_class_rows(metrics: dict[str, Any], class_names: Sequence[str]) -> tuple
 
 
 def rich_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None) -> Table:
-    """A terminal table whose first column (class or method names) is never cut or wrapped: on a narrow
-    terminal the number columns give way instead."""
+    """A terminal table that never cuts a value: each column is at least as wide as its longest cell and
+    its header's longest word (headers wrap between words). The first column (class or method names)
+    never wraps. On a narrow terminal the table runs wider than the terminal instead of truncating."""
     table = Table(title=title)
-    first_width = max((len(str(row[0])) for row in rows), default=0)
     for i, name in enumerate(header):
-        if i == 0:
-            table.add_column(name, justify="left" if name == "class" else "right", no_wrap=True,
-                             min_width=max(first_width, len(name)))
-        else:
-            table.add_column(name, justify="right")
+        width = max([len(str(row[i])) for row in rows if i < len(row)] + [len(word) for word in str(name).split()] + [1])
+        table.add_column(name, justify="left" if i == 0 and name == "class" else "right", no_wrap=i == 0,
+                         min_width=width)
     for row in rows:
         table.add_row(*row)
     return table

@@ -1,0 +1,257 @@
+"""`trustseg compress`: compress a checkpoint one or several ways and measure what each way costs and keeps.
+
+Every method spec (``tome:r=8``, ``prune:flops=0.5``, ``prune:flops=0.7+tome:r=4``, ...) is one unit of
+the run's journal: the compressed model is built, saved as a checkpoint that `trustseg eval` loads on
+its own, and measured against the uncompressed model: GFLOPs (counted on the real forward, so merging
+overhead is included), parameters, latency timed side by side with the uncompressed model in the same
+unit, and mIoU clean and under a corruption set through the robustness evaluation (the one loop). The
+uncompressed model is a unit too, so every frontier starts from it. ``--sweep`` expands method families
+into ladders of levels; the frontier (mIoU vs GFLOPs and vs latency, clean and corrupted, one curve per
+family) goes to the run directory and its report.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trustseg.bench.timing import time_rotating
+from trustseg.compress.apply import compress_checkpoint, needs_training_data, sweep_specs
+from trustseg.compress.reducers import find_vit
+from trustseg.compress.spec import family, parse_spec, spec_name
+from trustseg.data.spec import load_dataset, resolve_split
+from trustseg.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from trustseg.engine.devices import resolve_device
+from trustseg.engine.distributed import init_from_environment, is_main_process
+from trustseg.engine.inference import (InferenceConfig, Predictor, calibrator_from_checkpoint,
+                                       model_from_checkpoint)
+from trustseg.engine.journal import Journal, file_sha256
+from trustseg.engine.rundir import RunDir
+from trustseg.errors import UserError
+from trustseg.models.flops import count_flops
+from trustseg.report.document import Document
+from trustseg.report.plots import line_plot
+from trustseg.report.tables import percent
+from trustseg.robustness.corruptions import CORRUPTIONS
+from trustseg.robustness.summary import CLEAN, condition_key
+from trustseg.workflows.evaluation import check_same_classes, first_images
+from trustseg.workflows.robustness import evaluate_condition
+
+RESULTS = "compression.json"
+UNCOMPRESSED = "uncompressed"
+# one corruption per ImageNet-C family (noise, blur, weather, digital), at a middle severity
+DEFAULT_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "fog", "jpeg_compression")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    checkpoint: str
+    data: str
+    out: str
+    methods: tuple[str, ...] = ()
+    sweep: tuple[str, ...] = ()  # method families expanded into ladders of levels, e.g. ("tome", "prune")
+    corruptions: tuple[str, ...] = DEFAULT_CORRUPTIONS
+    severities: tuple[int, ...] = (3,)
+    split: str | None = None  # evaluation split; None: the spec's split, else "val"
+    train_split: str = "train"  # pruning importance and fine-tuning read this split
+    max_images: int | None = None
+    importance_batches: int = 16  # images for Taylor importance
+    finetune_steps: int = 0
+    cost_size: tuple[int, int] | None = None  # (H, W) for GFLOPs and latency; None: the first image's size
+    latency_runs: int = 10
+    batch_size: int = 1
+    num_workers: int = 0
+    seed: int = 0
+    boundary_iou: bool = False
+    calibration: bool = True
+    inference: InferenceConfig = InferenceConfig()
+    device: str = "auto"
+    progress: bool = True
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.methods and not self.sweep:
+            raise UserError("compress: give at least one --method (e.g. tome:r=8) or --sweep (e.g. tome,prune)")
+        unknown = [name for name in self.corruptions if name not in CORRUPTIONS]
+        if unknown:
+            raise UserError(f"--corruptions: unknown corruption {unknown[0]!r}; expected names from {', '.join(CORRUPTIONS)}")
+        if self.latency_runs < 1 or self.importance_batches < 1 or self.finetune_steps < 0:
+            raise UserError("compress: --latency-runs and --importance-batches must be >= 1, --finetune-steps >= 0")
+
+
+@dataclass
+class CompressResult:
+    baseline: dict[str, Any]
+    methods: dict[str, dict[str, Any]]
+    run_dir: Path
+
+
+def run_compress(config: CompressConfig) -> CompressResult:
+    device = resolve_device(config.device)
+    init_from_environment(device)
+    checkpoint = load_checkpoint(config.checkpoint)
+    split = resolve_split(config.data, config.split, "val")
+    dataset = first_images(load_dataset(config.data, split=split), config.max_images)
+    check_same_classes(checkpoint, dataset, config.data)
+    source = model_from_checkpoint(checkpoint)
+    cost_size = config.cost_size or _padded(tuple(dataset[0]["image"].shape[-2:]), int(getattr(source, "size_divisor", 1)))
+    sweep = []
+    if config.sweep:
+        vit = find_vit(source)
+        patch = vit.config.patch_size
+        sweep = sweep_specs(config.sweep, vit.config.depth, (cost_size[0] // patch) * (cost_size[1] // patch))
+    specs = [*config.methods, *sweep]
+    steps = {spec_name(parse_spec(spec)): parse_spec(spec) for spec in specs}  # canonical names, duplicates merged
+    train_data = None
+    if any(needs_training_data(s) for s in steps.values()) or config.finetune_steps:
+        train_data = load_dataset(config.data, split=resolve_split(config.data, config.train_split, "train"))
+
+    run_dir = RunDir(config.out)
+    setup = {"checkpoint_sha256": file_sha256(config.checkpoint), "data": config.data, "split": split,
+             "num_images": len(dataset), "seed": config.seed, "corruptions": list(config.corruptions),
+             "severities": list(config.severities), "cost_size": list(cost_size),
+             "importance_batches": config.importance_batches, "finetune_steps": config.finetune_steps,
+             "calibration": config.calibration, "boundary_iou": config.boundary_iou, "inference": config.inference}
+    journal = Journal(run_dir, "compress", setup, resume=config.resume)
+    if is_main_process():
+        run_dir.write_config({"command": "compress", **vars(config)})
+    conditions = [CLEAN, *(condition_key(n, s) for n in config.corruptions for s in config.severities)]
+    source_flops = count_flops(source, (1, 3, *cost_size))
+    source_params = _params(source)
+
+    todo = journal.announce([UNCOMPRESSED, *steps], "methods")
+    for number, name in enumerate(todo, 1):
+        torch.manual_seed(config.seed)
+        if name == UNCOMPRESSED:
+            model, compressed, record = source, checkpoint, {}
+        else:
+            finetune = {"steps": config.finetune_steps, "data": config.data, "teacher": config.checkpoint,
+                        "out": str(run_dir.file(f"finetune/{slug(name)}")), "progress": config.progress}
+            compressed, record = compress_checkpoint(
+                checkpoint, steps[name], train_data=train_data, image_size=cost_size,
+                importance_batches=config.importance_batches, seed=config.seed, device=device,
+                finetune=finetune if config.finetune_steps else None)
+            model = model_from_checkpoint(compressed)
+            if is_main_process():
+                save_checkpoint(compressed, run_dir.file(f"models/{slug(name)}.pt"))
+        entry = _measure(model, compressed, source, dataset, conditions, cost_size, config, device,
+                         label=f"{name} ({number}/{len(todo)})")
+        entry.update({"family": family(steps[name]) if name in steps else UNCOMPRESSED,
+                      "gflops_ratio": entry["gflops"] * 1e9 / source_flops,
+                      "params_ratio": entry["params"] / source_params,
+                      "checkpoint": None if name == UNCOMPRESSED else f"models/{slug(name)}.pt", **record})
+        journal.record(name, entry)
+
+    baseline = journal.done[UNCOMPRESSED]
+    methods = {name: journal.done[name] for name in steps}
+    if is_main_process():
+        run_dir.write_json(RESULTS, {"setup": {"checkpoint": config.checkpoint, **journal.setup},
+                                     "class_names": list(checkpoint.classes.names),
+                                     "uncompressed": baseline, "methods": methods})
+        write_report(run_dir, config, baseline, methods)
+    return CompressResult(baseline=baseline, methods=methods, run_dir=run_dir.path)
+
+
+def _measure(model: nn.Module, compressed: Checkpoint, source: nn.Module, dataset, conditions: list[str],
+             cost_size: tuple[int, int], config: CompressConfig, device: torch.device, *, label: str) -> dict[str, Any]:
+    """Cost (GFLOPs, params, latency side by side with `source`) and accuracy per condition of `model`."""
+    model, source = model.to(device).eval(), source.to(device).eval()
+    x = torch.randn(1, 3, *cost_size, generator=torch.Generator().manual_seed(config.seed)).to(device)
+
+    def forward(net: nn.Module):
+        def run():
+            with torch.inference_mode():
+                return net(x)
+        return run
+
+    contenders = {"model": forward(model)} if model is source else {"source": forward(source), "model": forward(model)}
+    times = time_rotating(contenders, runs=config.latency_runs, device=device)
+    latency_ms = statistics.median(times["model"])
+    speedup = 1.0 if model is source else statistics.median(times["source"]) / latency_ms
+    predictor = Predictor(model, compressed.mean, compressed.std, config.inference,
+                          calibrator_from_checkpoint(compressed)).to(device).eval()
+    results = {key: evaluate_condition(predictor, dataset, key, compressed.classes, config,
+                                       description=f"{label} {key}", device=device) for key in conditions}
+    corrupted = [results[key]["mIoU"] for key in conditions if key != CLEAN]
+    return {
+        "gflops": count_flops(model, (1, 3, *cost_size)) / 1e9,
+        "params": _params(model),
+        "latency_ms": latency_ms,
+        "img_per_s": 1e3 / latency_ms,
+        "speedup": speedup,
+        "clean_mIoU": results[CLEAN]["mIoU"],
+        "corrupted_mIoU": _nanmean(corrupted),
+        "clean_ECE": results[CLEAN].get("ECE"),
+        "conditions": {key: {k: v for k, v in value.items() if k in ("mIoU", "mAcc", "aAcc", "ECE", "per_class")}
+                       for key, value in results.items()},
+    }
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _padded(size: tuple[int, int], divisor: int) -> tuple[int, int]:
+    return tuple(-(-s // divisor) * divisor for s in size)  # type: ignore[return-value]
+
+
+def slug(name: str) -> str:
+    """A method spec as a file name: 'prune:flops=0.7+tome:r=4' -> 'prune-flops0.7_tome-r4'."""
+    return re.sub(r"[^A-Za-z0-9.\-_]", "", name.replace("+", "_").replace(":", "-").replace(",", "-").replace("/", "-"))
+
+
+def frontier_series(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], x: str, y: str
+                    ) -> dict[str, tuple[list[float], list[float]]]:
+    """One curve per method family, from the uncompressed point through its levels, sorted by cost."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for entry in methods.values():
+        curves.setdefault(entry["family"], [(baseline[x], baseline[y])]).append((entry[x], entry[y]))
+    series = {}
+    for name, points in curves.items():
+        points.sort(reverse=True)
+        series[name] = ([p[0] for p in points], [100 * p[1] for p in points])
+    return series
+
+
+def cost_rows(baseline: dict[str, Any], methods: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "GFLOPs", "FLOPs", "params (M)", "latency (ms)", "speed-up", "clean mIoU", "corrupted mIoU"]
+    rows = []
+    for name, entry in {UNCOMPRESSED: baseline, **methods}.items():
+        rows.append([name, f"{entry['gflops']:.2f}", percent(entry["gflops_ratio"]), f"{entry['params'] / 1e6:.2f}",
+                     f"{entry['latency_ms']:.1f}", f"{entry['speedup']:.2f}x", percent(entry["clean_mIoU"]),
+                     percent(entry["corrupted_mIoU"])])
+    return header, rows
+
+
+def write_report(run_dir: RunDir, config: CompressConfig, baseline: dict[str, Any],
+                 methods: dict[str, dict[str, Any]]) -> Document:
+    """compression.md / .html: the cost and accuracy table and the accuracy–cost frontiers."""
+    document = Document(f"Compression of {config.checkpoint}")
+    corrupted = ", ".join(f"{n} s{s}" for n in config.corruptions for s in config.severities)
+    document.paragraph(f"Data {config.data}; cost at {config.cost_size or 'the first image size'} "
+                       f"(GFLOPs counted on the real forward, merging included; latency: median of "
+                       f"{config.latency_runs} batch-1 forwards timed in turn with the uncompressed model). "
+                       f"Corrupted mIoU: mean over {corrupted}. mIoU values are percentages.")
+    document.heading("Cost and accuracy").table(*cost_rows(baseline, methods))
+    if methods:
+        document.heading("Accuracy–cost frontier")
+        for x, xlabel in (("gflops", "GFLOPs per image"), ("latency_ms", "latency (ms)")):
+            for y, what in (("clean_mIoU", "clean"), ("corrupted_mIoU", "corrupted")):
+                path = line_plot(frontier_series(baseline, methods, x, y), run_dir.file(f"frontier_{what}_{x}.png"),
+                                 title=f"{what} mIoU vs {xlabel}", xlabel=xlabel, ylabel="mIoU (%)")
+                document.image(path, f"{what} mIoU vs {xlabel}")
+    document.write(run_dir.path)
+    return document
+
