@@ -301,7 +301,8 @@ def adapt_command(
                                "entropy < E0 teach | uncertain: entropy of the pixels >= E0, confident ones anchored "
                                "to the source prediction."),
     adapt_mode: str = typer.Option("online", "--mode", help="online: the state carries over the images of a "
-                                   "condition | episodic: reset to the source weights before every batch."),
+                                   "condition | episodic: reset to the source weights before every batch (every "
+                                   "image with --batch-size 1)."),
     corruptions: str = CorruptionsOption,
     severities: str = SeveritiesOption,
     optimizer: str = typer.Option("adam", "--optimizer", help="adam | sgd (momentum 0.9)."),

@@ -70,7 +70,7 @@ def test_bad_guard_settings_are_user_errors():
         GuardConfig(max_class_share=1.5)
 
 
-def test_runaway_adaptation_is_reset_to_the_source_with_its_reason():
+def test_runaway_adaptation_is_reset_to_the_source_with_its_reason(one_thread):
     """TENT with a huge learning rate on a tiny model drives every pixel to one confident class; the guard
     resets it and the parameters return to the source values."""
     torch.manual_seed(0)
@@ -105,3 +105,18 @@ def test_reset_restores_source_parameters_and_a_fresh_optimizer():
         assert torch.equal(parameter, adapter.initial[name])
     assert not adapter.optimizer.state
     assert adapter.summary()["resets_by_kind"] == {"test": 1}
+
+
+def test_a_non_finite_loss_resets_and_the_batch_is_predicted_by_the_source():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, K, 1)).eval()
+    adapter = AdaptingPredictor(model, K, AdaptConfig(lr=0.1, guard=None))
+    images = torch.randn(2, 3, 4, 4)
+    adapter(images)  # one real step away from the source
+    adapter.loss = lambda logits, anchor: logits.sum() * float("nan")
+    logits = adapter(images)
+    fresh = AdaptingPredictor(model, K, AdaptConfig(guard=None))
+    torch.testing.assert_close(logits, fresh.model(images).detach())  # the source with batch statistics
+    assert adapter.summary()["resets_by_kind"] == {"non-finite loss": 1}
+    for name, parameter in adapter.parameters.items():
+        assert torch.equal(parameter, adapter.initial[name])

@@ -1,7 +1,5 @@
 """TENT's update against a hand computation, and what adaptation may and may not change."""
 
-import math
-
 import numpy as np
 import pytest
 import torch

@@ -8,7 +8,7 @@ Per batch (B, 3, H, W) -> logits (B, K, H, W):
 2. forward with the current parameters; online mode shows this forward to the guard, and if the guard
    finds a collapse the parameters and optimizer are reset (reason logged) and the forward is redone.
 3. `steps` times: the method's loss on the latest forward, backward, optimizer step. A batch in which no
-   pixel teaches (or whose loss is not finite, which resets) takes no step.
+   pixel teaches takes no step; a loss that is not finite resets, and the batch is predicted by the source.
 4. the prediction: "before" returns the forward of step 2, TENT's choice (`tent.py`: the output is
    computed before the update); "after" runs one more forward with the updated parameters. "auto" is
    "before" online and "after" episodic: an episode reset before each batch would otherwise never show
@@ -148,8 +148,10 @@ class AdaptingPredictor:
             if loss is None:
                 self.skipped += 1
                 break
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss):  # the parameters have diverged: back to the source, predict with it
                 self.reset(f"non-finite loss: {loss.item()}")
+                with torch.no_grad():
+                    prediction = self.model(images)
                 break
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
