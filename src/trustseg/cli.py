@@ -292,6 +292,66 @@ def robustness_command(
         console.print(f"run directory: {result.run_dir}")
 
 
+@app.command("adapt")
+def adapt_command(
+    checkpoint: Path = CheckpointOption,
+    data: str = DataOption,
+    out: Path = typer.Option(..., "--out", help="Run directory."),
+    method: str = typer.Option("tent", "--method", help="tent: entropy of every pixel | reliable: only pixels with "
+                               "entropy < E0 teach | uncertain: entropy of the pixels >= E0, confident ones anchored "
+                               "to the source prediction."),
+    adapt_mode: str = typer.Option("online", "--mode", help="online: the state carries over the images of a "
+                                   "condition | episodic: reset to the source weights before every batch (every "
+                                   "image with --batch-size 1)."),
+    corruptions: str = CorruptionsOption,
+    severities: str = SeveritiesOption,
+    optimizer: str = typer.Option("adam", "--optimizer", help="adam | sgd (momentum 0.9)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Learning rate of the adaptation steps."),
+    steps: int = typer.Option(1, "--steps", help="Optimizer steps per batch."),
+    predict: str = typer.Option("auto", "--predict", help="before | after the update; auto: before online "
+                                "(TENT), after episodic."),
+    reliable_fraction: float = typer.Option(0.4, "--reliable-fraction", help="E0 = this x ln K (EATA: 0.4)."),
+    weighting: str = typer.Option("hard", "--weighting", help="reliable: hard | eata (weight exp(E0 - H))."),
+    anchor_weight: float = typer.Option(1.0, "--anchor-weight", help="uncertain: weight of the anchor KL term."),
+    guard: bool = typer.Option(True, "--guard/--no-guard", help="Online: reset when entropy or the predicted classes "
+                               "collapse, or entropy rises."),
+    guard_window: int = typer.Option(8, "--guard-window", help="Batches per window of the guard."),
+    max_class_share: float = typer.Option(0.95, "--max-class-share", help="Guard: reset when one class takes more "
+                                          "of the window's predicted pixels."),
+    split: Optional[str] = ValSplitOption,
+    max_images: Optional[int] = MaxImagesOption,
+    batch_size: int = BatchSizeOption,
+    num_workers: int = typer.Option(0, "--workers", min=0, help="DataLoader workers that corrupt images in parallel."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the per-image corruption randomness."),
+    device: str = DeviceOption,
+    progress: bool = ProgressOption,
+    resume: bool = ResumeOption,
+) -> None:
+    """mIoU and ECE per condition of the model as it is and while it adapts at test time (TENT and variants)."""
+    from trustseg.adapt.guard import GuardConfig
+    from trustseg.adapt.predictor import AdaptConfig
+    from trustseg.engine.distributed import is_main_process
+    from trustseg.report.tables import rich_table
+    from trustseg.robustness.corruptions import parse_corruptions, parse_severities
+    from trustseg.workflows.adapt import AdaptRunConfig, condition_rows, run_adapt
+
+    adaptation = AdaptConfig(
+        method=method, mode=adapt_mode, optimizer=optimizer, lr=lr, steps=steps, predict=predict,
+        reliable_fraction=reliable_fraction, weighting=weighting, anchor_weight=anchor_weight,
+        guard=GuardConfig(window=guard_window, max_class_share=max_class_share) if guard else None,
+    )
+    config = AdaptRunConfig(
+        checkpoint=str(checkpoint), data=data, out=str(out), adaptation=adaptation,
+        corruptions=parse_corruptions(corruptions), severities=parse_severities(severities), split=split,
+        max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, device=device,
+        progress=progress, resume=resume,
+    )
+    result = run_adapt(config)
+    if is_main_process():
+        console.print(rich_table(*condition_rows(result.conditions), title=f"{method} ({adapt_mode}) per condition (%)"))
+        console.print(f"run directory: {result.run_dir}")
+
+
 @app.command("corrupt")
 def corrupt_command(
     data: str = DataOption,

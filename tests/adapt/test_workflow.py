@@ -1,0 +1,170 @@
+"""`trustseg adapt` end to end on a tiny U-Net and folder dataset: both passes against hand-run oracles,
+resume, and the user errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchmetrics.classification import MulticlassJaccardIndex
+
+import trustseg.workflows.adapt as adapt_workflow
+from trustseg.engine.inference import Predictor
+from trustseg.robustness.corruptions import corrupt
+from trustseg.robustness.dataset import condition_seed
+
+from cli_helpers import THREE_CLASSES, folder_tree, run_cli, save_tiny_unet
+
+H, W = 40, 48  # multiples of the U-Net's size divisor: no padding enters the batch statistics
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@pytest.fixture()
+def dataset_root(tmp_path):
+    rng = np.random.default_rng(0)
+    root = folder_tree(tmp_path / "data")
+    for i in range(3):
+        mask = np.zeros((H, W), np.uint8)
+        mask[:, W // 3:] = 1
+        mask[H // 2:, 2 * W // 3:] = 2
+        mask[:2] = 255
+        image = np.array(THREE_CLASSES.palette, np.uint8)[np.minimum(mask, 2)] // 2 + rng.integers(0, 100, (H, W, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / "images" / f"im{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+    return root
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    path = tmp_path / "model.pt"
+    return path, save_tiny_unet(path)
+
+
+def images_and_masks(root, corruption=None, severity=None):
+    for i in range(3):
+        image = torch.from_numpy(np.array(Image.open(root / "images" / f"im{i}.png"))).permute(2, 0, 1)[None]
+        if corruption is not None:
+            image, _ = corrupt(image, corruption, severity, torch.Generator().manual_seed(condition_seed(0, corruption, severity, i)))
+        yield (image.float() / 255 - MEAN) / STD, torch.from_numpy(np.asarray(Image.open(root / "masks" / f"im{i}.png")).astype(np.int64))
+
+
+def oracle_mious(model, root, lr, corruption=None, severity=None):
+    """(source mIoU, online TENT mIoU), by hand: the source in eval mode; TENT on a copy whose BatchNorms
+    use batch statistics, Adam on their affine parameters, one step per image, predicting before it."""
+    import copy
+
+    source, adapted, targets = [], [], []
+    tent = copy.deepcopy(model)
+    norms = [m for m in tent.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.running_mean = norm.running_var = None
+    optimizer = torch.optim.Adam([p for n in norms for p in (n.weight, n.bias)], lr=lr)
+    for image, mask in images_and_masks(root, corruption, severity):
+        with torch.no_grad():
+            source.append(model(image)[0].argmax(0))
+        logits = tent(image)
+        adapted.append(logits[0].detach().argmax(0))
+        probs = logits.softmax(1)
+        loss = -(probs * logits.log_softmax(1)).sum(1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        targets.append(mask)
+    miou = MulticlassJaccardIndex(num_classes=3, average="macro", ignore_index=255)
+    return tuple(miou(torch.stack(p), torch.stack(targets)).item() for p in (source, adapted))
+
+
+def adapt_args(path, root, out, *extra):
+    return ["adapt", "--checkpoint", str(path), "--data", f"folder:{root}", "--out", str(out), "--no-progress",
+            "--device", "cpu", "--corruptions", "gaussian_noise", "--severities", "2", *extra]
+
+
+def test_adapt_matches_hand_run_source_and_tent(tmp_path, dataset_root, checkpoint, monkeypatch, one_thread):
+    path, model = checkpoint
+    out = tmp_path / "run"
+    assert run_cli(adapt_args(path, dataset_root, out, "--lr", "0.01"), monkeypatch) == 0
+    results = json.loads((out / "adapt.json").read_text())
+    for key, corruption in (("clean", (None, None)), ("gaussian_noise/2", ("gaussian_noise", 2))):
+        source, adapted = oracle_mious(model, dataset_root, 0.01, *corruption)
+        assert source != pytest.approx(adapted, abs=1e-3)  # adaptation made a difference worth checking
+        assert results["conditions"][key]["source"]["mIoU"] == pytest.approx(source, abs=1e-6)
+        assert results["conditions"][key]["adapted"]["mIoU"] == pytest.approx(adapted, abs=1e-6)
+        assert 0 <= results["conditions"][key]["adapted"]["ECE"] <= 1
+        assert results["conditions"][key]["adapted"]["adaptation"]["updates"] == 3  # one per image, from the source
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mIoU_gain"] == pytest.approx(metrics["adapted_mean_mIoU"] - metrics["source_mean_mIoU"])
+    for name in ("report.md", "report.html", "config.yaml"):
+        assert (out / name).exists(), name
+
+
+@pytest.mark.parametrize("method,mode", [("reliable", "episodic"), ("uncertain", "online")])
+def test_variants_run_end_to_end(tmp_path, dataset_root, checkpoint, monkeypatch, method, mode, one_thread):
+    path, _ = checkpoint
+    out = tmp_path / "run"
+    args = adapt_args(path, dataset_root, out, "--method", method, "--mode", mode, "--lr", "0.01", "--weighting", "eata",
+                      "--severities", "3")
+    assert run_cli(args, monkeypatch) == 0
+    results = json.loads((out / "adapt.json").read_text())
+    assert set(results["conditions"]) == {"clean", "gaussian_noise/3"}
+    assert results["setup"]["adaptation"]["method"] == method
+    for passes in results["conditions"].values():
+        summary = passes["adapted"]["adaptation"]
+        assert summary["batches"] == 3 and summary["updates"] + summary["skipped_batches"] == 3
+        assert 0 <= passes["adapted"]["mIoU"] <= 1
+
+
+def test_resume_skips_finished_passes_and_gives_the_uninterrupted_results(tmp_path, dataset_root, checkpoint,
+                                                                         monkeypatch, capsys, one_thread):
+    path, _ = checkpoint
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert run_cli(adapt_args(path, dataset_root, whole), monkeypatch) == 0
+    real_evaluate, calls = adapt_workflow.evaluate, []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(kwargs["description"].split(" ")[0])
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(adapt_workflow, "evaluate", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_cli(adapt_args(path, dataset_root, out), monkeypatch)
+    units = [json.loads(line)["unit"] for line in (out / "progress.jsonl").read_text().splitlines()[1:]]
+    assert units == ["source@clean", "adapted@clean"]
+    calls.clear()
+    monkeypatch.setattr(adapt_workflow, "evaluate", lambda *a, **k: calls.append(k["description"].split(" ")[0]) or real_evaluate(*a, **k))
+    capsys.readouterr()
+    assert run_cli(adapt_args(path, dataset_root, out), monkeypatch) == 2  # no overwrite without --resume
+    assert "pass --resume" in capsys.readouterr().err
+    assert run_cli([*adapt_args(path, dataset_root, out), "--resume"], monkeypatch) == 0
+    assert calls == ["source@gaussian_noise/2", "adapted@gaussian_noise/2"]
+    assert "2 of 4 passes already done and skipped" in capsys.readouterr().err
+    resumed, uninterrupted = (json.loads((d / "adapt.json").read_text()) for d in (out, whole))
+    assert resumed["conditions"] == uninterrupted["conditions"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--corruptions", "acid_rain"), "unknown corruption 'acid_rain'"),
+    (("--method", "magic"), "adaptation method 'magic'"),
+    (("--mode", "sometimes"), "adaptation mode 'sometimes'"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, dataset_root, checkpoint, monkeypatch, capsys, extra, message):
+    path, _ = checkpoint
+    out = tmp_path / "run"
+    assert run_cli([*adapt_args(path, dataset_root, out), *extra], monkeypatch) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_model_without_normalisation_layers_is_refused_before_the_run(tmp_path, dataset_root, checkpoint, monkeypatch, capsys):
+    path, _ = checkpoint
+    out = tmp_path / "run"
+    plain = Predictor(torch.nn.Conv2d(3, 3, 1), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    monkeypatch.setattr(adapt_workflow, "predictor_from_checkpoint", lambda *a, **k: plain)
+    assert run_cli(adapt_args(path, dataset_root, out), monkeypatch) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no normalisation layer" in err and str(path) in err and len(err.splitlines()) == 1
+    assert not out.exists()
