@@ -459,10 +459,16 @@ def compress_command(
                                           help="Training images for the Taylor importance of pruning."),
     finetune_steps: int = typer.Option(0, "--finetune-steps", min=0, help="Fine-tune each pruned model this many "
                                        "steps (its own recipe, lr x 0.1, distilled from the uncompressed model)."),
-    cost_size: Optional[str] = typer.Option(None, "--cost-size", help="'H,W' for GFLOPs and latency (default: the "
-                                            "first image's size, padded to the model's stride)."),
+    cost_size: Optional[str] = typer.Option(None, "--cost-size", help="'H,W' for GFLOPs and latency (default: what "
+                                            "the model sees of the first image, padded to its stride)."),
     latency_runs: int = typer.Option(10, "--latency-runs", min=1, help="Timed forwards per model."),
     seed: int = typer.Option(0, "--seed"),
+    mode: str = ModeOption,
+    crop: Optional[str] = CropOption,
+    stride: Optional[str] = StrideOption,
+    short_side: Optional[int] = ShortSideOption,
+    scale: float = ScaleOption,
+    bf16: bool = Bf16Option,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
@@ -484,7 +490,8 @@ def compress_command(
         sweep=tuple(p.strip() for p in sweep.split(",") if p.strip()), **chosen,
         severities=parse_severities(severities), split=split, max_images=max_images,
         importance_batches=importance_images, finetune_steps=finetune_steps,
-        cost_size=parse_pair(cost_size, "--cost-size"), latency_runs=latency_runs, seed=seed, device=device,
+        cost_size=parse_pair(cost_size, "--cost-size"), latency_runs=latency_runs, seed=seed,
+        inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device,
         progress=progress, resume=resume,
     )
     result = run_compress(config)

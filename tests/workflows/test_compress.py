@@ -46,7 +46,8 @@ def test_each_method_is_measured_saved_and_evaluates_the_same_through_eval(vit_c
     results = json.loads((out / "compression.json").read_text())
     assert set(results["methods"]) == set(methods)
     base = results["uncompressed"]
-    assert base["gflops_ratio"] == 1.0 and base["params_ratio"] == 1.0
+    assert base["gflops_ratio"] == 1.0 and base["params_ratio"] == 1.0 and base["speedup"] == 1.0
+    assert base["cost_size"] == [64, 64]
     for name, entry in results["methods"].items():
         assert 0 < entry["gflops_ratio"] < 1, name
         assert set(entry["conditions"]) == {"clean", "gaussian_noise/1"}
@@ -92,9 +93,11 @@ def test_a_sweep_draws_four_levels_per_family_and_fine_tunes_pruned_models(vit_c
 
 def test_a_finished_run_resumes_without_redoing_anything(vit_checkpoint, tmp_path, monkeypatch, one_thread):
     out = tmp_path / "resume"
-    args = ["--checkpoint", str(vit_checkpoint), "--data", DATA, "--out", str(out), "--method", "tome:r=2", *FAST]
+    args = ["--checkpoint", str(vit_checkpoint), "--data", DATA, "--out", str(out), "--method", "tome:r=2",
+            "--short-side", "32", *FAST]
     compress(args, monkeypatch)
     first = json.loads((out / "compression.json").read_text())
+    assert first["uncompressed"]["cost_size"] == [32, 32]  # cost is counted at the size the model sees
     compress([*args, "--method", "algm:tau=0.5", "--resume"], monkeypatch)
     second = json.loads((out / "compression.json").read_text())
     assert second["methods"]["tome:r=2"] == first["methods"]["tome:r=2"]  # read back, not measured again

@@ -64,7 +64,7 @@ class CompressConfig:
     max_images: int | None = None
     importance_batches: int = 16  # images for Taylor importance
     finetune_steps: int = 0
-    cost_size: tuple[int, int] | None = None  # (H, W) for GFLOPs and latency; None: the first image's size
+    cost_size: tuple[int, int] | None = None  # (H, W) for GFLOPs and latency; None: what the model sees of image 0
     latency_runs: int = 10
     batch_size: int = 1
     num_workers: int = 0
@@ -101,7 +101,7 @@ def run_compress(config: CompressConfig) -> CompressResult:
     dataset = first_images(load_dataset(config.data, split=split), config.max_images)
     check_same_classes(checkpoint, dataset, config.data)
     source = model_from_checkpoint(checkpoint)
-    cost_size = config.cost_size or _padded(tuple(dataset[0]["image"].shape[-2:]), int(getattr(source, "size_divisor", 1)))
+    cost_size = config.cost_size or _model_input_size(dataset, source, checkpoint, config.inference)
     sweep = []
     if config.sweep:
         vit = find_vit(source)
@@ -181,6 +181,7 @@ def _measure(model: nn.Module, compressed: Checkpoint, source: nn.Module, datase
                                        description=f"{label} {key}", device=device) for key in conditions}
     corrupted = [results[key]["mIoU"] for key in conditions if key != CLEAN]
     return {
+        "cost_size": list(cost_size),
         "gflops": count_flops(model, (1, 3, *cost_size)) / 1e9,
         "params": _params(model),
         "latency_ms": latency_ms,
@@ -203,7 +204,15 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _padded(size: tuple[int, int], divisor: int) -> tuple[int, int]:
+def _model_input_size(dataset, model: nn.Module, checkpoint: Checkpoint, inference: InferenceConfig) -> tuple[int, int]:
+    """(H, W) the model runs on for the first image: after the predictor's resizing, padded to its stride
+    (a sliding window's crop when inference slides)."""
+    if inference.mode == "slide":
+        size = inference.crop
+    else:
+        image = dataset[0]["image"][None]
+        size = Predictor(model, checkpoint.mean, checkpoint.std, inference).prepare(image).shape[-2:]
+    divisor = int(getattr(model, "size_divisor", 1))
     return tuple(-(-s // divisor) * divisor for s in size)  # type: ignore[return-value]
 
 
@@ -240,7 +249,7 @@ def write_report(run_dir: RunDir, config: CompressConfig, baseline: dict[str, An
     """compression.md / .html: the cost and accuracy table and the accuracy–cost frontiers."""
     document = Document(f"Compression of {config.checkpoint}")
     corrupted = ", ".join(f"{n} s{s}" for n in config.corruptions for s in config.severities)
-    document.paragraph(f"Data {config.data}; cost at {config.cost_size or 'the first image size'} "
+    document.paragraph(f"Data {config.data}; cost at {baseline['cost_size'][0]}x{baseline['cost_size'][1]} "
                        f"(GFLOPs counted on the real forward, merging included; latency: median of "
                        f"{config.latency_runs} batch-1 forwards timed in turn with the uncompressed model). "
                        f"Corrupted mIoU: mean over {corrupted}. mIoU values are percentages.")
