@@ -607,6 +607,37 @@ def bench_model_command(
     typer.echo(format_model_bench(result))
 
 
+@bench_app.command("compress")
+def bench_compress_command(
+    backbone: str = typer.Option("vit_s16", "--backbone", help="vit_ti16 | vit_s16 | vit_b16 | vit_s14 | vit_b14"),
+    method: list[str] = typer.Option([], "--method", help="Compression spec, repeatable (pruning by magnitude: "
+                                     "prune:flops=0.5,importance=magnitude); default: half the tokens merged away, "
+                                     "half the FLOPs pruned, and both moderately."),
+    size: int = typer.Option(512, "--size", help="Square input side."),
+    batch_size: int = BatchSizeOption,
+    runs: int = typer.Option(10, "--runs", min=1, help="Timed rounds (after warm-up)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: torch's)."),
+    output_json: Optional[Path] = typer.Option(None, "--json", help="Also write the full result here."),
+    device: str = typer.Option("cpu", "--device", help="Where the models run: " + DEVICE_HELP + "."),
+) -> None:
+    """Token merging and structural pruning vs the uncompressed ViT: GFLOPs, latency, merging overhead (same run).
+
+    Example: trustseg bench compress --backbone vit_s16 --size 512 --runs 10
+    """
+    import json
+
+    from trustseg.bench.compress import bench_compression, format_compression_bench
+    from trustseg.report.tables import rich_table
+
+    result = bench_compression(backbone, methods=method or None, size=size, batch_size=batch_size, runs=runs,
+                               threads=threads, device=device)
+    machine = result["machine"]
+    console.print(rich_table(*format_compression_bench(result), title=f"{backbone} at {size}x{size}, batch {batch_size}, "
+                             f"{machine['device']}, {machine['threads']} threads, load {machine['load_average_before'][0]:.1f}"))
+    if output_json is not None:
+        output_json.write_text(json.dumps(result, indent=1))
+
+
 @bench_app.command("corruptions")
 def bench_corruptions_command(
     data: str = typer.Option("synthetic#split=val", "--data", help="Images to corrupt (resized). " + DATA_HELP),

@@ -1,40 +1,71 @@
-"""Token merging speed check: a ViT segmenter with and without ToMe, timed side by side.
+"""`trustseg bench compress`: a ViT segmenter compressed several ways, each timed against the plain
+model in the same run.
 
-Each round times one plain forward and one ToMe forward, the order alternating from round to round,
-so a neighbour's burst of load on a shared machine hits both; the first ``warmup`` rounds are
-discarded and medians are reported. In the ToMe forward the time spent inside the reducers
-(matching + merging, unmerging excluded) is clocked separately and reported as a share of the
-time spent in the blocks. r is the same in every block, chosen so that ``removed_fraction`` of
-the patch tokens are merged away by the last block.
+Every variant is built from one randomly initialised segmenter (pruning by magnitude, which needs no
+data; token reduction installed on top) and all are timed in rotating order (`bench.timing`), so a
+neighbour's burst of load hits them alike; speed-ups are ratios of medians from that one run. For
+variants that reduce tokens, the time spent inside the reducers (matching and merging; unmerging is
+cheap copying and not clocked) is measured in separate forwards and reported as a share of the time
+spent in the blocks: the merging overhead.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from trustseg.bench.machine import cpu_name
-from trustseg.compress.reducers import find_vit, reduced_token_counts, remove_token_reducers
-from trustseg.compress.tome import install_tome
+from trustseg.bench.timing import time_rotating
+from trustseg.compress.apply import install_token_reduction, tome_r
+from trustseg.compress.prune import prune_model
+from trustseg.compress.reducers import find_vit, reduced_token_counts
+from trustseg.compress.spec import parse_spec
 from trustseg.engine.devices import describe_device, resolve_device, synchronize
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
 from trustseg.models.flops import count_flops
 from trustseg.models.vit import TokenContext, Unmerge
 
+PLAIN = "uncompressed"
 
-def bench_token_merging(
+
+def default_methods(backbone: str, size: int, depth: int | None = None) -> list[str]:
+    """The issue's goals: half of the patch tokens merged away, and pruning to half of the FLOPs."""
+    with torch.device("meta"):  # only the shape of the model is needed
+        vit = find_vit(build_model("vit_segmenter", num_classes=2, backbone=backbone,
+                                   **({} if depth is None else {"depth": depth})))
+    r = tome_r(0.5, (size // vit.config.patch_size) ** 2, vit.config.depth)
+    return [f"tome:r={r}", "prune:flops=0.5,importance=magnitude", f"prune:flops=0.7,importance=magnitude+tome:r={r // 2}"]
+
+
+def build_variant(net: nn.Module, spec: str, size: tuple[int, int]) -> nn.Module:
+    """A copy of `net` compressed by `spec` (pruning must use magnitude importance: the bench has no data)."""
+    model = copy.deepcopy(net)
+    for step in parse_spec(spec):
+        if step.method == "prune":
+            if step.options.get("importance", "taylor") != "magnitude":
+                raise UserError(f"bench compress: {spec!r} prunes with Taylor importance, which needs data; "
+                                "add importance=magnitude")
+            model, _ = prune_model(model, step.options["flops"], importance="magnitude", image_size=size)
+        else:
+            install_token_reduction(model, step, size)
+    return model.eval()
+
+
+def bench_compression(
     backbone: str = "vit_s16",
     *,
+    methods: Sequence[str] | None = None,
     size: int = 512,
     batch_size: int = 1,
-    removed_fraction: float = 0.5,
     depth: int | None = None,
     warmup: int = 2,
     runs: int = 10,
@@ -42,101 +73,103 @@ def bench_token_merging(
     seed: int = 0,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Median forward time of a linear-head segmenter, plain vs ToMe, at ``size`` x ``size``.
+    """Median forward ms of a linear-head segmenter and of each compressed variant, at ``size`` x ``size``.
 
     Args:
-        backbone: a ViT preset name (``vit_ti16``, ``vit_s16``, ...); weights are random.
-        removed_fraction: share of the patch tokens merged away by the last block, in (0, 1).
-        depth: backbone blocks, if not the preset's (small models for tests).
+        backbone: a ViT preset (``vit_ti16``, ``vit_s16``, ...) with random weights; `depth` overrides its
+            block count (small models for tests).
+        methods: compression specs (``tome:r=43``, ``prune:flops=0.5,importance=magnitude``, chains);
+            None: ``default_methods``.
         threads: intra-op threads for the run (restored afterwards); None keeps torch's setting.
 
-    Returns a dict with ``config``, ``machine``, ``r``, token and FLOP counts, the raw per-round
-    times, ``speedup`` (median plain / median ToMe), ``speedup_per_round_median`` (median of each
-    round's plain / ToMe) and ``merge_overhead_fraction`` (median over rounds of reducer time / block
-    time in the ToMe forward).
+    Returns ``config``, ``machine`` and per variant (the plain model first): GFLOPs, FLOP ratio,
+    params, mean token fraction over the blocks, raw and median ms, ``speedup`` (median plain /
+    median variant) and, for token reduction, ``merge_overhead`` (median reducer share of block time).
     """
-    bounds = (("size", size, 1), ("batch_size", batch_size, 1), ("warmup", warmup, 0), ("runs", runs, 1))
-    for name, value, least in bounds:
+    for name, value, least in (("size", size, 1), ("batch_size", batch_size, 1), ("warmup", warmup, 0), ("runs", runs, 1)):
         if value < least:
-            raise UserError(f"bench token merging: {name} must be >= {least}, got {value}")
-    if not 0.0 < removed_fraction < 1.0:
-        raise UserError(f"bench token merging: removed_fraction must be in (0, 1), got {removed_fraction}")
+            raise UserError(f"bench compress: {name} must be >= {least}, got {value}")
     target = resolve_device(device)
-    options: dict[str, Any] = {"backbone": backbone, "head": "linear"}
-    if depth is not None:
-        options["depth"] = depth
+    options: dict[str, Any] = {"backbone": backbone, "head": "linear", **({} if depth is None else {"depth": depth})}
+    torch.manual_seed(seed)
     net = build_model("vit_segmenter", num_classes=19, **options).eval()
-    vit = find_vit(net)
-    patch = vit.config.patch_size
+    patch = find_vit(net).config.patch_size
     if size % patch:
-        raise UserError(f"bench token merging: size {size} is not a multiple of the patch size {patch}")
-    patches = (size // patch) ** 2
-    r = max(1, round(removed_fraction * patches / vit.config.depth))
+        raise UserError(f"bench compress: size {size} is not a multiple of the patch size {patch}")
+    methods = list(methods) if methods is not None else default_methods(backbone, size, depth)
+    variants = {PLAIN: net, **{spec: build_variant(net, spec, (size, size)) for spec in methods}}
 
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         x = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(seed))
-        plain_flops = count_flops(net, tuple(x.shape))
-        install_tome(net, r=r, image_size=(size, size))
-        tome_flops = count_flops(net, tuple(x.shape))
-        tokens = reduced_token_counts(net, x)
-        net, x = net.to(target), x.to(target)
+        flops = {name: count_flops(model, tuple(x.shape)) for name, model in variants.items()}
+        tokens = {name: _mean_token_fraction(model, x) for name, model in variants.items()}
+        variants = {name: model.to(target) for name, model in variants.items()}
+        x = x.to(target)
         load_before = os.getloadavg()
-        times = _time_side_by_side(net, x, warmup, runs)
+        times = time_rotating({name: _forward(model, x) for name, model in variants.items()}, runs=runs,
+                              warmup=warmup, device=target)
+        overhead = {name: _merge_overhead(model, x, runs) for name, model in variants.items() if _reducers(model)}
         load_after = os.getloadavg()
         used_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(saved_threads)
-        remove_token_reducers(net)
 
-    prefix = vit.num_prefix_tokens
-    full = prefix + patches
-    plain_ms, tome_ms = statistics.median(times["plain_ms"]), statistics.median(times["tome_ms"])
-    overhead = [m / b for m, b in zip(times["merge_ms"], times["blocks_ms"])]
+    plain_ms = statistics.median(times[PLAIN])
+    results = {}
+    for name, model in variants.items():
+        median = statistics.median(times[name])
+        results[name] = {
+            "gflops": flops[name] / batch_size / 1e9, "flops_ratio": flops[name] / flops[PLAIN],
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "mean_token_fraction": tokens[name],
+            "ms": times[name], "ms_median": median, "speedup": plain_ms / median,
+            **({"merge_overhead": overhead[name]} if name in overhead else {}),
+        }
     return {
-        "config": {
-            "backbone": backbone,
-            "depth": vit.config.depth,
-            "size": size,
-            "batch_size": batch_size,
-            "removed_fraction": removed_fraction,
-            "warmup": warmup,
-            "runs": runs,
-            "seed": seed,
-        },
-        "machine": {
-            "cpu": cpu_name(),
-            "device": describe_device(target),
-            "torch": torch.__version__,
-            "threads": used_threads,
-            "date": datetime.date.today().isoformat(),
-            "load_average_before": list(load_before),
-            "load_average_after": list(load_after),
-        },
-        "r": r,
-        "tokens_full": full,
-        "tokens_after_last_block": tokens[-1].mlp,
-        "mean_token_fraction": sum(t.attention + t.mlp for t in tokens) / (2 * len(tokens) * full),
-        "gflops_plain": plain_flops / batch_size / 1e9,
-        "gflops_tome": tome_flops / batch_size / 1e9,
-        **{key: list(value) for key, value in times.items()},
-        "plain_ms_median": plain_ms,
-        "tome_ms_median": tome_ms,
-        "speedup": plain_ms / tome_ms,
-        # robust to load that changes between rounds: each round's pair shares the same conditions
-        "speedup_per_round_median": statistics.median(p / t for p, t in zip(times["plain_ms"], times["tome_ms"])),
-        "merge_overhead_fraction": statistics.median(overhead),
+        "config": {"backbone": backbone, "depth": find_vit(net).config.depth, "size": size, "batch_size": batch_size,
+                   "methods": methods, "warmup": warmup, "runs": runs, "seed": seed},
+        "machine": {"cpu": cpu_name(), "device": describe_device(target), "torch": torch.__version__,
+                    "threads": used_threads, "date": datetime.date.today().isoformat(),
+                    "load_average_before": list(load_before), "load_average_after": list(load_after)},
+        "results": results,
     }
 
 
-def _time_side_by_side(net: nn.Module, x: Tensor, warmup: int, runs: int) -> dict[str, list[float]]:
-    """Per kept round: ms of a plain and a ToMe forward, and within the ToMe forward the ms spent in
-    the blocks and inside the reducers."""
-    vit = find_vit(net)
-    reducers = {i: block.token_reducer for i, block in enumerate(vit.blocks) if block.token_reducer is not None}
-    clock = {"merge": 0.0, "blocks_start": 0.0, "blocks": 0.0}  # seconds
+def format_compression_bench(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["variant", "GFLOPs", "FLOPs", "params (M)", "tokens", "ms (median)", "speed-up", "merge overhead"]
+    rows = []
+    for name, r in result["results"].items():
+        overhead = f"{100 * r['merge_overhead']:.1f}%" if "merge_overhead" in r else "-"
+        rows.append([name, f"{r['gflops']:.2f}", f"{100 * r['flops_ratio']:.1f}%", f"{r['params_m']:.2f}",
+                     f"{100 * r['mean_token_fraction']:.1f}%", f"{r['ms_median']:.1f}", f"{r['speedup']:.2f}x", overhead])
+    return header, rows
+
+
+def _forward(model: nn.Module, x: Tensor):
+    def run() -> Any:
+        with torch.inference_mode():
+            return model(x)
+    return run
+
+
+def _mean_token_fraction(model: nn.Module, x: Tensor) -> float:
+    """Mean over blocks (attention and MLP) of the tokens processed, as a fraction of the full count."""
+    counts = reduced_token_counts(model, x)
+    full = counts[0].attention
+    return sum(c.attention + c.mlp for c in counts) / (2 * len(counts) * full)
+
+
+def _reducers(model: nn.Module) -> dict[int, Any]:
+    return {i: b.token_reducer for i, b in enumerate(find_vit(model).blocks) if b.token_reducer is not None}
+
+
+def _merge_overhead(model: nn.Module, x: Tensor, runs: int) -> float:
+    """Median over `runs` forwards of (time inside the reducers) / (time in the blocks)."""
+    vit = find_vit(model)
+    reducers = _reducers(model)
+    clock = {"merge": 0.0, "start": 0.0, "blocks": 0.0}
 
     def timed(reducer: Any) -> Any:
         def run(tokens: Tensor, keys: Tensor | None, ctx: TokenContext) -> tuple[Tensor, Unmerge]:
@@ -146,43 +179,29 @@ def _time_side_by_side(net: nn.Module, x: Tensor, warmup: int, runs: int) -> dic
             synchronize(tokens.device)
             clock["merge"] += time.perf_counter() - start
             return out
-
         return run
 
     def blocks_start(*_: Any) -> None:
         synchronize(x.device)
-        clock["blocks_start"] = time.perf_counter()
+        clock["start"] = time.perf_counter()
 
     def blocks_end(*_: Any) -> None:
         synchronize(x.device)
-        clock["blocks"] = time.perf_counter() - clock["blocks_start"]
+        clock["blocks"] = time.perf_counter() - clock["start"]
 
-    def forward(with_tome: bool) -> tuple[float, float, float]:
-        """(total, blocks, reducers) ms of one forward."""
-        for i, reducer in reducers.items():
-            vit.blocks[i].token_reducer = timed(reducer) if with_tome else None
-        clock["merge"] = 0.0
-        synchronize(x.device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            net(x)
-        synchronize(x.device)
-        return (time.perf_counter() - start) * 1e3, clock["blocks"] * 1e3, clock["merge"] * 1e3
-
-    out: dict[str, list[float]] = {"plain_ms": [], "tome_ms": [], "blocks_ms": [], "merge_ms": []}
     handles = [vit.blocks[0].register_forward_pre_hook(blocks_start), vit.blocks[-1].register_forward_hook(blocks_end)]
+    for i, reducer in reducers.items():
+        vit.blocks[i].token_reducer = timed(reducer)
+    shares = []
     try:
-        for round_ in range(warmup + runs):
-            order = (False, True) if round_ % 2 == 0 else (True, False)
-            measured = {with_tome: forward(with_tome) for with_tome in order}
-            if round_ >= warmup:
-                out["plain_ms"].append(measured[False][0])
-                out["tome_ms"].append(measured[True][0])
-                out["blocks_ms"].append(measured[True][1])
-                out["merge_ms"].append(measured[True][2])
+        with torch.inference_mode():
+            for _ in range(runs):
+                clock["merge"] = 0.0
+                model(x)
+                shares.append(clock["merge"] / clock["blocks"])
     finally:
         for handle in handles:
             handle.remove()
         for i, reducer in reducers.items():
             vit.blocks[i].token_reducer = reducer
-    return out
+    return statistics.median(shares)

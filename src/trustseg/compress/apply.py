@@ -112,6 +112,11 @@ def finetune_checkpoint(checkpoint: Checkpoint, *, steps: int, data: str, out: s
     return tuned, {"steps": result.step, "lr": config.optim.lr, "teacher": teacher, "val_mIoU": result.metrics.get("mIoU")}
 
 
+def tome_r(fraction: float, num_patches: int, depth: int) -> int:
+    """ToMe's r (the same in every block) that merges away `fraction` of the patch tokens by the last block."""
+    return max(1, round(fraction * num_patches / depth))
+
+
 def sweep_specs(families: tuple[str, ...], vit_depth: int, num_patches: int) -> list[str]:
     """The ladder of specs of each family in `families` (``tome``, ``algm``, ``prune``, ``prune+tome``).
 
@@ -120,7 +125,7 @@ def sweep_specs(families: tuple[str, ...], vit_depth: int, num_patches: int) -> 
     and merges on top at each token fraction.
     """
     def tome(fraction: float) -> str:
-        return f"tome:r={max(1, round(fraction * num_patches / vit_depth))}"
+        return f"tome:r={tome_r(fraction, num_patches, vit_depth)}"
 
     ladders = {
         "tome": [tome(f) for f in TOKEN_FRACTIONS],
