@@ -339,6 +339,8 @@ def augment_command(
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Diffusion negative prompt."),
     steps: int = typer.Option(40, "--steps", min=1, help="Diffusion steps."),
     guidance: float = typer.Option(7.0, "--guidance", help="Classifier-free guidance scale."),
+    resolution: int = typer.Option(1024, "--resolution", help="Side of the square diffusion bucket (SDXL/FLUX 1024, "
+                                   "SD 1.5 512); images go to the bucket of the nearest aspect ratio and back."),
     preview_rows: int = typer.Option(4, "--preview-rows", min=0, help="Images shown in preview.png (0: none)."),
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
@@ -355,7 +357,8 @@ def augment_command(
     result = run_augment(AugmentConfig(
         data=data, out=str(out), checkpoint=None if checkpoint is None else str(checkpoint), selector=selector, tau=tau,
         backend=BackendConfig(name=backend, opencv_method=opencv_method, model=None if model is None else str(model),
-                              prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance),
+                              prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                              resolution=resolution),
         split=split, max_images=max_images, num_samples=num_samples, seed=seed, preview_rows=preview_rows,
         inference=inference_config(mode, crop, stride, short_side, False, 1.0), device=device, progress=progress,
         resume=resume,
