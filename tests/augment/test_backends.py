@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from trustseg.augment.backends import BackendConfig, build_backend, donor_of, opencv_backend, resize_image, texture_backend
+from trustseg.augment.backends import (
+    BackendConfig, build_backend, donor_of, opencv_backend, resize_image, texture_backend,
+)
 from trustseg.errors import UserError
 
 
@@ -20,8 +22,8 @@ class Images:
         return len(self.images)
 
     def __getitem__(self, index):
-        return {"image": self.images[index].clone(), "mask": torch.zeros(self.images[index].shape[1:], dtype=torch.long),
-                "path": f"img{index}"}
+        image = self.images[index].clone()
+        return {"image": image, "mask": torch.zeros(image.shape[1:], dtype=torch.long), "path": f"img{index}"}
 
 
 @pytest.mark.parametrize("method", ["telea", "ns"])
@@ -78,4 +80,8 @@ def test_backend_names_and_settings_are_checked():
         BackendConfig(name="gan")
     with pytest.raises(UserError, match="--opencv-method 'fast'"):
         BackendConfig(opencv_method="fast")
-    assert callable(build_backend(BackendConfig(name="opencv", opencv_method="ns"), Images(2), "folder", torch.device("cpu")))
+    backend = build_backend(BackendConfig(name="opencv", opencv_method="ns"), Images(2), "folder", torch.device("cpu"))
+    image = Images(2)[1]["image"]
+    mask = torch.zeros(image.shape[1:], dtype=torch.bool)
+    mask[2:5, 3:6] = True
+    assert torch.equal(backend(image, mask, seed=0, index=1), opencv_backend("ns")(image, mask, seed=0, index=1))

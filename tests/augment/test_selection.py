@@ -91,7 +91,8 @@ def test_random_classes_are_seeded_and_follow_the_same_threshold():
     labels, entropy = maps()
     runs = [select(labels, None, num_classes=4, tau=0.3, selector="no-model",
                    generator=torch.Generator().manual_seed(s)) for s in range(20)]
-    again = select(labels, None, num_classes=4, tau=0.3, selector="no-model", generator=torch.Generator().manual_seed(3))
+    again = select(labels, None, num_classes=4, tau=0.3, selector="no-model",
+                   generator=torch.Generator().manual_seed(3))
     assert again.classes == runs[3].classes
     counts = {0: 8, 1: 6, 2: 3}
     for run in runs:

@@ -67,7 +67,8 @@ def test_augment_writes_a_folder_dataset_that_keeps_only_preserved_original_pixe
         assert entry["preserved_classes"] == list(expected.classes)
         assert entry["score"] == pytest.approx(expected.score, rel=1e-6)
         assert entry["seed"] == entry["source_index"] and entry["source"] == original["path"]
-        image, labels = read_image(out / entry["image"]), torch.from_numpy(read_mask_array(out / entry["mask"]).astype(np.int64))
+        image = read_image(out / entry["image"])
+        labels = torch.from_numpy(read_mask_array(out / entry["mask"]).astype(np.int64))
         kept = labels != IGNORE
         assert kept.any()
         # every labelled pixel is an original pixel of a preserved class, with its original label
@@ -78,26 +79,26 @@ def test_augment_writes_a_folder_dataset_that_keeps_only_preserved_original_pixe
 
 
 def test_an_interrupted_run_resumes_to_the_same_files(tmp_path, checkpoint, monkeypatch):
-    args = ("--checkpoint", str(checkpoint), "--backend", "texture", "--selector", "random-class", "--preview-rows", "0")
+    args = ("--checkpoint", str(checkpoint), "--backend", "texture", "--selector", "random-class",
+            "--preview-rows", "0")
     assert augment(monkeypatch, tmp_path / "whole", *args) in (0, None)
-    calls = {"n": 0}
     original = workflow._write_sample
+    written = []
 
-    def dies_on_the_third(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def write(*a, kill_at=None, **k):
+        if len(written) + 1 == kill_at:
             raise Killed
-        return original(*a, **k)
+        written.append(original(*a, **k))
+        return written[-1]
 
-    monkeypatch.setattr(workflow, "_write_sample", dies_on_the_third)
+    monkeypatch.setattr(workflow, "_write_sample", lambda *a, **k: write(*a, kill_at=3, **k))
     with pytest.raises(Killed):
         augment(monkeypatch, tmp_path / "cut", *args)
-    monkeypatch.setattr(workflow, "_write_sample", original)
     assert augment(monkeypatch, tmp_path / "cut", *args) == 2  # a fresh run refuses the folder
-    calls["n"] = 0
-    monkeypatch.setattr(workflow, "_write_sample", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), original(*a, **k))[1])
+    written.clear()
+    monkeypatch.setattr(workflow, "_write_sample", write)
     assert augment(monkeypatch, tmp_path / "cut", *args, "--resume") in (0, None)
-    assert calls["n"] == 2  # only the two images not finished before
+    assert len(written) == 2  # only the two images not finished before
     for folder in ("images", "masks"):
         names = sorted(p.name for p in (tmp_path / "whole" / folder).iterdir())
         assert names == sorted(p.name for p in (tmp_path / "cut" / folder).iterdir())
@@ -135,7 +136,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, checkpoint, m
                 "tau-one": "--tau 1.0", "no-folder": "does not exist", "no-diffusers": "needs the diffusers package",
                 "no-checkpoint": "needs --checkpoint"}[case]
     if case == "no-diffusers":
-        monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "diffusers" else spec(name, *a))
+        monkeypatch.setitem(sys.modules, "diffusers", None)  # what an environment without it looks like to find_spec
     out = tmp_path / "out"
     assert augment(monkeypatch, out, *args) == 2
     err = capsys.readouterr().err.strip()
@@ -143,20 +144,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, checkpoint, m
     assert not out.exists()
 
 
-def spec(name, *args):
-    import importlib.machinery
-
-    return importlib.machinery.PathFinder.find_spec(name)
-
-
 def test_the_synthetic_folder_trains_with_the_real_data_and_fine_tunes_from_the_checkpoint(tmp_path, checkpoint,
                                                                                          monkeypatch):
     out = tmp_path / "synthetic"
-    assert augment(monkeypatch, out, "--checkpoint", str(checkpoint), "--tau", "0.5", "--preview-rows", "0") in (0, None)
+    code = augment(monkeypatch, out, "--checkpoint", str(checkpoint), "--tau", "0.5", "--preview-rows", "0")
+    assert code in (0, None)
     recipe = {"seed": 0, "batch_size": 2, "steps": 3, "log_every": 1, "val_every": 0,
               "data": {"train": "synthetic", "val": "synthetic#split=val,size=32,num_images=2", "crop": [32, 32]},
               "model": {"name": "unet", "options": {"base_width": 4, "depth": 2}, "init_from": str(checkpoint)},
-              "optim": {"lr": 2e-5}}  # fine-tuning: a tenth of ... a low learning rate (Röhrich et al.: 2e-5)
+              "optim": {"lr": 2e-5}}  # fine-tuning at a low learning rate (Röhrich et al. 2026: 2e-5)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     joined = f"{DATA}+folder:{out}#ratio=1:1"
     run = tmp_path / "run"

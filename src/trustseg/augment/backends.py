@@ -1,8 +1,9 @@
 """Regeneration backends: fill the pixels a mask marks with new content, one image at a time.
 
-Every backend is a callable ``backend(image, regenerate, *, seed, index) -> image``: image uint8 (3, H, W),
-regenerate bool (H, W) (True = make new), `seed` the image's seed, `index` its place in the dataset; the result uint8 (3, H, W) at the input size. What it does
-with the preserved pixels does not matter: `trustseg.augment.compose` pastes the originals back.
+Every backend is a callable ``backend(image, regenerate, *, seed, index) -> image``: image uint8
+(3, H, W), regenerate bool (H, W) (True = make new), `seed` the image's seed, `index` its place in the
+dataset; the result is uint8 (3, H, W) at the input size. What a backend does with the preserved pixels
+does not matter: `trustseg.augment.compose` pastes the originals back.
 
 - ``opencv``: classical inpainting (`cv2.inpaint`), Telea's fast marching method (Telea 2004) or the
   Navier-Stokes method (Bertalmio et al. 2001). No model; fast; smooth, texture-less fills.

@@ -12,8 +12,6 @@ is then: the original label where alpha == 1, the ignore label everywhere else.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -67,7 +65,3 @@ def compose(original: Tensor, generated: Tensor, labels: Tensor, preserve: Tenso
     new_labels = torch.where(kept, labels, torch.full_like(labels, ignore_index))
     return image, new_labels, alpha
 
-
-def feathered_fraction(alpha: Tensor) -> float:
-    """Share of the pixels that blend original and generated content (0 < alpha < 1)."""
-    return float(((alpha > 0) & (alpha < 1)).double().mean()) if alpha.numel() else math.nan

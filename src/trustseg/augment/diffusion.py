@@ -76,7 +76,8 @@ def load_pipeline(folder, device: torch.device):
     try:
         pipeline = diffusers.DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError, AttributeError) as error:
-        raise UserError(f"--model {folder}: cannot load a diffusers pipeline from it ({str(error).splitlines()[0][:200]})") from None
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UserError(f"--model {folder}: cannot load a diffusers pipeline from it ({reason})") from None
     if "mask_image" not in inspect.signature(pipeline.__call__).parameters:
         raise UserError(f"--model {folder} holds a {type(pipeline).__name__}, not an inpainting pipeline "
                         "(e.g. StableDiffusionXLInpaintPipeline or FluxFillPipeline)")

@@ -172,4 +172,8 @@ def select(labels: Tensor, entropy: Tensor | None, *, num_classes: int, tau: flo
 
 def rank_images(scores: list[float]) -> list[int]:
     """Image indices by decreasing score; equal scores in increasing index, NaN scores last (in index order)."""
-    return sorted(range(len(scores)), key=lambda i: (math.isnan(scores[i]), -scores[i] if not math.isnan(scores[i]) else 0, i))
+    def key(i: int) -> tuple[bool, float, int]:
+        unscored = math.isnan(scores[i])
+        return unscored, 0.0 if unscored else -scores[i], i
+
+    return sorted(range(len(scores)), key=key)

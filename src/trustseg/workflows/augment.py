@@ -28,7 +28,9 @@ import torch
 
 from trustseg.augment.backends import BackendConfig, build_backend, check_backend
 from trustseg.augment.compose import FEATHER_SIGMA, compose
-from trustseg.augment.selection import ENTROPY_SELECTORS, Selection, check_selector, check_tau, pixel_entropy, rank_images, select
+from trustseg.augment.selection import (
+    ENTROPY_SELECTORS, Selection, check_selector, check_tau, pixel_entropy, rank_images, select,
+)
 from trustseg.data.base import mask_dtype
 from trustseg.data.spec import load_dataset, parse_spec, resolve_split, split_parts
 from trustseg.engine.checkpoint import load_checkpoint
@@ -96,10 +98,10 @@ def run_augment(config: AugmentConfig) -> AugmentResult:
     split = resolve_split(config.data, config.split, "train")
     dataset = first_images(load_dataset(config.data, split=split), config.max_images)
     checkpoint = None if config.checkpoint is None else load_checkpoint(config.checkpoint)
+    predictor = None
     if checkpoint is not None:
         check_same_classes(checkpoint, dataset, config.data)
-    predictor = None if checkpoint is None else predictor_from_checkpoint(checkpoint, config.inference, calibrated=False,
-                                                                          device=device)
+        predictor = predictor_from_checkpoint(checkpoint, config.inference, calibrated=False, device=device)
     backend = build_backend(config.backend, dataset, parse_spec(split_parts(config.data)[0]).name, device)
     classes = dataset.classes
     run_dir = RunDir(config.out)
@@ -194,7 +196,8 @@ def write_preview(run_dir: RunDir, dataset, predictor: Predictor | None, entries
 
     classes = dataset.classes
     columns = ("original", "entropy", "preserved", "synthetic", "label")
-    figure, axes = plt.subplots(len(entries), len(columns), squeeze=False, figsize=(2.4 * len(columns), 2.4 * len(entries)))
+    figure, axes = plt.subplots(len(entries), len(columns), squeeze=False,
+                                figsize=(2.4 * len(columns), 2.4 * len(entries)))
     for row, entry in enumerate(entries):
         sample = dataset[entry["source_index"]]
         image = sample["image"]
@@ -203,8 +206,8 @@ def write_preview(run_dir: RunDir, dataset, predictor: Predictor | None, entries
             uncertainty = np.full(rgb.shape[:2], 0.5)
         else:
             uncertainty = image_entropy(predictor, image, device).numpy() / math.log(max(classes.num_classes, 2))
-        box = entry["box"]
-        preserve = _selection({"classes": entry["preserved_classes"], "box": box, "score": None}).preserve_mask(sample["mask"])
+        selection = _selection({"classes": entry["preserved_classes"], "box": entry["box"], "score": None})
+        preserve = selection.preserve_mask(sample["mask"])
         dimmed = np.where(preserve.numpy()[..., None], rgb, (rgb * 0.25).astype(np.uint8))
         synthetic = read_image(run_dir.file(entry["image"])).permute(1, 2, 0).numpy()
         labels = torch.from_numpy(read_mask_array(run_dir.file(entry["mask"])).astype(np.int64))
