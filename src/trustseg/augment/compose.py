@@ -41,13 +41,18 @@ def feather_alpha(preserve: Tensor, sigma: float = FEATHER_SIGMA) -> Tensor:
     x = F.pad(preserve.double()[None, None], (radius, radius, radius, radius), mode="replicate")
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
     alpha = F.conv2d(x, kernel.view(1, 1, -1, 1))[0, 0].clamp_(0, 1)
-    size = 2 * radius + 1
-    # windows reaching outside the image see only its pixels (max pooling pads with -inf), like replication
-    any_regenerated = F.max_pool2d((~preserve).double()[None, None], size, stride=1, padding=radius)[0, 0] > 0
-    any_preserved = F.max_pool2d(preserve.double()[None, None], size, stride=1, padding=radius)[0, 0] > 0
-    alpha[~any_regenerated] = 1.0
-    alpha[~any_preserved] = 0.0
+    alpha[~window_any(~preserve, radius)] = 1.0
+    alpha[~window_any(preserve, radius)] = 0.0
     return alpha
+
+
+def window_any(mask: Tensor, radius: int) -> Tensor:
+    """bool (H, W): whether the (2r + 1)^2 window around each pixel holds a True of `mask` (H, W); windows
+    reaching outside the image see only its pixels (max pooling pads with -inf), as replication would."""
+    size = 2 * radius + 1
+    x = mask.float()[None, None]
+    x = F.max_pool2d(x, (1, size), stride=1, padding=(0, radius))  # a max over a square is separable
+    return F.max_pool2d(x, (size, 1), stride=1, padding=(radius, 0))[0, 0] > 0
 
 
 def compose(original: Tensor, generated: Tensor, labels: Tensor, preserve: Tensor, *, ignore_index: int,
