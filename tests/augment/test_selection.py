@@ -170,3 +170,17 @@ def test_selection_equals_a_naive_reference_on_random_maps():
                 break
         assert got.classes == tuple(expected)
         assert got.score == pytest.approx(sum(sums[c] for c in expected) / sum(counts[c] for c in expected))
+
+
+def test_selection_from_a_hand_made_probability_map():
+    # class 0: confident (p = 1, 0, 0); class 1: torn between two classes (0.5, 0.5, 0); class 2: uniform
+    labels = torch.tensor([[0, 0, 0, 1], [0, 0, 1, 1], [2, 0, 0, 0]])
+    rows = {0: [1.0, 0.0, 0.0], 1: [0.5, 0.5, 0.0], 2: [1 / 3, 1 / 3, 1 / 3]}
+    probs = torch.tensor([[rows[int(v)] for v in row] for row in labels]).permute(2, 0, 1)[None]
+    entropy = pixel_entropy(probs)[0]
+    # 12 px, tau 0.05 -> 0.6 px: the uniform class (ln 3 nats) alone, though it has a single pixel
+    assert select(labels, entropy, num_classes=3, tau=0.05, selector="entropy-high").classes == (2,)
+    chosen = select(labels, entropy, num_classes=3, tau=0.1, selector="entropy-high")
+    assert chosen.classes == (2, 1)  # 1 px is not more than 1.2 px: the next class (ln 2 nats) joins
+    assert chosen.score == pytest.approx((math.log(3) + 3 * math.log(2)) / 4, abs=1e-5)
+    assert select(labels, entropy, num_classes=3, tau=0.1, selector="entropy-low").classes == (0,)
