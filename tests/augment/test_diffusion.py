@@ -139,6 +139,19 @@ def test_augment_with_the_tiny_pipeline_labels_only_preserved_pixels(tiny_pipeli
         assert math.isfinite(entry["score"])
 
 
+@pytest.mark.slow
+def test_a_folder_of_half_precision_weights_loads(tiny_pipeline, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from trustseg.augment.diffusion import load_pipeline
+
+    DiffusionPipeline.from_pretrained(str(tiny_pipeline), local_files_only=True).save_pretrained(
+        str(tmp_path / "fp16"), variant="fp16")
+    assert all(".fp16." in p.name for p in (tmp_path / "fp16").rglob("*.safetensors"))
+    pipeline = load_pipeline(tmp_path / "fp16", torch.device("cpu"))
+    assert type(pipeline).__name__ == "StableDiffusionXLInpaintPipeline" and pipeline.unet.dtype == torch.float32
+
+
 def test_a_folder_without_a_pipeline_is_refused(tmp_path):
     with pytest.raises(UserError, match="holds no model_index.json"):
         build_backend(BackendConfig(name="diffusers", model=str(tmp_path)), None, "folder", torch.device("cpu"))

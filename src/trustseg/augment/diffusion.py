@@ -74,7 +74,8 @@ def load_pipeline(folder, device: torch.device):
         raise UserError(f"--backend diffusers: the diffusers package does not import ({error})") from None
     cuda = device.type == "cuda"
     try:
-        pipeline = diffusers.DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+        pipeline = diffusers.DiffusionPipeline.from_pretrained(str(folder), local_files_only=True,
+                                                               variant=weights_variant(folder))
     except (OSError, ValueError, TypeError, AttributeError) as error:
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise UserError(f"--model {folder}: cannot load a diffusers pipeline from it ({reason})") from None
@@ -87,6 +88,13 @@ def load_pipeline(folder, device: torch.device):
     pipeline = pipeline.to(device=device, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def weights_variant(folder) -> str | None:
+    """"fp16" when the folder holds only half-precision weight files (``*.fp16.safetensors``, as the
+    published SDXL inpainting checkpoints offer), else None (the plain files)."""
+    weights = [path.name for path in folder.rglob("*") if path.suffix in (".safetensors", ".bin")]
+    return "fp16" if weights and all(".fp16." in name for name in weights) else None
 
 
 def diffusers_backend(config: BackendConfig, layout: str, device: torch.device) -> Backend:
