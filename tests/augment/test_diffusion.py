@@ -19,10 +19,6 @@ from trustseg.data.spec import load_dataset
 from trustseg.data.synthetic import CLASS_NAMES, PALETTE
 from trustseg.errors import UserError
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
-
-
 def byte_characters():
     """The 256 characters of byte-level BPE (GPT-2's byte-to-unicode table): printable bytes stand for
     themselves, the others are shifted above 255."""
@@ -34,6 +30,7 @@ def byte_characters():
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     """A randomly initialised SDXL inpainting pipeline (9-channel UNet, as SDXL inpainting 0.1) saved to a folder."""
+    pytest.importorskip("diffusers")  # here, not at collection: importing diffusers takes seconds
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -68,6 +65,7 @@ def tiny_pipeline(tmp_path_factory):
 @pytest.fixture
 def calls(monkeypatch):
     """The keyword arguments of every pipeline call, the call itself still running."""
+    pytest.importorskip("diffusers")
     from diffusers import StableDiffusionXLInpaintPipeline
 
     seen = []
