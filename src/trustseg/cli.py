@@ -379,6 +379,54 @@ def corrupt_command(
     console.print(f"{what} written under {result.run_dir}")
 
 
+@app.command("augment")
+def augment_command(
+    data: str = typer.Option(..., "--data", help="Training data to augment. " + DATA_HELP),
+    out: Path = typer.Option(..., "--out", help="Folder for the synthetic dataset (folder: layout)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Trained model whose entropy picks the "
+                                              "preserved classes (not with --selector no-model)."),
+    backend: str = typer.Option("opencv", "--backend", help="opencv | texture | diffusers: what regenerates the rest."),
+    tau: float = typer.Option(0.1, "--tau", help="Preserved fraction: whole classes are kept until they exceed tau*H*W."),
+    selector: str = typer.Option("entropy-high", "--selector",
+                                 help="entropy-high | entropy-low | random-class | random-region | no-model"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Regenerate only the N highest-ranked images."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split (default: the spec's #split, else train)."),
+    max_images: Optional[int] = MaxImagesOption,
+    seed: int = typer.Option(0, "--seed", help="Image i uses seed + i (random selectors, donors, diffusion)."),
+    opencv_method: str = typer.Option("telea", "--opencv-method", help="telea | ns (backend opencv)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Local diffusers inpainting pipeline folder (backend diffusers)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Diffusion prompt (default: the dataset's)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Diffusion negative prompt."),
+    steps: int = typer.Option(40, "--steps", min=1, help="Diffusion steps."),
+    guidance: float = typer.Option(7.0, "--guidance", help="Classifier-free guidance scale."),
+    resolution: int = typer.Option(1024, "--resolution", help="Side of the square diffusion bucket (SDXL/FLUX 1024, "
+                                   "SD 1.5 512); images go to the bucket of the nearest aspect ratio and back."),
+    preview_rows: int = typer.Option(4, "--preview-rows", min=0, help="Images shown in preview.png (0: none)."),
+    mode: str = ModeOption,
+    crop: Optional[str] = CropOption,
+    stride: Optional[str] = StrideOption,
+    short_side: Optional[int] = ShortSideOption,
+    device: str = DeviceOption,
+    progress: bool = ProgressOption,
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (same settings)."),
+) -> None:
+    """Uncertainty-guided synthetic data: keep the hardest classes, regenerate the rest, label only what was kept."""
+    from trustseg.augment.backends import BackendConfig
+    from trustseg.workflows.augment import AugmentConfig, run_augment
+
+    result = run_augment(AugmentConfig(
+        data=data, out=str(out), checkpoint=None if checkpoint is None else str(checkpoint), selector=selector, tau=tau,
+        backend=BackendConfig(name=backend, opencv_method=opencv_method, model=None if model is None else str(model),
+                              prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                              resolution=resolution),
+        split=split, max_images=max_images, num_samples=num_samples, seed=seed, preview_rows=preview_rows,
+        inference=inference_config(mode, crop, stride, short_side, False, 1.0), device=device, progress=progress,
+        resume=resume,
+    ))
+    console.print(f"{len(result.written)} synthetic images written to {result.run_dir} (folder: layout; "
+                  f"train on e.g. '{data}+folder:{result.run_dir}#ratio=1:1')")
+
+
 @app.command("calibrate")
 def calibrate_command(
     checkpoint: Path = CheckpointOption,
