@@ -165,7 +165,7 @@ def train_policy(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         positives += int(targets[valid].sum())
         windows += int(valid.sum())
     last = losses[-max(1, len(losses) // 10):]
