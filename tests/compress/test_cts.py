@@ -237,6 +237,27 @@ def test_installing_twice_replaces_and_removing_restores(shared_model):
     assert model.backbone.input_reducer is None and not model.backbone.patch_embed._forward_pre_hooks
 
 
+def test_fine_tuning_with_cts_trains_the_vit_not_the_policy(one_thread):
+    model = segmenter("rope", registers=2).train()
+    policy = PolicyNet()
+    install_cts(model, policy, k=2)
+    model(torch.randn(2, 3, 64, 96)).square().mean().backward()
+    assert model.backbone.patch_embed.weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in policy.parameters())  # installed frozen
+
+
+def test_bf16_autocast_runs_and_stays_close(one_thread):
+    model = segmenter("rope", registers=2)
+    install_cts(model, PolicyNet(), k=3)
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        full = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(images)
+    assert half.shape == full.shape
+    torch.testing.assert_close(half.float(), full, atol=0.1, rtol=0.1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     model = segmenter("rope", registers=2)
