@@ -43,7 +43,7 @@ from trustseg.data.base import SegmentationDataset
 from trustseg.engine.checkpoint import Checkpoint
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
-from trustseg.models.vit import TokenContext, ViT, patch_centres, resample_pos_embed, rope_at
+from trustseg.models.vit import TokenContext, Unmerge, ViT, patch_centres, resample_pos_embed, rope_at
 
 # ---------------------------------------------------------------------------------------------------
 # Pure functions
@@ -165,14 +165,14 @@ class TokenSharing:
         self._hook.remove()
         self._images = None
 
-    def __call__(self, x: Tensor, keys: Tensor | None, ctx: TokenContext) -> tuple[Tensor, Any]:
+    def __call__(self, x: Tensor, keys: Tensor | None, ctx: TokenContext) -> tuple[Tensor, Unmerge]:
         images, self._images = self._images, None
         if images is None:
             raise RuntimeError("CTS: the patch embedding saw no images in this forward")
         if self.k == 0:
             return x, _identity
         cfg = self.vit.config
-        h2, w2 = window_grid(ctx.grid, 1)
+        h2, w2 = window_grid(ctx.grid, 1)  # the windows of the patch grid
         if self.k > h2 * w2:
             raise UserError(f"cts: k={self.k} shared superpatches, but a {images.shape[-2]}x{images.shape[-1]} "
                             f"input has only {h2 * w2} 2x2 windows of patches; use k <= {h2 * w2} or larger images")
