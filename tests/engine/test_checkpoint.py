@@ -81,6 +81,7 @@ def damage(payload, field, value):
         ("mean", [0.5, 0.5]),
         ("std", [0.2, 0.0, 0.2]),
         ("calibrator", {"method": "ts", "state_dict": [1.0]}),
+        ("token_policy", {"conv.weight": [1.0]}),
         ("train_config", 3),
     ],
 )

@@ -2,7 +2,8 @@
 
 A checkpoint holds the model recipe (builder name + options), its weights, the class metadata, the
 input normalisation, the training config, optional training state (optimizer, step) for resuming and
-an optional post-hoc calibrator that every prediction from it passes through.
+an optional post-hoc calibrator that every prediction from it passes through, and the optional learned
+state of its token reduction (CTS's policy network, ``compress/cts.py``).
 Files hold only tensors and plain Python containers, so they load with ``weights_only=True``.
 """
 
@@ -39,6 +40,8 @@ class Checkpoint:
     training_state: dict[str, Any] = field(default_factory=dict)
     # a fitted post-hoc calibrator that eval/predict apply: {"method": name, "state_dict": {...}}
     calibrator: dict[str, Any] | None = None
+    # weights of the learned part of the token reduction recorded in model["token_reduction"] (CTS's policy)
+    token_policy: dict[str, torch.Tensor] | None = None
     # what the checkpoint was read from, for messages (not saved)
     source: str = field(default="checkpoint", compare=False, repr=False)
 
@@ -57,6 +60,7 @@ class Checkpoint:
             "train_config": self.train_config,
             "training_state": self.training_state,
             "calibrator": self.calibrator,
+            "token_policy": self.token_policy,
         }
 
     @classmethod
@@ -66,6 +70,7 @@ class Checkpoint:
         missing = [key for key in ("model", "state_dict", "classes", "mean", "std") if key not in payload]
         _expect(not missing, source, missing[0] if missing else "", "present")
         model, classes, calibrator = payload["model"], payload["classes"], payload.get("calibrator")
+        token_policy = payload.get("token_policy")
         _expect(isinstance(model, dict) and isinstance(model.get("name"), str)
                 and _is_options(model.get("options", {})),
                 source, "model", "{'name': builder name, 'options': {name: value}}")
@@ -90,6 +95,8 @@ class Checkpoint:
         _expect(calibrator is None or (isinstance(calibrator, dict) and isinstance(calibrator.get("method"), str)
                                        and _is_tensors(calibrator.get("state_dict"))),
                 source, "calibrator", "null or {'method': name, 'state_dict': a dict of named tensors}")
+        _expect(token_policy is None or _is_tensors(token_policy), source, "token_policy",
+                "null or a dict of named tensors")
         try:
             class_info = ClassInfo(names=tuple(names), palette=tuple(tuple(int(v) for v in c) for c in palette),
                                    ignore_index=int(ignore_index))
@@ -105,6 +112,7 @@ class Checkpoint:
             train_config=dict(payload.get("train_config", {})),
             training_state=dict(payload.get("training_state", {})),
             calibrator=calibrator,
+            token_policy=token_policy,
             source=source,
         )
 

@@ -141,18 +141,28 @@ def resample_pos_embed(pos_embed: Tensor, grid: tuple[int, int], *, antialias: b
 
 
 def rope_tables(grid: tuple[int, int], head_dim: int, theta: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """2-D axial RoPE (cos, sin), each (h*w, head_dim), in row-major patch order.
+    """2-D axial RoPE (cos, sin), each (h*w, head_dim), of the patch centres in row-major order."""
+    return rope_at(patch_centres(grid, device), head_dim, theta)
 
-    Patch centres are normalised to [-1, 1] per axis; the first half of the channel pairs turns with
-    the row coordinate, the second half with the column coordinate; angles are ``2*pi*coord/period``
-    with periods ``theta ** (4 i / head_dim)`` (DINOv3). Channel j is paired with j + head_dim/2.
-    """
+
+def patch_centres(grid: tuple[int, int], device: torch.device | None = None) -> Tensor:
+    """(h*w, 2) (row, col) of the patch centres, normalised to [-1, 1] per axis, in row-major order."""
     h, w = grid
-    inv_period = theta ** -(torch.arange(head_dim // 4, dtype=torch.float32, device=device) * 4 / head_dim)
     ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h * 2 - 1
     xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w * 2 - 1
-    coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(h * w, 2)
-    angles = (2 * math.pi * coords[:, :, None] * inv_period).flatten(1)  # (N, head_dim/2): rows, then cols
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(h * w, 2)
+
+
+def rope_at(coords: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """2-D axial RoPE (cos, sin), each (..., head_dim), at positions coords (..., 2) = (row, col) in the
+    normalised frame of ``patch_centres`` (any position, e.g. the centre of several patches).
+
+    The first half of the channel pairs turns with the row coordinate, the second half with the column
+    coordinate; angles are ``2*pi*coord/period`` with periods ``theta ** (4 i / head_dim)`` (DINOv3).
+    Channel j is paired with j + head_dim/2.
+    """
+    inv_period = theta ** -(torch.arange(head_dim // 4, dtype=torch.float32, device=coords.device) * 4 / head_dim)
+    angles = (2 * math.pi * coords[..., None] * inv_period).flatten(-2)  # (..., head_dim/2): rows, then cols
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
