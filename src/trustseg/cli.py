@@ -495,9 +495,10 @@ def compress_command(
     data: str = DataOption,
     out: Path = typer.Option(..., "--out", help="Run directory: compression.json, models/<method>.pt, frontier plots."),
     method: list[str] = typer.Option([], "--method", help="A compression spec, repeatable: tome:r=8 | "
-                                     "algm:tau=0.9 | prune:flops=0.5[,importance=magnitude] | prune:flops=0.7+tome:r=4."),
-    sweep: str = typer.Option("", "--sweep", help="Families run over a ladder of 4 levels each: tome, algm, prune, "
-                              "prune+tome (comma-separated)."),
+                                     "algm:tau=0.9 | cts:k=100 | prune:flops=0.5[,importance=magnitude] | "
+                                     "prune:flops=0.7+tome:r=4."),
+    sweep: str = typer.Option("", "--sweep", help="Families run over a ladder of 4 levels each: tome, algm, cts, "
+                              "prune, prune+tome (comma-separated)."),
     corruptions: Optional[str] = typer.Option(None, "--corruptions", help="Corruption set for the corrupted mIoU "
                                               "(names, a family, common or all; default: one per family)."),
     severities: str = typer.Option("3", "--severities", help="Severities of the corruption set: 3, 1-5 or 1,3,5."),
@@ -507,6 +508,8 @@ def compress_command(
                                           help="Training images for the Taylor importance of pruning."),
     finetune_steps: int = typer.Option(0, "--finetune-steps", min=0, help="Fine-tune each pruned model this many "
                                        "steps (its own recipe, lr x 0.1, distilled from the uncompressed model)."),
+    policy_steps: int = typer.Option(500, "--policy-steps", min=1, help="Training steps of the CTS policy on the "
+                                     "training split (when the checkpoint holds none)."),
     cost_size: Optional[str] = typer.Option(None, "--cost-size", help="'H,W' for GFLOPs and latency (default: what "
                                             "the model sees of the first image, padded to its stride)."),
     latency_runs: int = typer.Option(10, "--latency-runs", min=1, help="Timed forwards per model."),
@@ -537,7 +540,7 @@ def compress_command(
         checkpoint=str(checkpoint), data=data, out=str(out), methods=tuple(method),
         sweep=tuple(p.strip() for p in sweep.split(",") if p.strip()), **chosen,
         severities=parse_severities(severities), split=split, max_images=max_images,
-        importance_batches=importance_images, finetune_steps=finetune_steps,
+        importance_batches=importance_images, finetune_steps=finetune_steps, policy_steps=policy_steps,
         cost_size=parse_pair(cost_size, "--cost-size"), latency_runs=latency_runs, seed=seed,
         inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device,
         progress=progress, resume=resume,

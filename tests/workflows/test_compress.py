@@ -94,14 +94,18 @@ def test_a_sweep_draws_four_levels_per_family_and_fine_tunes_pruned_models(vit_c
 def test_a_finished_run_resumes_without_redoing_anything(vit_checkpoint, tmp_path, monkeypatch, one_thread):
     out = tmp_path / "resume"
     args = ["--checkpoint", str(vit_checkpoint), "--data", DATA, "--out", str(out), "--method", "tome:r=2",
-            "--short-side", "32", *FAST]
+            "--short-side", "32", "--policy-steps", "3", *FAST]
     compress(args, monkeypatch)
     first = json.loads((out / "compression.json").read_text())
     assert first["uncompressed"]["cost_size"] == [32, 32]  # cost is counted at the size the model sees
-    compress([*args, "--method", "algm:tau=0.5", "--resume"], monkeypatch)
+    compress([*args, "--method", "algm:tau=0.5", "--method", "cts:k=1", "--resume"], monkeypatch)
     second = json.loads((out / "compression.json").read_text())
     assert second["methods"]["tome:r=2"] == first["methods"]["tome:r=2"]  # read back, not measured again
     assert "algm:tau=0.5" in second["methods"]
+    cts = second["methods"]["cts:k=1"]  # a 2 x 2 patch grid has one 2 x 2 window
+    assert cts["cts"]["steps"] == 3 and cts["gflops_ratio"] < 1
+    checkpoint = load_checkpoint(out / cts["checkpoint"])  # the policy travels in the checkpoint
+    assert checkpoint.model["token_reduction"] == "cts:k=1" and checkpoint.token_policy
 
 
 @pytest.mark.parametrize("args, message", [

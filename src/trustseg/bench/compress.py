@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from trustseg.bench.machine import cpu_name
 from trustseg.bench.timing import time_rotating
 from trustseg.compress.apply import install_token_reduction, tome_r
+from trustseg.compress.policy import PolicyNet
 from trustseg.compress.prune import prune_model
 from trustseg.compress.reducers import find_vit, reduced_token_counts
 from trustseg.compress.spec import parse_spec
@@ -38,16 +39,20 @@ PLAIN = "uncompressed"
 
 
 def default_methods(backbone: str, size: int, depth: int | None = None) -> list[str]:
-    """The issue's goals: half of the patch tokens merged away, and pruning to half of the FLOPs."""
+    """Half of the patch tokens merged away by the last block (ToMe) or removed at the input (CTS: 2/3
+    of the 2x2 windows shared), pruning to half of the FLOPs, and pruning plus merging, both milder."""
     with torch.device("meta"):  # only the shape of the model is needed
         vit = find_vit(build_model("vit_segmenter", num_classes=2, backbone=backbone,
                                    **({} if depth is None else {"depth": depth})))
     r = tome_r(0.5, (size // vit.config.patch_size) ** 2, vit.config.depth)
-    return [f"tome:r={r}", "prune:flops=0.5,importance=magnitude", f"prune:flops=0.7,importance=magnitude+tome:r={r // 2}"]
+    windows = (size // vit.config.patch_size // 2) ** 2
+    return [f"tome:r={r}", f"cts:k={windows * 2 // 3}", "prune:flops=0.5,importance=magnitude",
+            f"prune:flops=0.7,importance=magnitude+tome:r={r // 2}"]
 
 
-def build_variant(net: nn.Module, spec: str, size: tuple[int, int]) -> nn.Module:
-    """A copy of `net` compressed by `spec` (pruning must use magnitude importance: the bench has no data)."""
+def build_variant(net: nn.Module, spec: str, size: tuple[int, int], seed: int = 0) -> nn.Module:
+    """A copy of `net` compressed by `spec`. The bench has no data: pruning must use magnitude importance,
+    and CTS runs an untrained policy (it costs the same; only which windows are shared differs)."""
     model = copy.deepcopy(net)
     for step in parse_spec(spec):
         if step.method == "prune":
@@ -55,6 +60,9 @@ def build_variant(net: nn.Module, spec: str, size: tuple[int, int]) -> nn.Module
                 raise UserError(f"bench compress: {spec!r} prunes with Taylor importance, which needs data; "
                                 "add importance=magnitude")
             model, _ = prune_model(model, step.options["flops"], importance="magnitude", image_size=size)
+        elif step.method == "cts":
+            torch.manual_seed(seed)
+            install_token_reduction(model, step, size, policy_state=PolicyNet().state_dict())
         else:
             install_token_reduction(model, step, size)
     return model.eval()
@@ -97,7 +105,7 @@ def bench_compression(
     if size % patch:
         raise UserError(f"bench compress: size {size} is not a multiple of the patch size {patch}")
     methods = list(methods) if methods is not None else default_methods(backbone, size, depth)
-    variants = {PLAIN: net, **{spec: build_variant(net, spec, (size, size)) for spec in methods}}
+    variants = {PLAIN: net, **{spec: build_variant(net, spec, (size, size), seed) for spec in methods}}
 
     saved_threads = torch.get_num_threads()
     if threads is not None:
@@ -111,7 +119,7 @@ def bench_compression(
         load_before = os.getloadavg()
         times = time_rotating({name: _forward(model, x) for name, model in variants.items()}, runs=runs,
                               warmup=warmup, device=target)
-        overhead = {name: _merge_overhead(model, x, runs) for name, model in variants.items() if _reducers(model)}
+        overhead = {name: _merge_overhead(model, x, runs) for name, model in variants.items() if _reduces_tokens(model)}
         load_after = os.getloadavg()
         used_threads = torch.get_num_threads()
     finally:
@@ -156,8 +164,9 @@ def _forward(model: nn.Module, x: Tensor):
 
 def _mean_token_fraction(model: nn.Module, x: Tensor) -> float:
     """Mean over blocks (attention and MLP) of the tokens processed, as a fraction of the full count."""
+    vit = find_vit(model)
     counts = reduced_token_counts(model, x)
-    full = counts[0].attention
+    full = vit.num_prefix_tokens + (x.shape[-2] // vit.config.patch_size) * (x.shape[-1] // vit.config.patch_size)
     return sum(c.attention + c.mlp for c in counts) / (2 * len(counts) * full)
 
 
@@ -165,11 +174,17 @@ def _reducers(model: nn.Module) -> dict[int, Any]:
     return {i: b.token_reducer for i, b in enumerate(find_vit(model).blocks) if b.token_reducer is not None}
 
 
+def _reduces_tokens(model: nn.Module) -> bool:
+    return bool(_reducers(model)) or find_vit(model).input_reducer is not None
+
+
 def _merge_overhead(model: nn.Module, x: Tensor, runs: int) -> float:
-    """Median over `runs` forwards of (time inside the reducers) / (time in the blocks)."""
+    """Median over `runs` forwards of (time inside the reducers) / (time in the blocks). An input reducer
+    (CTS: its policy and window embedding) is clocked from the end of the patch embedding to the first
+    block, which also holds the position embedding's addition, a negligible share."""
     vit = find_vit(model)
     reducers = _reducers(model)
-    clock = {"merge": 0.0, "start": 0.0, "blocks": 0.0}
+    clock = {"merge": 0.0, "start": 0.0, "blocks": 0.0, "embedded": 0.0}
 
     def timed(reducer: Any) -> Any:
         def run(tokens: Tensor, keys: Tensor | None, ctx: TokenContext) -> tuple[Tensor, Unmerge]:
@@ -181,15 +196,22 @@ def _merge_overhead(model: nn.Module, x: Tensor, runs: int) -> float:
             return out
         return run
 
+    def embedded(*_: Any) -> None:
+        synchronize(x.device)
+        clock["embedded"] = time.perf_counter()
+
     def blocks_start(*_: Any) -> None:
         synchronize(x.device)
         clock["start"] = time.perf_counter()
+        if vit.input_reducer is not None:
+            clock["merge"] += clock["start"] - clock["embedded"]
 
     def blocks_end(*_: Any) -> None:
         synchronize(x.device)
         clock["blocks"] = time.perf_counter() - clock["start"]
 
-    handles = [vit.blocks[0].register_forward_pre_hook(blocks_start), vit.blocks[-1].register_forward_hook(blocks_end)]
+    handles = [vit.patch_embed.register_forward_hook(embedded), vit.blocks[0].register_forward_pre_hook(blocks_start),
+               vit.blocks[-1].register_forward_hook(blocks_end)]
     for i, reducer in reducers.items():
         vit.blocks[i].token_reducer = timed(reducer)
     shares = []

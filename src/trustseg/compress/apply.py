@@ -38,9 +38,13 @@ def token_step(checkpoint: Checkpoint) -> Step | None:
     return steps[0]
 
 
-def install_token_reduction(model: nn.Module, step: Step, image_size: tuple[int, int] | None = None) -> nn.Module:
-    """Install the reducers of `step` (ToMe or ALGM) on the ViT of `model`; returns `model`."""
+def install_token_reduction(model: nn.Module, step: Step, image_size: tuple[int, int] | None = None, *,
+                            policy_state: dict[str, Any] | None = None, source: str = "checkpoint") -> nn.Module:
+    """Install the reducers of `step` (ToMe, ALGM, or CTS with the policy weights `policy_state`) on the
+    ViT of `model`; returns `model`."""
     from trustseg.compress.algm import install_algm
+    from trustseg.compress.cts import install_cts
+    from trustseg.compress.policy import policy_from_state
     from trustseg.compress.tome import install_tome
 
     options = step.options
@@ -50,22 +54,30 @@ def install_token_reduction(model: nn.Module, step: Step, image_size: tuple[int,
     elif step.method == "algm":
         install_algm(model, **{k: v for k, v in (("tau", options.get("tau")), ("local_block", options.get("local")),
                                                   ("global_block", options.get("global"))) if v is not None})
+    elif step.method == "cts":
+        if policy_state is None:
+            raise UserError(f"{source}: cts:k={options['k']} but no CTS policy weights (token_policy) are recorded")
+        install_cts(model, policy_from_state(policy_state, source=f"the CTS policy of {source}"), options["k"])
     else:
         raise UserError(f"{step.method} is not a token-reduction method")
     return model
 
 
 def needs_training_data(steps: tuple[Step, ...]) -> bool:
-    return any(s.method == "prune" and s.options.get("importance", "taylor") == "taylor" for s in steps)
+    """Taylor importance scores on training images; a CTS policy is trained on them."""
+    return any((s.method == "prune" and s.options.get("importance", "taylor") == "taylor") or s.method == "cts"
+               for s in steps)
 
 
 def compress_checkpoint(checkpoint: Checkpoint, steps: tuple[Step, ...], *, train_data: Any, image_size: tuple[int, int],
-                        importance_batches: int, seed: int, device: Any, finetune: dict[str, Any] | None = None
+                        importance_batches: int, seed: int, device: Any, policy_steps: int = 500,
+                        finetune: dict[str, Any] | None = None
                         ) -> tuple[Checkpoint, dict[str, Any]]:
     """The compressed checkpoint of `steps` and a record of what was done (pruning report, fine-tuning).
 
     `finetune` (None: no fine-tuning): ``{"steps", "data", "out", "teacher", "progress"}`` for a pruned model.
     """
+    from trustseg.compress.cts import cts_checkpoint
     from trustseg.compress.prune import prune_checkpoint
 
     record: dict[str, Any] = {"spec": spec_name(steps)}
@@ -77,6 +89,9 @@ def compress_checkpoint(checkpoint: Checkpoint, steps: tuple[Step, ...], *, trai
             record["prune"] = {k: v for k, v in report.items() if not isinstance(v, nn.Module)}
             if finetune is not None and finetune["steps"] > 0:
                 checkpoint, record["finetune"] = finetune_checkpoint(checkpoint, **finetune)
+        elif step.method == "cts":
+            checkpoint, record["cts"] = cts_checkpoint(checkpoint, step.options["k"], dataset=train_data,
+                                                       steps=policy_steps, seed=seed, device=device)
         else:
             if checkpoint.model.get("token_reduction") is not None:
                 raise UserError(f"{checkpoint.source} already reduces tokens ({checkpoint.model['token_reduction']}); "
@@ -117,19 +132,25 @@ def tome_r(fraction: float, num_patches: int, depth: int) -> int:
     return max(1, round(fraction * num_patches / depth))
 
 
-def sweep_specs(families: tuple[str, ...], vit_depth: int, num_patches: int) -> list[str]:
-    """The ladder of specs of each family in `families` (``tome``, ``algm``, ``prune``, ``prune+tome``).
+def sweep_specs(families: tuple[str, ...], vit_depth: int, grid: tuple[int, int]) -> list[str]:
+    """The ladder of specs of each family in `families` (``tome``, ``algm``, ``cts``, ``prune``, ``prune+tome``)
+    for a ViT of `vit_depth` blocks on a `grid` of patches.
 
-    ToMe's r removes a fraction of the `num_patches` tokens by the last of `vit_depth` blocks
-    (r = fraction * patches / depth); pruning steps through FLOP ratios; prune-then-merge prunes to 0.7
-    and merges on top at each token fraction.
+    ToMe's r removes a fraction of the patch tokens by the last block (r = fraction * patches / depth);
+    CTS shares k windows to remove the same fractions at the input (k = fraction * patches / 3, at most
+    every 2x2 window); pruning steps through FLOP ratios; prune-then-merge prunes to 0.7 and merges on
+    top at each token fraction.
     """
+    patches = grid[0] * grid[1]
+    windows = (grid[0] // 2) * (grid[1] // 2)
+
     def tome(fraction: float) -> str:
-        return f"tome:r={tome_r(fraction, num_patches, vit_depth)}"
+        return f"tome:r={tome_r(fraction, patches, vit_depth)}"
 
     ladders = {
         "tome": [tome(f) for f in TOKEN_FRACTIONS],
         "algm": [f"algm:tau={tau}" for tau in ALGM_TAUS],
+        "cts": list(dict.fromkeys(f"cts:k={min(windows, max(1, round(f * patches / 3)))}" for f in TOKEN_FRACTIONS)),
         "prune": [f"prune:flops={ratio}" for ratio in FLOP_LADDER],
         "prune+tome": [f"prune:flops=0.7+{tome(f)}" for f in TOKEN_FRACTIONS],
     }

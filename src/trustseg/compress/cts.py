@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trustseg.compress.policy import PolicyNet, policy_from_state, train_policy, window_grid
-from trustseg.compress.prune import find_vit
+from trustseg.compress.reducers import find_vit
 from trustseg.data.base import SegmentationDataset
 from trustseg.engine.checkpoint import Checkpoint
 from trustseg.errors import UserError
@@ -188,11 +188,7 @@ class TokenSharing:
 
 
 def _cts_vit(model: nn.Module) -> ViT:
-    try:
-        return find_vit(model)
-    except UserError:
-        raise UserError(f"CTS needs a ViT backbone; {type(model).__name__} has none "
-                        "(use a vit_segmenter model, not a U-Net or SegFormer)") from None
+    return find_vit(model, "CTS")
 
 
 def _check_k(k: Any) -> int:
@@ -252,7 +248,7 @@ def cts_checkpoint(
         if dataset is None:
             raise UserError(f"{checkpoint.source} has no CTS policy; training one needs a labelled dataset")
         with torch.device("meta"):  # only the patch size is needed: no memory, no weights
-            vit = find_vit(build_model(name, num_classes=checkpoint.classes.num_classes,
+            vit = _cts_vit(build_model(name, num_classes=checkpoint.classes.num_classes,
                                        **checkpoint.model.get("options", {})))
         policy, report = train_policy(dataset, vit.config.patch_size, steps=steps, batch_size=batch_size,
                                       mean=checkpoint.mean, std=checkpoint.std,

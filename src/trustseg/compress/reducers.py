@@ -78,6 +78,9 @@ def find_vit(model: nn.Module, purpose: str = "token merging") -> ViT:
 def remove_token_reducers(model: nn.Module) -> None:
     """Take every token reducer off the model's ViT (blocks and input), restoring the plain forward."""
     vit = find_vit(model)
+    detach = getattr(vit.input_reducer, "detach", None)  # an input reducer may hold hooks (CTS)
+    if detach is not None:
+        detach()
     vit.input_reducer = None
     clear_block_reducers(vit)
 

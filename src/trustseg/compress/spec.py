@@ -1,4 +1,4 @@
-"""Compression specs as the CLI writes them: ``tome:r=8``, ``algm:tau=0.9``, ``prune:flops=0.5``,
+"""Compression specs as the CLI writes them: ``tome:r=8``, ``algm:tau=0.9``, ``cts:k=100``, ``prune:flops=0.5``,
 ``prune:flops=0.7+tome:r=4`` (prune-then-merge).
 
 A spec is a chain of steps joined by ``+``; a step is a method name and ``key=value`` options joined
@@ -58,9 +58,10 @@ def _similarity(text: str) -> float:
 METHODS: dict[str, tuple[str, dict[str, Callable[[str], Any]]]] = {
     "tome": ("tokens", {"r": _schedule, "inflect": float, "prop_attn": _flag}),
     "algm": ("tokens", {"tau": _similarity, "local": int, "global": int}),
+    "cts": ("tokens", {"k": _count}),
     "prune": ("weights", {"flops": _ratio, "importance": _choice("taylor", "magnitude")}),
 }
-REQUIRED = {"tome": ("r",), "prune": ("flops",)}
+REQUIRED = {"tome": ("r",), "cts": ("k",), "prune": ("flops",)}
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
     model.load_state_dict(checkpoint.state_dict)
     step = token_step(checkpoint)
     if step is not None:  # token merging recorded by trustseg compress: part of how this model runs
-        install_token_reduction(model, step)
+        install_token_reduction(model, step, policy_state=checkpoint.token_policy, source=source)
     return model.eval()
 
 

@@ -64,6 +64,7 @@ class CompressConfig:
     max_images: int | None = None
     importance_batches: int = 16  # images for Taylor importance
     finetune_steps: int = 0
+    policy_steps: int = 500  # training steps of a CTS policy (when the checkpoint holds none)
     cost_size: tuple[int, int] | None = None  # (H, W) for GFLOPs and latency; None: what the model sees of image 0
     latency_runs: int = 10
     batch_size: int = 1
@@ -82,8 +83,9 @@ class CompressConfig:
         unknown = [name for name in self.corruptions if name not in CORRUPTIONS]
         if unknown:
             raise UserError(f"--corruptions: unknown corruption {unknown[0]!r}; expected names from {', '.join(CORRUPTIONS)}")
-        if self.latency_runs < 1 or self.importance_batches < 1 or self.finetune_steps < 0:
-            raise UserError("compress: --latency-runs and --importance-batches must be >= 1, --finetune-steps >= 0")
+        if min(self.latency_runs, self.importance_batches, self.policy_steps) < 1 or self.finetune_steps < 0:
+            raise UserError("compress: --latency-runs, --importance-images and --policy-steps must be >= 1, "
+                            "--finetune-steps >= 0")
 
 
 @dataclass
@@ -106,7 +108,7 @@ def run_compress(config: CompressConfig) -> CompressResult:
     if config.sweep:
         vit = find_vit(source)
         patch = vit.config.patch_size
-        sweep = sweep_specs(config.sweep, vit.config.depth, (cost_size[0] // patch) * (cost_size[1] // patch))
+        sweep = sweep_specs(config.sweep, vit.config.depth, (cost_size[0] // patch, cost_size[1] // patch))
     specs = [*config.methods, *sweep]
     steps = {spec_name(parse_spec(spec)): parse_spec(spec) for spec in specs}  # canonical names, duplicates merged
     train_data = None
@@ -118,6 +120,7 @@ def run_compress(config: CompressConfig) -> CompressResult:
              "num_images": len(dataset), "seed": config.seed, "corruptions": list(config.corruptions),
              "severities": list(config.severities), "cost_size": list(cost_size),
              "importance_batches": config.importance_batches, "finetune_steps": config.finetune_steps,
+             "policy_steps": config.policy_steps,
              "calibration": config.calibration, "boundary_iou": config.boundary_iou, "inference": config.inference}
     journal = Journal(run_dir, "compress", setup, resume=config.resume)
     if is_main_process():
@@ -136,7 +139,8 @@ def run_compress(config: CompressConfig) -> CompressResult:
                         "out": str(run_dir.file(f"finetune/{slug(name)}")), "progress": config.progress}
             compressed, record = compress_checkpoint(
                 checkpoint, steps[name], train_data=train_data, image_size=cost_size,
-                importance_batches=config.importance_batches, seed=config.seed, device=device,
+                importance_batches=config.importance_batches, policy_steps=config.policy_steps, seed=config.seed,
+                device=device,
                 finetune=finetune if config.finetune_steps else None)
             model = model_from_checkpoint(compressed)
             if is_main_process():
