@@ -1,7 +1,7 @@
 """What an exported graph carries besides its weights, as ONNX ``metadata_props`` (string -> string).
 
 `predict --onnx` reads the classes and the normalisation from here, so the .onnx file is all it needs.
-Lists and mappings are stored as JSON; every key starts with ``trustseg.``.
+Strings are stored as they are, other values as JSON; every key starts with ``trustseg.``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def build_metadata(checkpoint: Checkpoint, *, size_divisor: int, calibrated: boo
         "mean": list(checkpoint.mean),
         "std": list(checkpoint.std),
         "size_divisor": size_divisor,
-        "calibrator": calibrator,
+        "calibrator": calibrator or "none",
         "logits": "calibrated" if calibrator else "raw",
         "model": checkpoint.model,
     }
@@ -53,9 +53,11 @@ def build_metadata(checkpoint: Checkpoint, *, size_divisor: int, calibrated: boo
 def read_metadata(props: dict[str, str], source: str) -> GraphInfo:
     """The `GraphInfo` in a graph's ``metadata_props``; UserError naming `source` if a field is missing or bad."""
 
-    def field(key: str) -> Any:
+    def field(key: str, text: bool = False) -> Any:
         if PREFIX + key not in props:
             raise UserError(f"{source}: not a graph exported by trustseg (metadata {PREFIX + key} is missing)")
+        if text:
+            return props[PREFIX + key]
         try:
             return json.loads(props[PREFIX + key])
         except json.JSONDecodeError:
@@ -66,9 +68,10 @@ def read_metadata(props: dict[str, str], source: str) -> GraphInfo:
                             palette=tuple(tuple(int(v) for v in c) for c in field("palette")),
                             ignore_index=int(field("ignore_index")))
         mean, std = (tuple(float(v) for v in field(key)) for key in ("mean", "std"))
-        divisor, calibrator = int(field("size_divisor")), field("calibrator")
+        divisor, calibrator = int(field("size_divisor")), field("calibrator", text=True)
     except (TypeError, ValueError) as error:
         raise UserError(f"{source}: unreadable trustseg metadata ({error})") from None
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or divisor < 1:
         raise UserError(f"{source}: metadata mean/std need 3 values (std > 0) and size_divisor >= 1")
-    return GraphInfo(classes=classes, mean=mean, std=std, size_divisor=divisor, calibrator=calibrator)
+    return GraphInfo(classes=classes, mean=mean, std=std, size_divisor=divisor,
+                     calibrator=None if calibrator == "none" else calibrator)
