@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 pytest.importorskip("onnxruntime")
@@ -134,7 +136,8 @@ def exported(tmp_path_factory):
                                       logits_only=True))
     finally:
         torch.set_num_threads(threads)
-    return {"root": root, "checkpoint": checkpoint, "images": images, "onnx": root / "m.onnx", "raw": raw.path}
+    return {"root": root, "checkpoint": checkpoint, "images": images, "onnx": root / "m.onnx", "raw": raw.path,
+            "session": open_session(root / "m.onnx")}
 
 
 def assert_calibrated_and_raw_logits(checkpoint, calibrated_path, raw_path):
@@ -159,6 +162,16 @@ def test_a_calibrated_checkpoint_exports_calibrated_logits_and_logits_only_the_r
     torch.testing.assert_close(got_calibrated, want_raw / temperature, atol=ATOL, rtol=0)
     props = {p.key: p.value for p in onnx.load(str(exported["raw"])).metadata_props}
     assert props["trustseg.logits"] == "raw" and props["trustseg.calibrator"] == "none"
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch=st.integers(1, 3), height=st.integers(1, 40), width=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_any_batch_and_size_matches_torch(exported, batch, height, width, seed):
+    """Property: the graph is the torch predictor for every batch size and image size (padded inside)."""
+    predictor = predictor_from_checkpoint(exported["checkpoint"])
+    images = random_images([(batch, 3, height, width)], seed=seed)
+    (check,) = check_parity(predictor, exported["session"], images, atol=ATOL)
+    assert check["ok"], check
 
 
 def test_a_spatial_calibrator_exports_too(tmp_path, one_thread):

@@ -51,7 +51,7 @@ def bench_export(
     require("onnx", "onnxruntime", "onnxscript", purpose="bench export")
     height, width = (int(s) for s in size)
     for name, value, least in (("batch_size", batch_size, 1), ("runs", runs, 1), ("warmup", warmup, 0),
-                               ("threads", threads or 1, 1), ("size", min(height, width), 1)):
+                               ("threads", 1 if threads is None else threads, 1), ("size", min(height, width), 1)):
         if value < least:
             raise UserError(f"bench export: {name} must be >= {least}, got {value}")
     net = build_bench_model(model, num_classes)

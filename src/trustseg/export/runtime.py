@@ -38,7 +38,8 @@ def require(*modules: str, purpose: str = "ONNX export") -> list[ModuleType]:
         except ImportError:
             missing.append(name)
     if missing:
-        raise UserError(f"{purpose} needs {' and '.join(modules)} ({', '.join(missing)} not installed): {INSTALL_HINT}")
+        needed = ", ".join(modules[:-1]) + " and " + modules[-1] if len(modules) > 1 else modules[0]
+        raise UserError(f"{purpose} needs {needed} ({', '.join(missing)} not installed): {INSTALL_HINT}")
     return imported
 
 
@@ -59,14 +60,14 @@ def open_session(path: str | Path, device: torch.device | str = "cpu", threads: 
     (ort,) = require("onnxruntime", purpose="running an ONNX model")
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--onnx {path} does not exist")
+        raise UserError(f"ONNX model {path} does not exist")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers(torch.device(device)))
     except Exception as error:  # onnxruntime raises its own exception types for unreadable models
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise UserError(f"--onnx {path} is not a readable ONNX model ({reason})") from None
+        raise UserError(f"{path} is not a readable ONNX model ({reason})") from None
 
 
 def graph_info(session: Any, source: str) -> GraphInfo:
