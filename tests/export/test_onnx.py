@@ -18,7 +18,7 @@ pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
 
 from trustseg.calibrators.methods import build_calibrator  # noqa: E402
-from trustseg.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from trustseg.engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from trustseg.engine.inference import InferenceConfig, Predictor, predictor_from_checkpoint  # noqa: E402
 from trustseg.export import graph as graph_module  # noqa: E402
 from trustseg.export.graph import export_graph  # noqa: E402
