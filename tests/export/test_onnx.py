@@ -92,6 +92,16 @@ def test_the_torchscript_exporter_and_the_fallback_to_it(tmp_path, one_thread, m
         export_graph(predictor, tmp_path / "dynamo.onnx", divisor=16, exporter="dynamo")
 
 
+def test_the_requested_opset_is_the_files_opset(tmp_path, one_thread):
+    """onnx has no Pad adapter below opset 18, so dynamo's graph cannot be converted to 14: "auto" must notice
+    (the exporter only logs it) and take the tracer, which builds opset 14 itself."""
+    predictor = Predictor(tiny_model("unet"), MEAN, STD).eval()
+    record, session = export_and_session(predictor, tmp_path / "o14.onnx", opset=14)
+    assert record["opset_import"]["ai.onnx"] == 14
+    assert record["exporter"] == "torchscript" and "opset 14" in record["dynamo_error"]
+    assert all(c["ok"] for c in check_parity(predictor, session, random_images(parity_shapes(4)), atol=ATOL))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints: calibrator inside, metadata, parity report
 # ---------------------------------------------------------------------------------------------------

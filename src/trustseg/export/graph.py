@@ -59,7 +59,8 @@ def export_graph(
 
     The file is written atomically with `metadata` as its ``metadata_props`` and passes
     ``onnx.checker.check_model(full_check=True)``. Returns what happened: the exporter used, the
-    reason dynamo failed (if "auto" fell back), the opset, the input/output dimensions, seconds taken.
+    reason dynamo failed (if "auto" fell back; also when it cannot reach `opset`), the opset, the
+    input/output dimensions, seconds taken.
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter {exporter!r}: expected one of {EXPORTERS}")
@@ -72,6 +73,7 @@ def export_graph(
         if exporter in ("auto", "dynamo"):
             try:
                 _export_dynamo(module, images, traced, opset)
+                _require_opset(onnx.load(str(traced), load_external_data=False), opset)
                 record["exporter"] = "dynamo"
             except Exception as error:  # torch.export raises many types; the fallback records the first line
                 if exporter == "dynamo":
@@ -101,6 +103,14 @@ def _export_dynamo(module: nn.Module, images: torch.Tensor, path: Path, opset: i
         program.save(str(path))
 
 
+def _require_opset(model: Any, opset: int) -> None:
+    """The dynamo exporter builds at its own opset and converts; a failed conversion keeps the built
+    opset with only a log message (e.g. no Pad adapter below 18), so the result is checked."""
+    built = next(d.version for d in model.opset_import if d.domain in ("", "ai.onnx"))
+    if built != opset:
+        raise RuntimeError(f"the dynamo exporter could not convert its opset-{built} graph to opset {opset}")
+
+
 def _export_torchscript(module: nn.Module, images: torch.Tensor, path: Path, opset: int) -> None:
     if opset > TORCHSCRIPT_MAX_OPSET:
         raise ValueError(f"the TorchScript exporter supports opsets up to {TORCHSCRIPT_MAX_OPSET}, not {opset}")
@@ -114,15 +124,17 @@ def _export_torchscript(module: nn.Module, images: torch.Tensor, path: Path, ops
 def _quiet() -> Iterator[None]:
     """Silence the exporters' chatter (tracer warnings, 'torchvision is not installed' log lines): whether the
     trace generalises is decided by the parity check, not by warnings."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _dims(value_info: Any) -> list[int | str]:
