@@ -243,6 +243,7 @@ def predict_command(
     folders = "labels/, masks/, overlays/" + (", uncertainty/" if uncertainty else "")
     console.print(f"{len(result.outputs)} image(s) -> {folders} in {result.run_dir}")
 
+
 @app.command("export")
 def export_command(
     checkpoint: Path = CheckpointOption,
@@ -260,23 +261,14 @@ def export_command(
     device: str = DeviceOption,
 ) -> None:
     """Export the checkpoint's predictor (normalisation, padding, calibrator) to ONNX and check it against torch."""
-    from trustseg.workflows.export import ExportConfig, run_export
+    from trustseg.workflows.export import ExportConfig, run_export, summary_lines
 
     options = {} if opset is None else {"opset": opset}
     result = run_export(ExportConfig(checkpoint=str(checkpoint), out=str(out), format=format, logits_only=logits_only,
                                      exporter=exporter, device=device, **options,
                                      check_images=None if check_images is None else str(check_images)))
-    report = result.report
-    for where, checks in report["parity"].items():
-        if isinstance(checks, str):
-            console.print(f"onnxruntime {where}: {checks}")
-            continue
-        worst = max(c["max_abs_diff"] for c in checks)
-        agreement = min(c["argmax_agreement"] for c in checks)
-        console.print(f"onnxruntime {where}: {len(checks)} inputs, max |logit diff| {worst:.2e} "
-                      f"(atol {report['atol']:g}), argmax agreement {agreement:.2%}")
-    console.print(f"{report['logits']} logits, {report['export']['exporter']} exporter, opset {report['export']['opset']}: "
-                  f"{result.path} ({report['bytes'] / 1e6:.1f} MB); report {result.report_path}")
+    for line in summary_lines(result):
+        console.print(line)
 
 
 CorruptionsOption = typer.Option("all", "--corruptions", help="all | common | noise | blur | weather | digital | extra | NAME,NAME,...")

@@ -12,6 +12,8 @@ pytest.importorskip("onnxscript")
 from trustseg.bench.export import bench_export, format_export_bench  # noqa: E402
 from trustseg.errors import UserError  # noqa: E402
 
+from cli_helpers import run_cli  # noqa: E402
+
 
 @pytest.mark.slow
 def test_reported_numbers_follow_from_the_interleaved_timings(one_thread):
@@ -37,3 +39,9 @@ def test_reported_numbers_follow_from_the_interleaved_timings(one_thread):
 def test_bad_arguments_are_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
         bench_export(**kwargs)
+
+
+def test_the_cli_verb_reports_a_bad_model_in_one_line(monkeypatch, capsys):
+    assert run_cli(["bench", "export", "--model", "resnet"], monkeypatch) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown model 'resnet'" in err and "\n" not in err

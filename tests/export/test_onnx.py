@@ -57,7 +57,8 @@ def export_and_session(module, path, **options):
 
 
 @pytest.mark.parametrize("name", [
-    "unet", "ape",
+    "ape",  # the U-Net is checked fast by the fixture `exported` below
+    pytest.param("unet", marks=pytest.mark.slow),
     pytest.param("segformer", marks=pytest.mark.slow),
     pytest.param("rope-registers-mask-head", marks=pytest.mark.slow),
     pytest.param("none-fpn-head", marks=pytest.mark.slow),
@@ -92,6 +93,7 @@ def test_the_torchscript_exporter_and_the_fallback_to_it(tmp_path, one_thread, m
         export_graph(predictor, tmp_path / "dynamo.onnx", divisor=16, exporter="dynamo")
 
 
+@pytest.mark.slow
 def test_the_requested_opset_is_the_files_opset(tmp_path, one_thread):
     """onnx has no Pad adapter below opset 18, so dynamo's graph cannot be converted to 14: "auto" must notice
     (the exporter only logs it) and take the tracer, which builds opset 14 itself."""
@@ -184,6 +186,7 @@ def test_any_batch_and_size_matches_torch(exported, batch, height, width, seed):
     assert check["ok"], check
 
 
+@pytest.mark.slow
 def test_a_spatial_calibrator_exports_too(tmp_path, one_thread):
     """Local temperature scaling: convolutions with reflect padding on the logits and the image."""
     checkpoint = save_calibrated_unet(tmp_path / "lts.pt", "lts")

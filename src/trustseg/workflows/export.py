@@ -127,6 +127,23 @@ def run_export(config: ExportConfig) -> ExportResult:
     return ExportResult(path=out, report_path=path, report=report)
 
 
+def summary_lines(result: ExportResult) -> list[str]:
+    """What `trustseg export` prints: the worst agreement per runtime, then what was written."""
+    report, lines = result.report, []
+    for where, checks in report["parity"].items():
+        if isinstance(checks, str):
+            lines.append(f"onnxruntime {where}: {checks}")
+            continue
+        worst = max(c["max_abs_diff"] for c in checks)
+        agreement = min(c["argmax_agreement"] for c in checks)
+        lines.append(f"onnxruntime {where}: {len(checks)} inputs, max |logit diff| {worst:.2e} "
+                     f"(atol {report['atol']:g}), argmax agreement {agreement:.2%}")
+    lines.append(f"{report['logits']} logits, {report['export']['exporter']} exporter, opset "
+                 f"{report['export']['opset']}: {result.path} ({report['bytes'] / 1e6:.1f} MB); "
+                 f"report {result.report_path}")
+    return lines
+
+
 def _cuda_parity(predictor, out: Path, device: torch.device, images, atol: float) -> list[dict[str, Any]] | str:
     """Parity on the GPU, or why it was skipped (an onnxruntime without the CUDA provider)."""
     (ort,) = require("onnxruntime")
