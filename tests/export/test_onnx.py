@@ -311,6 +311,7 @@ def test_predict_onnx_without_onnxruntime_says_how_to_install_it(tmp_path, image
     (["--opset", "12"], "--opset 12: expected 14..23"),
     (["--opset", "22", "--exporter", "torchscript"], "--opset 22: expected 14..20"),
     (["--exporter", "jit"], "--exporter 'jit'"),
+    (["--check-images", "absent"], "--check-images absent does not exist"),
 ])
 def test_bad_export_options_are_user_errors(tmp_path, monkeypatch, capsys, args, message):
     save_tiny_unet(tmp_path / "unet.pt")

@@ -85,8 +85,8 @@ def run_export(config: ExportConfig) -> ExportResult:
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; expected the .onnx file to write, e.g. {out / 'model.onnx'}")
     device = resolve_device(config.device)
-    real = [read_image(p)[None].float() for p in list_images(config.check_images)[:MAX_CHECK_IMAGES]] \
-        if config.check_images else []
+    paths = list_images(config.check_images, option="--check-images") if config.check_images else []
+    real = [read_image(path)[None].float() for path in paths[:MAX_CHECK_IMAGES]]
     calibrated = not config.logits_only and checkpoint.calibrator is not None
     predictor = predictor_from_checkpoint(checkpoint, InferenceConfig(), calibrated=calibrated, device="cpu")
     metadata = build_metadata(checkpoint, size_divisor=predictor.divisor, calibrated=calibrated,

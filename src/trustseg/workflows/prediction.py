@@ -61,19 +61,19 @@ class PredictResult:
     outputs: list[dict[str, Path]] = field(default_factory=list)
 
 
-def list_images(path: str | Path, *, exclude: str | Path | None = None) -> list[Path]:
+def list_images(path: str | Path, *, exclude: str | Path | None = None, option: str = "--input") -> list[Path]:
     """One image file, or every image file in a folder and its subfolders (sorted), except under `exclude`
-    (the output folder, when it lies inside the input folder)."""
+    (the output folder, when it lies inside the input folder); errors name the command-line `option`."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise UserError(f"--input {path} does not exist")
+        raise UserError(f"{option} {path} does not exist")
     skip = None if exclude is None else Path(exclude).resolve()
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                     and not (skip is not None and p.resolve().is_relative_to(skip)))
     if not images:
-        raise UserError(f"--input {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise UserError(f"{option} {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return images
 
 
