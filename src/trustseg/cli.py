@@ -201,7 +201,10 @@ def eval_command(
 
 @app.command("predict")
 def predict_command(
-    checkpoint: Path = CheckpointOption,
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint file written by trustseg train "
+                                              "(or --onnx)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX model written by trustseg export (instead of "
+                                        "--checkpoint); needs onnxruntime."),
     input: Path = typer.Option(..., "--input", help="An image file or a folder of images."),
     out: Path = typer.Option(..., "--out", help="Run directory to write."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Overlay opacity of the colour mask."),
@@ -224,7 +227,8 @@ def predict_command(
 
     result = run_predict(
         PredictConfig(
-            checkpoint=str(checkpoint),
+            checkpoint=None if checkpoint is None else str(checkpoint),
+            onnx=None if onnx is None else str(onnx),
             input=str(input),
             out=str(out),
             inference=inference_config(mode, crop, stride, short_side, bf16, scale),
@@ -238,6 +242,34 @@ def predict_command(
     )
     folders = "labels/, masks/, overlays/" + (", uncertainty/" if uncertainty else "")
     console.print(f"{len(result.outputs)} image(s) -> {folders} in {result.run_dir}")
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Path = CheckpointOption,
+    out: Path = typer.Option(..., "--out", help="The model file to write, e.g. model.onnx (a report "
+                             "<name>.export.json is written beside it)."),
+    format: str = typer.Option("onnx", "--format", help="onnx (the only format so far)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 14..23 (default 18: what torch's "
+                                        "exporter builds)."),
+    logits_only: bool = typer.Option(False, "--logits-only", help="Export the raw logits, without the "
+                                     "checkpoint's calibrator."),
+    exporter: str = typer.Option("auto", "--exporter", help="auto (dynamo, else the TorchScript tracer) | dynamo | "
+                                 "torchscript."),
+    check_images: Optional[Path] = typer.Option(None, "--check-images", help="An image or folder: also check the "
+                                                "graph against torch on (up to 8 of) these images."),
+    device: str = DeviceOption,
+) -> None:
+    """Export the checkpoint's predictor (normalisation, padding, calibrator) to ONNX and check it against torch."""
+    from trustseg.workflows.export import ExportConfig, run_export, summary_lines
+
+    options = {} if opset is None else {"opset": opset}
+    result = run_export(ExportConfig(checkpoint=str(checkpoint), out=str(out), format=format, logits_only=logits_only,
+                                     exporter=exporter, device=device, **options,
+                                     check_images=None if check_images is None else str(check_images)))
+    for line in summary_lines(result):
+        console.print(line)
+
 
 CorruptionsOption = typer.Option("all", "--corruptions", help="all | common | noise | blur | weather | digital | extra | NAME,NAME,...")
 SeveritiesOption = typer.Option("1-5", "--severities", help="Severities: 1-5, 3 or 1,3,5.")
@@ -707,6 +739,21 @@ def bench_corruptions_command(
     result = bench_corruptions(data=data, num_images=num_images, height=height, width=width, severity=severity,
                                rounds=rounds, corruptions=parse_corruptions(corruptions), device=device)
     typer.echo(format_corruptions_bench(result))
+
+
+@bench_app.command("export")
+def bench_export_command(
+    model: str = typer.Option("vit_s16", "--model", help="vit_ti16 | vit_s16 | vit_b16 | vit_s14 | vit_b14 | segformer_b0..b2 | unet"),
+    size: str = typer.Option("512", "--size", help="Input size 'S' or 'H,W'."),
+    batch_size: int = BatchSizeOption,
+    runs: int = typer.Option(10, "--runs", min=1, help="Timed rounds (after 2 warm-up rounds)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads of both (default: torch's)."),
+) -> None:
+    """onnxruntime vs eager torch latency of the same exported predictor on the CPU, interleaved."""
+    from trustseg.bench.export import bench_export, format_export_bench
+
+    result = bench_export(model, size=parse_pair(size, "--size"), batch_size=batch_size, runs=runs, threads=threads)
+    typer.echo(format_export_bench(result))
 
 
 # the system refused a write: disk full, quota exceeded, read-only file system

@@ -13,9 +13,9 @@ from pathlib import Path, PurePath
 import numpy as np
 import torch
 
-from trustseg.engine.checkpoint import atomic_write, load_checkpoint
+from trustseg.engine.checkpoint import Checkpoint, atomic_write, load_checkpoint
 from trustseg.engine.devices import resolve_device
-from trustseg.data.base import mask_dtype
+from trustseg.data.base import ClassInfo, mask_dtype
 from trustseg.data.readers import IMAGE_EXTENSIONS, read_image
 from trustseg.errors import UserError
 from trustseg.engine.inference import InferenceConfig, Predictor, predictor_from_checkpoint
@@ -32,9 +32,10 @@ class PredictConfig:
 
     With "mc-dropout" the map comes from `mc_samples` passes with dropout on (masks seeded by
     `seed`), while the label maps stay the deterministic prediction of the model in eval mode.
+    The model is the `checkpoint`'s, or the ONNX graph `onnx` written by `trustseg export` (exactly one).
     """
 
-    checkpoint: str
+    checkpoint: str | None
     input: str
     out: str
     inference: InferenceConfig = InferenceConfig()
@@ -44,8 +45,11 @@ class PredictConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    onnx: str | None = None
 
     def __post_init__(self) -> None:
+        if (self.checkpoint is None) == (self.onnx is None):
+            raise UserError("predict needs exactly one model: --checkpoint FILE or --onnx FILE")
         if self.uncertainty is not None and self.uncertainty not in METHODS:
             raise UserError(f"--uncertainty {self.uncertainty!r}: expected one of {', '.join(METHODS)}")
         check_mc_samples(self.mc_samples)
@@ -57,19 +61,19 @@ class PredictResult:
     outputs: list[dict[str, Path]] = field(default_factory=list)
 
 
-def list_images(path: str | Path, *, exclude: str | Path | None = None) -> list[Path]:
+def list_images(path: str | Path, *, exclude: str | Path | None = None, option: str = "--input") -> list[Path]:
     """One image file, or every image file in a folder and its subfolders (sorted), except under `exclude`
-    (the output folder, when it lies inside the input folder)."""
+    (the output folder, when it lies inside the input folder); errors name the command-line `option`."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise UserError(f"--input {path} does not exist")
+        raise UserError(f"{option} {path} does not exist")
     skip = None if exclude is None else Path(exclude).resolve()
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                     and not (skip is not None and p.resolve().is_relative_to(skip)))
     if not images:
-        raise UserError(f"--input {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise UserError(f"{option} {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return images
 
 
@@ -117,18 +121,33 @@ def uncertainty_map(
     return UNCERTAINTY[config.uncertainty](logits.softmax(1))
 
 
+def load_predictor(config: PredictConfig, checkpoint: Checkpoint | None,
+                   device: torch.device) -> tuple[Predictor, ClassInfo]:
+    """The predictor of `checkpoint`, or else of `config`'s ONNX graph, on `device`, and the classes it
+    predicts; with MC dropout asked for, fails before anything is written unless the model has dropout."""
+    if checkpoint is None:
+        from trustseg.export.runtime import onnx_predictor
+
+        predictor, classes = onnx_predictor(config.onnx, config.inference, device=device)
+        fix = "an exported ONNX graph runs without dropout; use --checkpoint, or --uncertainty entropy|msp|margin"
+    else:
+        predictor = predictor_from_checkpoint(checkpoint, config.inference, device=device)
+        classes, fix = checkpoint.classes, dropout_fix(checkpoint.model["name"])
+    if config.uncertainty == MC_DROPOUT:
+        require_dropout(predictor, fix)
+    return predictor, classes
+
+
 def run_predict(config: PredictConfig) -> PredictResult:
-    checkpoint = load_checkpoint(config.checkpoint)
+    checkpoint = load_checkpoint(config.checkpoint) if config.checkpoint is not None else None
     images = list_images(config.input, exclude=config.out)
     names = output_names(images, config.input)
     device = resolve_device(config.device)
-    predictor = predictor_from_checkpoint(checkpoint, config.inference, device=device)
-    if config.uncertainty == MC_DROPOUT:  # fail before writing anything
-        require_dropout(predictor, dropout_fix(checkpoint.model["name"]))
+    predictor, classes = load_predictor(config, checkpoint, device)
     run_dir = RunDir(config.out)
     run_dir.write_config({"command": "predict", **vars(config)})
     result = PredictResult(run_dir=run_dir.path)
-    labels_dtype = mask_dtype(checkpoint.classes.num_classes)  # 16-bit PNGs above 255 classes
+    labels_dtype = mask_dtype(classes.num_classes)  # 16-bit PNGs above 255 classes
     for path, name in track(list(zip(images, names)), total=len(images), description="predict",
                             enabled=config.progress):
         image = read_image(path)
@@ -137,7 +156,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
             logits = predictor(batch)
             uncertainty = uncertainty_map(config, predictor, batch, logits)[0].cpu() if config.uncertainty else None
         labels = logits[0].max(0).indices.cpu()
-        colours = colorize(labels, checkpoint.classes)
+        colours = colorize(labels, classes)
         outputs = {
             "image": path,
             "labels": save_png(labels.numpy().astype(labels_dtype), run_dir.file(f"labels/{name}.png")),
