@@ -51,9 +51,11 @@ def parse_pair(value: Optional[str], name: str) -> Optional[tuple[int, int]]:
 
 
 def inference_config(mode: str, crop: Optional[str], stride: Optional[str], short_side: Optional[int], bf16: bool,
-                     scale: float):
+                     scale: float, refine: bool = False, refine_iters: int = 10, refine_q: float = 20.0):
     from trustseg.engine.inference import InferenceConfig
+    from trustseg.refine.refiner import RefineConfig
 
+    refinement = RefineConfig(percent=refine_q, iterations=refine_iters)  # checked even without --refine
     return InferenceConfig(
         mode=mode,
         crop=parse_pair(crop, "--crop"),
@@ -61,6 +63,7 @@ def inference_config(mode: str, crop: Optional[str], stride: Optional[str], shor
         short_side=short_side,
         bf16=bf16,
         scale=scale,
+        refine=refinement if refine else None,
     )
 
 
@@ -80,6 +83,11 @@ ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progr
 McSamplesOption = typer.Option(8, "--mc-samples", help="Stochastic passes with dropout on for the MC-dropout measures.")
 McSeedOption = typer.Option(0, "--seed", help="Seed of the MC-dropout masks (the same for every batch).")
 DeviceOption = typer.Option("auto", "--device", help="Where the model runs: " + DEVICE_HELP + ".")
+RefineOption = typer.Option(False, "--refine/--no-refine", help="Re-decide the least confident pixels from their "
+                            "neighbours, guided by the image (PAMR propagation, training-free); confident pixels never change.")
+RefineItersOption = typer.Option(10, "--refine-iters", help="Propagation steps of --refine.")
+RefineQOption = typer.Option(20.0, "--refine-q", help="Percentage of each image's pixels (lowest top-class "
+                             "probability) that --refine re-decides, in (0, 100].")
 
 
 def print_eval_tables(metrics: dict, class_names) -> None:
@@ -167,6 +175,9 @@ def eval_command(
     short_side: Optional[int] = ShortSideOption,
     scale: float = ScaleOption,
     bf16: bool = Bf16Option,
+    refine: bool = RefineOption,
+    refine_iters: int = RefineItersOption,
+    refine_q: float = RefineQOption,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
@@ -184,7 +195,7 @@ def eval_command(
             split=split,
             batch_size=batch_size,
             max_images=max_images,
-            inference=inference_config(mode, crop, stride, short_side, bf16, scale),
+            inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
             boundary_iou=boundary_iou,
             calibration=calibration,
             uncertainty=parse_measures(uncertainty),
@@ -267,6 +278,9 @@ def robustness_command(
     short_side: Optional[int] = ShortSideOption,
     scale: float = ScaleOption,
     bf16: bool = Bf16Option,
+    refine: bool = RefineOption,
+    refine_iters: int = RefineItersOption,
+    refine_q: float = RefineQOption,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
@@ -281,7 +295,9 @@ def robustness_command(
         checkpoint=str(checkpoint), data=data, out=str(out), corruptions=parse_corruptions(corruptions),
         severities=parse_severities(severities), split=split, baseline=None if baseline is None else str(baseline),
         max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, boundary_iou=boundary_iou,
-        calibration=calibration, inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device,
+        calibration=calibration,
+        inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
+        device=device,
         progress=progress, resume=resume,
     )
     result = run_robustness(config)
@@ -350,6 +366,9 @@ def calibrate_command(
     short_side: Optional[int] = ShortSideOption,
     scale: float = ScaleOption,
     bf16: bool = Bf16Option,
+    refine: bool = RefineOption,
+    refine_iters: int = RefineItersOption,
+    refine_q: float = RefineQOption,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
 ) -> None:
@@ -364,8 +383,8 @@ def calibrate_command(
         fit_split=fit_split, split=split, corruptions=parse_corruptions(corruptions) if corruptions.strip() else (),
         severities=parse_severities(severities), max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
         fit_crop=fit_crop, epochs=epochs, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
-        inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device, progress=progress,
-        resume=resume,
+        inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
+        device=device, progress=progress, resume=resume,
     )
     result = run_calibrate(config)
     if is_main_process():

@@ -39,6 +39,7 @@ from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
 from trustseg.metrics.calibration import CalibrationHistogram
 from trustseg.metrics.confusion import ConfusionMatrix
+from trustseg.refine.refiner import refinement_cost
 from trustseg.report.document import Document
 from trustseg.report.plots import reliability_diagrams
 from trustseg.report.tables import percent
@@ -284,7 +285,8 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
     if is_main_process():
         run_dir.write_json(RESULTS, {"setup": {"checkpoint": config.checkpoint, "fit_data": config.fit_data,
                                                "data": config.data, "num_images": len(dataset),
-                                               "num_bins": config.num_bins, "seed": config.seed, **fit_summary},
+                                               "num_bins": config.num_bins, "seed": config.seed, **fit_summary,
+                                               **refinement_cost(predictor)},
                                      "methods": methods, "selection": selection, "conditions": conditions,
                                      "saved": None if saved is None else saved.name})
         write_report(run_dir, config, methods, conditions, saved, selection)
