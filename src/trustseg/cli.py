@@ -345,6 +345,10 @@ def calibrate_command(
                                "ccaffine, ccaffine_argmax, lts, lts_ti, ibts, ibts_ti."),
     corruptions: str = typer.Option("", "--corruptions", help="Also evaluate under these corruptions (names, a family, common or all)."),
     severities: str = typer.Option("3", "--severities", help="Severities of --corruptions, e.g. 3 or 1-5."),
+    fit_corruptions: str = typer.Option("", "--fit-corruptions", help="Fit under shift: each fit image clean or "
+                                        "corrupted by one of these (names, a family, common or all), drawn per image; "
+                                        "must differ from --corruptions unless --allow-overlap."),
+    fit_severities: str = typer.Option("1-5", "--fit-severities", help="Severities of --fit-corruptions."),
     fit_split: Optional[str] = typer.Option(None, "--fit-split", help="Split of --fit-data (default: the spec's #split, else val)."),
     split: Optional[str] = ValSplitOption,
     max_images: Optional[int] = MaxImagesOption,
@@ -357,7 +361,8 @@ def calibrate_command(
     save: str = typer.Option("best", "--save", help="Method written as calibrated checkpoint: best (lowest NLL on held-out "
                              "fit images among argmax-preserving methods), best-any (among all), a name, or none."),
     holdout: float = typer.Option(0.2, "--holdout", help="Share of the fit images held out to choose --save best/best-any."),
-    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Accept --fit-data and --data that share images."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Accept --fit-data and --data that share images, "
+                                       "and --fit-corruptions that --corruptions also evaluates."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fit subsample and of the corruptions."),
     device: str = DeviceOption,
     mode: str = ModeOption,
@@ -381,7 +386,9 @@ def calibrate_command(
     config = CalibrateConfig(
         checkpoint=str(checkpoint), fit_data=fit_data, data=data, out=str(out), methods=parse_methods(method),
         fit_split=fit_split, split=split, corruptions=parse_corruptions(corruptions) if corruptions.strip() else (),
-        severities=parse_severities(severities), max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
+        severities=parse_severities(severities),
+        fit_corruptions=parse_corruptions(fit_corruptions) if fit_corruptions.strip() else (),
+        fit_severities=parse_severities(fit_severities), max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
         fit_crop=fit_crop, epochs=epochs, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
         inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
         device=device, progress=progress, resume=resume,
@@ -391,6 +398,8 @@ def calibrate_command(
         for key, results in result.conditions.items():
             console.print(rich_table(*method_rows(result.methods, results, COMPACT, properties=False),
                                      title=f"calibration on {key} (%; all columns in report.md)"))
+            best = result.best[key]
+            console.print(f"best decision-preserving on {key}: {best['method']} (ECE {100 * best['ECE']:.2f}%)")
         if result.selection is not None:
             choice = result.selection
             console.print(f"--save {choice['rule']}: {choice['chosen']}, lowest {choice['score']} on "

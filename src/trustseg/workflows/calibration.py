@@ -12,6 +12,10 @@ is written (`best-any`: the best of all). NLL, not ECE, because it is a proper s
 rewards any map whose binned confidence matches the accuracy, even a constant one, and on a small
 held-out set its binning error can exceed the gaps between methods. Fit and evaluation data that share
 images are refused unless `allow_overlap` says it is meant.
+
+Under shift (`fit_corruptions`, `calibration_shift`): the fit images, held-out ones included, are each
+corrupted by a drawn condition (Tomani et al., CVPR 2021), evaluation corruptions must differ from the
+fit ones (again unless `allow_overlap`), and each condition names its best decision-preserving method.
 """
 
 from __future__ import annotations
@@ -44,9 +48,13 @@ from trustseg.report.document import Document
 from trustseg.report.plots import reliability_diagrams
 from trustseg.report.tables import percent
 from trustseg.robustness.dataset import corrupted_view
+from trustseg.robustness.corruptions import SEVERITIES
 from trustseg.robustness.summary import CLEAN, condition_key
 from trustseg.engine.journal import Journal, file_sha256
 from trustseg.engine.rundir import RunDir
+from trustseg.workflows.calibration_shift import (
+    BEST_BY, best_decision_preserving, check_unseen, fit_conditions, fit_view,
+)
 from trustseg.workflows.evaluation import check_same_classes, first_images
 
 RESULTS = "calibration.json"
@@ -68,6 +76,9 @@ class CalibrateConfig:
     split: str | None = None  # None: the spec's split, else "val"
     corruptions: tuple[str, ...] = ()
     severities: tuple[int, ...] = (3,)
+    # corruptions the fit images are drawn under (with clean), at fit_severities; () fits on clean data
+    fit_corruptions: tuple[str, ...] = ()
+    fit_severities: tuple[int, ...] = SEVERITIES
     max_images: int | None = None
     max_pixels: int = 1_000_000  # uniform sample of labelled fit pixels for pixel-wise methods
     max_crops: int = 64  # random fit crops kept for spatial methods (LTS, IBTS)
@@ -78,7 +89,7 @@ class CalibrateConfig:
     # argmax-preserving methods) or "best-any" (among all methods)
     save: str = "best"
     holdout: float = 0.2  # share of the fit images held out to choose the method of best/best-any
-    allow_overlap: bool = False  # accept fit and evaluation data that share images
+    allow_overlap: bool = False  # accept fit and evaluation data that share images, or corruptions
     seed: int = 0
     inference: InferenceConfig = InferenceConfig()
     device: str = "auto"
@@ -94,6 +105,7 @@ class CalibrateResult:
     classes: ClassInfo
     run_dir: Path
     selection: dict[str, Any] | None = None  # how --save best/best-any chose, on held-out fit images
+    best: dict[str, dict[str, Any]] | None = None  # per condition, the lowest-ECE decision-preserving method
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -155,7 +167,8 @@ def _check_save(config: CalibrateConfig) -> None:
 
 
 def load_fit_data(config: CalibrateConfig, classes: ClassInfo, evaluated: SegmentationDataset) -> SegmentationDataset:
-    """The --fit-data dataset, checked: the model's classes, and no image shared with `evaluated`."""
+    """The --fit-data dataset, checked (the model's classes, no image shared with `evaluated`), as the
+    calibrators see it: under its drawn corruptions when `fit_corruptions` are given."""
     fit_set = load_dataset(config.fit_data, split=resolve_split(config.fit_data, config.fit_split, "val"))
     if fit_set.classes.num_classes != classes.num_classes:
         raise UserError(f"--fit-data {config.fit_data!r} has {fit_set.classes.num_classes} classes but the "
@@ -166,7 +179,7 @@ def load_fit_data(config: CalibrateConfig, classes: ClassInfo, evaluated: Segmen
             raise UserError(f"--fit-data {config.fit_data!r} and --data {config.data!r} share {len(shared)} "
                             f"image(s), e.g. {shared[0]}; fit and evaluate on disjoint images (e.g. #images=0:50 "
                             "and #images=50:) or pass --allow-overlap")
-    return fit_set
+    return fit_view(fit_set, config.fit_corruptions, config.fit_severities, config.seed)
 
 
 def split_holdout(config: CalibrateConfig, fit_set: SegmentationDataset) -> tuple[SegmentationDataset, SegmentationDataset | None]:
@@ -253,6 +266,7 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
     device = resolve_device(config.device)
     init_from_environment(device)
     _check_save(config)
+    check_unseen(config.fit_corruptions, config.corruptions, config.allow_overlap)
     checkpoint = load_checkpoint(config.checkpoint)
     dataset = first_images(load_dataset(config.data, split=resolve_split(config.data, config.split, "val")),
                            config.max_images)
@@ -264,7 +278,7 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
         "checkpoint_sha256": file_sha256(config.checkpoint), "fit_data": config.fit_data, "data": config.data,
         "fit_images": len(fit_set), "holdout_images": 0 if holdout is None else len(holdout),
         "num_images": len(dataset),
-        **{k: getattr(config, k) for k in ("methods", "max_pixels", "max_crops", "fit_crop", "epochs", "num_bins",
+        **{k: getattr(config, k) for k in ("methods", "fit_corruptions", "fit_severities", "max_pixels", "max_crops", "fit_crop", "epochs", "num_bins",
                                             "save", "seed", "inference")}}, resume=config.resume)
     if is_main_process():
         run_dir.write_config({"command": "calibrate", **vars(config)})
@@ -281,16 +295,21 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
         if key not in journal.done:
             journal.record(key, _evaluate_condition(config, bank, dataset, key, classes, device))
     conditions = {key: journal.done[key] for key in runs}
+    best = {key: best_decision_preserving(methods, results) for key, results in conditions.items()}
     saved = _save_calibrated(config, checkpoint, calibrators, selection, run_dir)
     if is_main_process():
         run_dir.write_json(RESULTS, {"setup": {"checkpoint": config.checkpoint, "fit_data": config.fit_data,
                                                "data": config.data, "num_images": len(dataset),
                                                "num_bins": config.num_bins, "seed": config.seed, **fit_summary,
+                                               "fit_corruptions": list(config.fit_corruptions),
+                                               "fit_severities": list(config.fit_severities),
+                                               "fit_conditions": fit_conditions(fit_set),
                                                **refinement_cost(predictor)},
                                      "methods": methods, "selection": selection, "conditions": conditions,
+                                     "best_decision_preserving": best,
                                      "saved": None if saved is None else saved.name})
-        write_report(run_dir, config, methods, conditions, saved, selection)
-    return CalibrateResult(methods, conditions, saved, classes, run_dir.path, selection)
+        write_report(run_dir, config, methods, conditions, saved, selection, best)
+    return CalibrateResult(methods, conditions, saved, classes, run_dir.path, selection, best)
 
 
 def _evaluate_condition(config: CalibrateConfig, bank: CalibratorBank, dataset: SegmentationDataset, key: str,
@@ -358,7 +377,7 @@ def method_rows(methods: dict[str, dict[str, Any]], results: dict[str, dict[str,
 
 
 def write_report(run_dir: RunDir, config: CalibrateConfig, methods, conditions, saved: Path | None,
-                 selection: dict[str, Any] | None = None) -> Document:
+                 selection: dict[str, Any] | None = None, best: dict[str, dict[str, Any]] | None = None) -> Document:
     """Tables per condition, reliability diagrams on clean data, report.md/html."""
     clean = conditions[CLEAN]
     diagrams = reliability_diagrams({name: r["reliability"] for name, r in clean.items()},
@@ -369,6 +388,19 @@ def write_report(run_dir: RunDir, config: CalibrateConfig, methods, conditions, 
                        "a class edge; ECE_img_mean: per-image mean). Percentages except NLL and Brier. "
                        "Δ mIoU is against the uncalibrated model; decisions changed is the share of pixels "
                        "whose predicted class the calibrator changed (changed px).")
+    if config.fit_corruptions:
+        document.paragraph(f"Fit under shift (Tomani et al., CVPR 2021): each fit image clean or corrupted by one of "
+                           f"{', '.join(config.fit_corruptions)} at severity {', '.join(map(str, config.fit_severities))}, "
+                           "drawn per image from the seed; the evaluation corruptions "
+                           + ("may overlap them (--allow-overlap)." if set(config.fit_corruptions) & set(config.corruptions)
+                              else "are all unseen in fitting."))
+    if best is not None:
+        document.heading("Best decision-preserving method per condition").paragraph(
+            f"Lowest {BEST_BY} among the methods that keep every pixel's predicted class (so the segmentation "
+            "map stays the model's) and the uncalibrated model.")
+        document.table(["condition", "method", BEST_BY, f"uncalibrated {BEST_BY}"],
+                       [[key, b["method"], percent(b[BEST_BY]), percent(b[f"uncalibrated_{BEST_BY}"])]
+                        for key, b in best.items()])
     for key, results in conditions.items():
         document.heading("Clean data" if key == CLEAN else f"Under {key}").table(*method_rows(methods, results))
     fits = [[m, f"{r['fit']['seconds']:.1f} s", r["fit"]["on"], f"{r['fit']['nll_before']:.4f}",
