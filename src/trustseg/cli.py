@@ -349,6 +349,9 @@ def calibrate_command(
                                         "corrupted by one of these (names, a family, common or all), drawn per image; "
                                         "must differ from --corruptions unless --allow-overlap."),
     fit_severities: str = typer.Option("1-5", "--fit-severities", help="Severities of --fit-corruptions."),
+    leave_one_family_out: bool = typer.Option(False, "--leave-one-family-out", help="For each family of --corruptions, "
+                                              "fit on the --fit-corruptions of the other families and evaluate on it, "
+                                              "against calibrators fitted on clean fit images."),
     fit_split: Optional[str] = typer.Option(None, "--fit-split", help="Split of --fit-data (default: the spec's #split, else val)."),
     split: Optional[str] = ValSplitOption,
     max_images: Optional[int] = MaxImagesOption,
@@ -388,7 +391,8 @@ def calibrate_command(
         fit_split=fit_split, split=split, corruptions=parse_corruptions(corruptions) if corruptions.strip() else (),
         severities=parse_severities(severities),
         fit_corruptions=parse_corruptions(fit_corruptions) if fit_corruptions.strip() else (),
-        fit_severities=parse_severities(fit_severities), max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
+        fit_severities=parse_severities(fit_severities), leave_one_family_out=leave_one_family_out,
+        max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
         fit_crop=fit_crop, epochs=epochs, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
         inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
         device=device, progress=progress, resume=resume,
@@ -400,6 +404,11 @@ def calibrate_command(
                                      title=f"calibration on {key} (%; all columns in report.md)"))
             best = result.best[key]
             console.print(f"best decision-preserving on {key}: {best['method']} (ECE {100 * best['ECE']:.2f}%)")
+        for family, entry in (result.leave_one_family_out or {}).items():
+            for key, best in entry["best_decision_preserving"].items():
+                console.print(f"{family} held out, {key}: best decision-preserving {best['method']} (ECE "
+                              f"{100 * best['ECE']:.2f}%; clean-fitted best {result.best[key]['method']} "
+                              f"{100 * result.best[key]['ECE']:.2f}%)")
         if result.selection is not None:
             choice = result.selection
             console.print(f"--save {choice['rule']}: {choice['chosen']}, lowest {choice['score']} on "

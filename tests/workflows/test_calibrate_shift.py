@@ -13,7 +13,8 @@ from PIL import Image
 import trustseg.workflows.calibration as calibration_workflow
 from trustseg.robustness.corruptions import corrupt
 from trustseg.robustness.dataset import MixedCorruptionDataset, condition_seed, mixed_condition
-from trustseg.workflows.calibration_shift import best_decision_preserving
+from trustseg.errors import UserError
+from trustseg.workflows.calibration_shift import best_decision_preserving, lofo_plan
 
 from cli_helpers import THREE_CLASSES, folder_tree, run_cli, save_tiny_unet
 
@@ -160,3 +161,46 @@ def test_evaluation_corruptions_seen_in_fitting_are_refused_unless_allowed(setup
     assert len(err.splitlines()) == 1 and "share fog" in err and "--allow-overlap" in err
     assert run_cli([*args, "--allow-overlap"], monkeypatch) == 0
     assert "may overlap them" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_leave_one_family_out_plan():
+    plan = lofo_plan(("gaussian_noise", "fog", "contrast", "snow"), ("contrast", "fog", "shot_noise"), (2, 4))
+    assert list(plan) == ["noise", "weather", "digital"]
+    assert plan["noise"] == {"fit_corruptions": ["fog", "contrast", "snow"],
+                             "conditions": ["shot_noise/2", "shot_noise/4"]}
+    assert plan["weather"]["fit_corruptions"] == ["gaussian_noise", "contrast"]
+    assert plan["digital"] == {"fit_corruptions": ["gaussian_noise", "fog", "snow"],
+                               "conditions": ["contrast/2", "contrast/4"]}
+    with pytest.raises(UserError, match="every --fit-corruptions is a weather corruption"):
+        lofo_plan(("fog", "snow"), ("fog", "contrast"), (3,))
+    with pytest.raises(UserError, match="needs --fit-corruptions and --corruptions"):
+        lofo_plan((), ("fog",), (3,))
+
+
+def test_leave_one_family_out_fits_without_the_held_out_family(setup, tmp_path, monkeypatch):
+    root, model = setup
+    fits = []
+    real = calibration_workflow.collect_fit_data
+
+    def spy(predictor, dataset, **options):
+        source = dataset.dataset if hasattr(dataset, "indices") else dataset
+        fits.append(getattr(source, "corruptions", ()))
+        return real(predictor, dataset, **options)
+
+    monkeypatch.setattr(calibration_workflow, "collect_fit_data", spy)
+    out = tmp_path / "lofo"
+    args = calibrate_args(model, root, out, "--fit-corruptions", ",".join(FIT), "--corruptions", "gaussian_noise,fog",
+                          "--severities", "2", "--leave-one-family-out", "--seed", "2")
+    assert run_cli(args, monkeypatch) == 0  # the fit and evaluation corruptions overlap: allowed family-wise
+    assert fits == [(), ("fog", "contrast"), ("contrast", "shot_noise")]  # clean reference, then w/o noise, w/o weather
+    results = json.loads((out / "calibration.json").read_text())
+    assert results["setup"]["fit_corruptions"] == [] and results["setup"]["fit_conditions"] == {"clean": 3}
+    held = results["leave_one_family_out"]
+    assert list(held) == ["noise", "weather"]
+    assert list(held["noise"]["conditions"]) == ["gaussian_noise/2"] and list(held["weather"]["conditions"]) == ["fog/2"]
+    for family, entry in held.items():
+        for key, methods in entry["conditions"].items():
+            # same model, same corrupted images: the uncalibrated row is the main run's
+            assert methods["uncalibrated"] == results["conditions"][key]["uncalibrated"]
+            assert entry["best_decision_preserving"][key] == best_decision_preserving(entry["methods"], methods)
+    assert "Leave one corruption family out" in (out / "report.md").read_text()
