@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from trustseg.errors import UserError
@@ -12,8 +13,6 @@ from trustseg.refine.propagation import (
     PAMR_DILATIONS, local_affinity, neighbour_offsets, refine_probabilities, uncertain_pixels,
 )
 from trustseg.refine.refiner import RefineConfig, Refiner, refine_logits
-
-import torch.nn.functional as F
 
 
 def padded(guide, dilations):
