@@ -51,9 +51,11 @@ def parse_pair(value: Optional[str], name: str) -> Optional[tuple[int, int]]:
 
 
 def inference_config(mode: str, crop: Optional[str], stride: Optional[str], short_side: Optional[int], bf16: bool,
-                     scale: float):
+                     scale: float, refine: bool = False, refine_iters: int = 10, refine_q: float = 20.0):
     from trustseg.engine.inference import InferenceConfig
+    from trustseg.refine.refiner import RefineConfig
 
+    refinement = RefineConfig(percent=refine_q, iterations=refine_iters)  # checked even without --refine
     return InferenceConfig(
         mode=mode,
         crop=parse_pair(crop, "--crop"),
@@ -61,6 +63,7 @@ def inference_config(mode: str, crop: Optional[str], stride: Optional[str], shor
         short_side=short_side,
         bf16=bf16,
         scale=scale,
+        refine=refinement if refine else None,
     )
 
 
@@ -80,6 +83,11 @@ ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progr
 McSamplesOption = typer.Option(8, "--mc-samples", help="Stochastic passes with dropout on for the MC-dropout measures.")
 McSeedOption = typer.Option(0, "--seed", help="Seed of the MC-dropout masks (the same for every batch).")
 DeviceOption = typer.Option("auto", "--device", help="Where the model runs: " + DEVICE_HELP + ".")
+RefineOption = typer.Option(False, "--refine/--no-refine", help="Re-decide the least confident pixels from their "
+                            "neighbours, guided by the image (PAMR propagation, training-free); confident pixels never change.")
+RefineItersOption = typer.Option(10, "--refine-iters", help="Propagation steps of --refine.")
+RefineQOption = typer.Option(20.0, "--refine-q", help="Percentage of each image's pixels (lowest top-class "
+                             "probability) that --refine re-decides, in (0, 100].")
 
 
 def print_eval_tables(metrics: dict, class_names) -> None:
@@ -167,6 +175,9 @@ def eval_command(
     short_side: Optional[int] = ShortSideOption,
     scale: float = ScaleOption,
     bf16: bool = Bf16Option,
+    refine: bool = RefineOption,
+    refine_iters: int = RefineItersOption,
+    refine_q: float = RefineQOption,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
@@ -184,7 +195,7 @@ def eval_command(
             split=split,
             batch_size=batch_size,
             max_images=max_images,
-            inference=inference_config(mode, crop, stride, short_side, bf16, scale),
+            inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
             boundary_iou=boundary_iou,
             calibration=calibration,
             uncertainty=parse_measures(uncertainty),
@@ -299,6 +310,9 @@ def robustness_command(
     short_side: Optional[int] = ShortSideOption,
     scale: float = ScaleOption,
     bf16: bool = Bf16Option,
+    refine: bool = RefineOption,
+    refine_iters: int = RefineItersOption,
+    refine_q: float = RefineQOption,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
@@ -313,7 +327,9 @@ def robustness_command(
         checkpoint=str(checkpoint), data=data, out=str(out), corruptions=parse_corruptions(corruptions),
         severities=parse_severities(severities), split=split, baseline=None if baseline is None else str(baseline),
         max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, boundary_iou=boundary_iou,
-        calibration=calibration, inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device,
+        calibration=calibration,
+        inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
+        device=device,
         progress=progress, resume=resume,
     )
     result = run_robustness(config)
@@ -469,6 +485,13 @@ def calibrate_command(
                                "ccaffine, ccaffine_argmax, lts, lts_ti, ibts, ibts_ti."),
     corruptions: str = typer.Option("", "--corruptions", help="Also evaluate under these corruptions (names, a family, common or all)."),
     severities: str = typer.Option("3", "--severities", help="Severities of --corruptions, e.g. 3 or 1-5."),
+    fit_corruptions: str = typer.Option("", "--fit-corruptions", help="Fit under shift: each fit image clean or "
+                                        "corrupted by one of these (names, a family, common or all), drawn per image; "
+                                        "must differ from --corruptions unless --allow-overlap."),
+    fit_severities: str = typer.Option("1-5", "--fit-severities", help="Severities of --fit-corruptions."),
+    leave_one_family_out: bool = typer.Option(False, "--leave-one-family-out", help="For each family of --corruptions, "
+                                              "fit on the --fit-corruptions of the other families and evaluate on it, "
+                                              "against calibrators fitted on clean fit images."),
     fit_split: Optional[str] = typer.Option(None, "--fit-split", help="Split of --fit-data (default: the spec's #split, else val)."),
     split: Optional[str] = ValSplitOption,
     max_images: Optional[int] = MaxImagesOption,
@@ -481,7 +504,8 @@ def calibrate_command(
     save: str = typer.Option("best", "--save", help="Method written as calibrated checkpoint: best (lowest NLL on held-out "
                              "fit images among argmax-preserving methods), best-any (among all), a name, or none."),
     holdout: float = typer.Option(0.2, "--holdout", help="Share of the fit images held out to choose --save best/best-any."),
-    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Accept --fit-data and --data that share images."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Accept --fit-data and --data that share images, "
+                                       "and --fit-corruptions that --corruptions also evaluates."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fit subsample and of the corruptions."),
     device: str = DeviceOption,
     mode: str = ModeOption,
@@ -490,6 +514,9 @@ def calibrate_command(
     short_side: Optional[int] = ShortSideOption,
     scale: float = ScaleOption,
     bf16: bool = Bf16Option,
+    refine: bool = RefineOption,
+    refine_iters: int = RefineItersOption,
+    refine_q: float = RefineQOption,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
 ) -> None:
@@ -502,16 +529,26 @@ def calibrate_command(
     config = CalibrateConfig(
         checkpoint=str(checkpoint), fit_data=fit_data, data=data, out=str(out), methods=parse_methods(method),
         fit_split=fit_split, split=split, corruptions=parse_corruptions(corruptions) if corruptions.strip() else (),
-        severities=parse_severities(severities), max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
+        severities=parse_severities(severities),
+        fit_corruptions=parse_corruptions(fit_corruptions) if fit_corruptions.strip() else (),
+        fit_severities=parse_severities(fit_severities), leave_one_family_out=leave_one_family_out,
+        max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
         fit_crop=fit_crop, epochs=epochs, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
-        inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device, progress=progress,
-        resume=resume,
+        inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
+        device=device, progress=progress, resume=resume,
     )
     result = run_calibrate(config)
     if is_main_process():
         for key, results in result.conditions.items():
             console.print(rich_table(*method_rows(result.methods, results, COMPACT, properties=False),
                                      title=f"calibration on {key} (%; all columns in report.md)"))
+            best = result.best[key]
+            console.print(f"best decision-preserving on {key}: {best['method']} (ECE {100 * best['ECE']:.2f}%)")
+        for family, entry in (result.leave_one_family_out or {}).items():
+            for key, best in entry["best_decision_preserving"].items():
+                console.print(f"{family} held out, {key}: best decision-preserving {best['method']} (ECE "
+                              f"{100 * best['ECE']:.2f}%; clean-fitted best {result.best[key]['method']} "
+                              f"{100 * result.best[key]['ECE']:.2f}%)")
         if result.selection is not None:
             choice = result.selection
             console.print(f"--save {choice['rule']}: {choice['chosen']}, lowest {choice['score']} on "

@@ -22,6 +22,7 @@ from trustseg.engine.devices import autocast
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
 from trustseg.models.weights import load_mapped, require_fit
+from trustseg.refine.refiner import RefineConfig, Refiner
 
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,7 +33,8 @@ class InferenceConfig:
 
     `short_side` resizes the image before inference so its short side has that length, and `scale`
     then multiplies its size (e.g. 2.0 to test a model at twice its training resolution); logits are
-    resized back to the input size.
+    resized back to the input size. `refine` re-decides the uncertain pixels from their neighbours,
+    guided by the image (`trustseg.refine`), before any calibrator.
     """
 
     mode: str = "whole"
@@ -41,6 +43,7 @@ class InferenceConfig:
     short_side: int | None = None
     bf16: bool = False
     scale: float = 1.0
+    refine: RefineConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.scale > 0:
@@ -100,7 +103,8 @@ def sliding_window_logits(
 class Predictor(nn.Module):
     """images uint8 or float in [0, 255], (B, 3, H, W) -> logits float32 (B, K, H, W).
 
-    With a `calibrator` the logits are the calibrated ones (it sees the logits and the images).
+    With a `refiner` the logits are refined (it sees the logits and the images), then with a `calibrator`
+    calibrated (likewise).
     """
 
     def __init__(
@@ -110,11 +114,13 @@ class Predictor(nn.Module):
         std: tuple[float, float, float],
         config: InferenceConfig = InferenceConfig(),
         calibrator: nn.Module | None = None,
+        refiner: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.config = config
         self.calibrator = calibrator
+        self.refiner = refiner
         self.divisor = int(getattr(model, "size_divisor", 1))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -145,6 +151,8 @@ class Predictor(nn.Module):
         logits = logits.float()
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        if self.refiner is not None:
+            logits = self.refiner(logits, images)
         return logits if self.calibrator is None else self.calibrator(logits, images)
 
 
@@ -205,5 +213,7 @@ def predictor_from_checkpoint(
     """The checkpoint's model behind `config`'s inference, with its calibrator unless `calibrated` is False,
     on `device` (it takes images on that device)."""
     calibrator = calibrator_from_checkpoint(checkpoint) if calibrated else None
-    predictor = Predictor(model_from_checkpoint(checkpoint), checkpoint.mean, checkpoint.std, config, calibrator)
+    refiner = None if config.refine is None else Refiner(config.refine)
+    predictor = Predictor(model_from_checkpoint(checkpoint), checkpoint.mean, checkpoint.std, config, calibrator,
+                          refiner)
     return predictor.to(device).eval()

@@ -12,6 +12,10 @@ is written (`best-any`: the best of all). NLL, not ECE, because it is a proper s
 rewards any map whose binned confidence matches the accuracy, even a constant one, and on a small
 held-out set its binning error can exceed the gaps between methods. Fit and evaluation data that share
 images are refused unless `allow_overlap` says it is meant.
+
+Under shift (`fit_corruptions`, `calibration_shift`): the fit images, held-out ones included, are each
+corrupted by a drawn condition (Tomani et al., CVPR 2021), evaluation corruptions must differ from the
+fit ones (again unless `allow_overlap`), and each condition names its best decision-preserving method.
 """
 
 from __future__ import annotations
@@ -39,13 +43,18 @@ from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
 from trustseg.metrics.calibration import CalibrationHistogram
 from trustseg.metrics.confusion import ConfusionMatrix
+from trustseg.refine.refiner import refinement_cost
 from trustseg.report.document import Document
 from trustseg.report.plots import reliability_diagrams
 from trustseg.report.tables import percent
 from trustseg.robustness.dataset import corrupted_view
+from trustseg.robustness.corruptions import SEVERITIES
 from trustseg.robustness.summary import CLEAN, condition_key
 from trustseg.engine.journal import Journal, file_sha256
 from trustseg.engine.rundir import RunDir
+from trustseg.workflows.calibration_shift import (
+    BEST_BY, best_decision_preserving, check_unseen, fit_conditions, fit_view, lofo_plan, lofo_rows,
+)
 from trustseg.workflows.evaluation import check_same_classes, first_images
 
 RESULTS = "calibration.json"
@@ -67,6 +76,12 @@ class CalibrateConfig:
     split: str | None = None  # None: the spec's split, else "val"
     corruptions: tuple[str, ...] = ()
     severities: tuple[int, ...] = (3,)
+    # corruptions the fit images are drawn under (with clean), at fit_severities; () fits on clean data
+    fit_corruptions: tuple[str, ...] = ()
+    fit_severities: tuple[int, ...] = SEVERITIES
+    # per family of `corruptions`: fit on the fit corruptions of the other families, evaluate on it; the
+    # main calibrators are then fitted on clean data, for comparison
+    leave_one_family_out: bool = False
     max_images: int | None = None
     max_pixels: int = 1_000_000  # uniform sample of labelled fit pixels for pixel-wise methods
     max_crops: int = 64  # random fit crops kept for spatial methods (LTS, IBTS)
@@ -77,7 +92,7 @@ class CalibrateConfig:
     # argmax-preserving methods) or "best-any" (among all methods)
     save: str = "best"
     holdout: float = 0.2  # share of the fit images held out to choose the method of best/best-any
-    allow_overlap: bool = False  # accept fit and evaluation data that share images
+    allow_overlap: bool = False  # accept fit and evaluation data that share images, or corruptions
     seed: int = 0
     inference: InferenceConfig = InferenceConfig()
     device: str = "auto"
@@ -93,6 +108,8 @@ class CalibrateResult:
     classes: ClassInfo
     run_dir: Path
     selection: dict[str, Any] | None = None  # how --save best/best-any chose, on held-out fit images
+    best: dict[str, dict[str, Any]] | None = None  # per condition, the lowest-ECE decision-preserving method
+    leave_one_family_out: dict[str, dict[str, Any]] | None = None  # per held-out family: fits and conditions
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -183,21 +200,23 @@ def split_holdout(config: CalibrateConfig, fit_set: SegmentationDataset) -> tupl
 
 
 def _fit_all(config: CalibrateConfig, predictor: nn.Module, classes: ClassInfo, fit_set: SegmentationDataset,
-             device: torch.device, journal: Journal) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, Any]]:
+             device: torch.device, journal: Journal, prefix: str = "",
+             ) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, Any]]:
     """Every method fitted on one collection of fit data; a method fitted by an interrupted run is read
-    back from its state file (the fit data is collected only when some method still needs it)."""
+    back from its state file (the fit data is collected only when some method still needs it). `prefix`
+    names the journal units and state files of one of several fits (leave one family out)."""
     calibrators = {}
     data = None
     for method in config.methods:
         calibrator = build_calibrator(method, classes.num_classes).to(device)
-        unit, state_file = f"fit/{method}", journal.run_dir.file(f"calibrators/{method}.pt")
+        unit, state_file = f"{prefix}fit/{method}", journal.run_dir.file(f"calibrators/{prefix}{method}.pt")
         if unit in journal.done:
             calibrator.load_state_dict(_read_state(state_file))
             calibrators[method] = calibrator
             continue
         if data is None:
             data = _collect(config, predictor, fit_set, device)
-            journal.record("fit_data", {"images": data.images, "labelled_pixels": data.labelled_pixels,
+            journal.record(f"{prefix}fit_data", {"images": data.images, "labelled_pixels": data.labelled_pixels,
                                         "sample_pixels": int(data.labels.numel()), "crops": len(data.maps)})
         report = fit_calibrator(calibrator, data, ignore_index=classes.ignore_index, epochs=config.epochs,
                                 progress=config.progress)
@@ -214,7 +233,8 @@ def _fit_all(config: CalibrateConfig, predictor: nn.Module, classes: ClassInfo, 
             "parameters": calibrator.summary(),
         })
         calibrators[method] = calibrator
-    return calibrators, {m: journal.done[f"fit/{m}"] for m in config.methods}, journal.done["fit_data"]
+    return (calibrators, {m: journal.done[f"{prefix}fit/{m}"] for m in config.methods},
+            journal.done[f"{prefix}fit_data"])
 
 
 def _collect(config: CalibrateConfig, predictor: nn.Module, fit_set: SegmentationDataset, device: torch.device):
@@ -252,22 +272,31 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
     device = resolve_device(config.device)
     init_from_environment(device)
     _check_save(config)
+    lofo = (lofo_plan(config.fit_corruptions, config.corruptions, config.severities)
+            if config.leave_one_family_out else {})
+    if not lofo:
+        check_unseen(config.fit_corruptions, config.corruptions, config.allow_overlap)
     checkpoint = load_checkpoint(config.checkpoint)
     dataset = first_images(load_dataset(config.data, split=resolve_split(config.data, config.split, "val")),
                            config.max_images)
     check_same_classes(checkpoint, dataset, config.data)
-    fit_set, holdout = split_holdout(config, load_fit_data(config, checkpoint.classes, dataset))
+    checked = load_fit_data(config, checkpoint.classes, dataset)
+    main_corruptions = () if lofo else config.fit_corruptions  # leave one family out compares with clean fits
+    fit_set, holdout = split_holdout(config, fit_view(checked, main_corruptions, config.fit_severities, config.seed))
     run_dir = RunDir(config.out)
     runs = [CLEAN, *(condition_key(n, s) for n in config.corruptions for s in config.severities)]
     journal = Journal(run_dir, "calibrate", {
         "checkpoint_sha256": file_sha256(config.checkpoint), "fit_data": config.fit_data, "data": config.data,
         "fit_images": len(fit_set), "holdout_images": 0 if holdout is None else len(holdout),
         "num_images": len(dataset),
-        **{k: getattr(config, k) for k in ("methods", "max_pixels", "max_crops", "fit_crop", "epochs", "num_bins",
+        **{k: getattr(config, k) for k in ("methods", "fit_corruptions", "fit_severities", "leave_one_family_out",
+                                            "max_pixels", "max_crops", "fit_crop", "epochs", "num_bins",
                                             "save", "seed", "inference")}}, resume=config.resume)
     if is_main_process():
         run_dir.write_config({"command": "calibrate", **vars(config)})
-    units = [*(f"fit/{m}" for m in config.methods), *(["selection"] if holdout else []), *runs]
+    units = [*(f"fit/{m}" for m in config.methods), *(["selection"] if holdout else []), *runs,
+             *(f"lofo/{family}/{unit}" for family, plan in lofo.items()
+               for unit in (*(f"fit/{m}" for m in config.methods), *plan["conditions"]))]
     journal.announce(units, "steps (fits, choice, conditions)")
     predictor = predictor_from_checkpoint(checkpoint, config.inference, calibrated=False, device=device)
     calibrators, methods, fit_summary = _fit_all(config, predictor, checkpoint.classes, fit_set, device, journal)
@@ -280,15 +309,44 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
         if key not in journal.done:
             journal.record(key, _evaluate_condition(config, bank, dataset, key, classes, device))
     conditions = {key: journal.done[key] for key in runs}
+    best = {key: best_decision_preserving(methods, results) for key, results in conditions.items()}
+    held_out = {family: _leave_family_out(config, predictor, checked, dataset, classes, family, plan, device, journal)
+                for family, plan in lofo.items()}
     saved = _save_calibrated(config, checkpoint, calibrators, selection, run_dir)
     if is_main_process():
         run_dir.write_json(RESULTS, {"setup": {"checkpoint": config.checkpoint, "fit_data": config.fit_data,
                                                "data": config.data, "num_images": len(dataset),
-                                               "num_bins": config.num_bins, "seed": config.seed, **fit_summary},
+                                               "num_bins": config.num_bins, "seed": config.seed, **fit_summary,
+                                               "fit_corruptions": list(main_corruptions),
+                                               "fit_severities": list(config.fit_severities),
+                                               "fit_conditions": fit_conditions(fit_set),
+                                               **refinement_cost(predictor)},
                                      "methods": methods, "selection": selection, "conditions": conditions,
+                                     "best_decision_preserving": best, "leave_one_family_out": held_out or None,
                                      "saved": None if saved is None else saved.name})
-        write_report(run_dir, config, methods, conditions, saved, selection)
-    return CalibrateResult(methods, conditions, saved, classes, run_dir.path, selection)
+        write_report(run_dir, config, methods, conditions, saved, selection, best, held_out)
+    return CalibrateResult(methods, conditions, saved, classes, run_dir.path, selection, best, held_out or None)
+
+
+def _leave_family_out(config: CalibrateConfig, predictor: nn.Module, checked: SegmentationDataset,
+                      dataset: SegmentationDataset, classes: ClassInfo, family: str, plan: dict[str, list[str]],
+                      device: torch.device,
+                      journal: Journal) -> dict[str, Any]:
+    """Fit every method on the fit images drawn under the other families' corruptions (the same images
+    as the main fit), evaluate them on this family's conditions."""
+    prefix = f"lofo/{family}/"
+    fit_set, _ = split_holdout(config, fit_view(checked, tuple(plan["fit_corruptions"]), config.fit_severities,
+                                                config.seed))
+    calibrators, methods, fit_summary = _fit_all(config, predictor, classes, fit_set, device, journal, prefix)
+    bank = CalibratorBank(predictor, calibrators).to(device).eval()
+    for key in plan["conditions"]:
+        if prefix + key not in journal.done:
+            journal.record(prefix + key, _evaluate_condition(config, bank, dataset, key, classes, device))
+    conditions = {key: journal.done[prefix + key] for key in plan["conditions"]}
+    return {"fit_corruptions": plan["fit_corruptions"], "fit_conditions": fit_conditions(fit_set),
+            "fit_data": fit_summary, "methods": methods, "conditions": conditions,
+            "best_decision_preserving": {key: best_decision_preserving(methods, results)
+                                         for key, results in conditions.items()}}
 
 
 def _evaluate_condition(config: CalibrateConfig, bank: CalibratorBank, dataset: SegmentationDataset, key: str,
@@ -356,7 +414,8 @@ def method_rows(methods: dict[str, dict[str, Any]], results: dict[str, dict[str,
 
 
 def write_report(run_dir: RunDir, config: CalibrateConfig, methods, conditions, saved: Path | None,
-                 selection: dict[str, Any] | None = None) -> Document:
+                 selection: dict[str, Any] | None = None, best: dict[str, dict[str, Any]] | None = None,
+                 held_out: dict[str, dict[str, Any]] | None = None) -> Document:
     """Tables per condition, reliability diagrams on clean data, report.md/html."""
     clean = conditions[CLEAN]
     diagrams = reliability_diagrams({name: r["reliability"] for name, r in clean.items()},
@@ -367,8 +426,32 @@ def write_report(run_dir: RunDir, config: CalibrateConfig, methods, conditions, 
                        "a class edge; ECE_img_mean: per-image mean). Percentages except NLL and Brier. "
                        "Δ mIoU is against the uncalibrated model; decisions changed is the share of pixels "
                        "whose predicted class the calibrator changed (changed px).")
+    if config.fit_corruptions and not held_out:
+        document.paragraph(f"Fit under shift (Tomani et al., CVPR 2021): each fit image clean or corrupted by one of "
+                           f"{', '.join(config.fit_corruptions)} at severity {', '.join(map(str, config.fit_severities))}, "
+                           "drawn per image from the seed; the evaluation corruptions "
+                           + ("may overlap them (--allow-overlap)." if set(config.fit_corruptions) & set(config.corruptions)
+                              else "are all unseen in fitting."))
     for key, results in conditions.items():
         document.heading("Clean data" if key == CLEAN else f"Under {key}").table(*method_rows(methods, results))
+    if best is not None:
+        document.heading("Best decision-preserving method per condition").paragraph(
+            f"Lowest {BEST_BY} among the methods that keep every pixel's predicted class (so the segmentation "
+            "map stays the model's) and the uncalibrated model.")
+        document.table(["condition", "method", BEST_BY, f"uncalibrated {BEST_BY}"],
+                       [[key, b["method"], percent(b[BEST_BY]), percent(b[f"uncalibrated_{BEST_BY}"])]
+                        for key, b in best.items()])
+    if held_out:
+        document.heading("Leave one corruption family out").paragraph(
+            "The calibrators above are fitted on clean fit images. For each family of the evaluation corruptions, "
+            "every method is fitted again on the same fit images, each clean or corrupted by a drawn one of the "
+            f"other families' fit corruptions (severities {', '.join(map(str, config.fit_severities))}), and "
+            "evaluated on the held-out family: ECE of both fits, percentages; negative Δ: the corruption fit is "
+            "better calibrated on a shift it never saw.")
+        document.table(*lofo_rows(conditions, held_out))
+        document.table(["condition", "best decision-preserving (fitted w/o family)", BEST_BY],
+                       [[key, b["method"], percent(b[BEST_BY])] for entry in held_out.values()
+                        for key, b in entry["best_decision_preserving"].items()])
     fits = [[m, f"{r['fit']['seconds']:.1f} s", r["fit"]["on"], f"{r['fit']['nll_before']:.4f}",
              f"{r['fit']['nll_after']:.4f}", ", ".join(f"{k} {v:.3g}" for k, v in r["parameters"].items())]
             for m, r in methods.items()]

@@ -21,6 +21,7 @@ from trustseg.metrics.uncertainty import UncertaintyHistogram
 from trustseg.report.tables import metrics_markdown
 from trustseg.engine.rundir import RunDir
 from trustseg.metrics.base import Predictions
+from trustseg.refine.refiner import refinement_cost
 from trustseg.engine.uncertainty_maps import MC_MEASURES, SCORED_MEASURES, mc_dropout, mc_dropout_maps, require_dropout
 from trustseg.workflows.prediction import check_mc_samples, dropout_fix
 
@@ -115,7 +116,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     checkpoint = load_checkpoint(config.checkpoint)
     dataset = first_images(load_dataset(config.data, split=resolve_split(config.data, config.split, "val")), config.max_images)
     check_same_classes(checkpoint, dataset, config.data)
-    predictor = predictor_from_checkpoint(checkpoint, config.inference, device=device)
+    predictor = base = predictor_from_checkpoint(checkpoint, config.inference, device=device)
     if any(name in MC_MEASURES for name in config.uncertainty):  # fail before writing anything
         require_dropout(predictor, dropout_fix(checkpoint.model["name"]))
         predictor = with_mc_dropout(predictor, config.mc_samples, config.seed)
@@ -131,6 +132,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         progress=config.progress,
         device=device,
     )
+    metrics.update(refinement_cost(base))
     metrics["num_images"] = len(dataset)
     metrics["class_names"] = list(checkpoint.classes.names)
     if run_dir is not None:

@@ -23,6 +23,7 @@ from trustseg.engine.distributed import init_from_environment, is_main_process
 from trustseg.errors import UserError
 from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
+from trustseg.refine.refiner import refinement_cost
 from trustseg.report.document import Document
 from trustseg.report.plots import heatmap, line_plot
 from trustseg.report.tables import percent
@@ -156,12 +157,17 @@ def evaluate_condition(predictor: Callable[[torch.Tensor], torch.Tensor], datase
                        device: torch.device) -> dict[str, Any]:
     """The metrics of `predictor` on `dataset` under the condition `key` (``clean`` or ``name/s``), through
     the one evaluation loop. `config` supplies seed, batch_size, num_workers, boundary_iou, calibration and
-    progress (any object with those attributes, e.g. a RobustnessConfig)."""
+    progress (any object with those attributes, e.g. a RobustnessConfig). With a refining predictor the
+    results carry the refinement's cost, ``refine_ms_per_image``."""
     data, transform = corrupted_view(dataset, key, seed=config.seed, device=device)
     accumulators = default_accumulators(classes, boundary_iou=config.boundary_iou, calibration=config.calibration,
                                         uncertainty=("msp",) if config.calibration else ())
-    return evaluate(predictor, data, accumulators, batch_size=config.batch_size, batch_transform=transform,
-                    num_workers=config.num_workers, progress=config.progress, description=description, device=device)
+    refiner = getattr(predictor, "refiner", None)
+    if refiner is not None:
+        refiner.reset()
+    results = evaluate(predictor, data, accumulators, batch_size=config.batch_size, batch_transform=transform,
+                       num_workers=config.num_workers, progress=config.progress, description=description, device=device)
+    return {**results, **refinement_cost(predictor)}
 
 
 def corruption_rows(summary: dict[str, Any], conditions: dict[str, dict[str, Any]],
