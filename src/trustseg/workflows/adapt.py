@@ -18,8 +18,6 @@ from typing import Any
 
 from trustseg.adapt.predictor import AdaptConfig, AdaptingPredictor
 from trustseg.data.base import ClassInfo
-from trustseg.data.spec import load_dataset, resolve_split
-from trustseg.engine.checkpoint import load_checkpoint
 from trustseg.engine.devices import resolve_device
 from trustseg.engine.distributed import init_from_environment, is_main_process
 from trustseg.engine.evaluate import evaluate
@@ -31,7 +29,7 @@ from trustseg.report.tables import percent
 from trustseg.robustness.corruptions import CORRUPTIONS, SEVERITIES, check_corruption, frost_source
 from trustseg.robustness.dataset import corrupted_view
 from trustseg.robustness.summary import CLEAN, condition_key, summarize
-from trustseg.workflows.evaluation import check_same_classes, default_accumulators, first_images
+from trustseg.workflows.evaluation import checkpoint_and_data, default_accumulators
 from trustseg.workflows.robustness import nan_for_null
 
 RESULTS = "adapt.json"
@@ -77,10 +75,7 @@ def unit_name(which: str, condition: str) -> str:
 def run_adapt(config: AdaptRunConfig) -> AdaptResult:
     device = resolve_device(config.device)
     init_from_environment(device)
-    checkpoint = load_checkpoint(config.checkpoint)
-    split = resolve_split(config.data, config.split, "val")
-    dataset = first_images(load_dataset(config.data, split=split), config.max_images)
-    check_same_classes(checkpoint, dataset, config.data)
+    checkpoint, dataset, split = checkpoint_and_data(config.checkpoint, config.data, config.split, config.max_images)
     classes = checkpoint.classes
     source = predictor_from_checkpoint(checkpoint, config.inference, calibrated=False, device=device)
 

@@ -32,7 +32,7 @@ from trustseg.calibrators.methods import METHODS, build_calibrator
 from trustseg.calibrators.fit import fit_calibrator
 from trustseg.calibrators.fit_data import collect_fit_data
 from trustseg.calibrators.properties import PROPERTIES
-from trustseg.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from trustseg.engine.checkpoint import atomic_write, save_checkpoint
 from trustseg.data.base import ClassInfo, SegmentationDataset, subset
 from trustseg.data.identity import shared_sources
 from trustseg.data.spec import load_dataset, resolve_split
@@ -55,7 +55,7 @@ from trustseg.engine.rundir import RunDir
 from trustseg.workflows.calibration_shift import (
     BEST_BY, best_decision_preserving, check_unseen, fit_conditions, fit_view, lofo_plan, lofo_rows,
 )
-from trustseg.workflows.evaluation import check_same_classes, first_images
+from trustseg.workflows.evaluation import checkpoint_and_data
 
 RESULTS = "calibration.json"
 UNCALIBRATED = "uncalibrated"
@@ -276,10 +276,7 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
             if config.leave_one_family_out else {})
     if not lofo:
         check_unseen(config.fit_corruptions, config.corruptions, config.allow_overlap)
-    checkpoint = load_checkpoint(config.checkpoint)
-    dataset = first_images(load_dataset(config.data, split=resolve_split(config.data, config.split, "val")),
-                           config.max_images)
-    check_same_classes(checkpoint, dataset, config.data)
+    checkpoint, dataset, _ = checkpoint_and_data(config.checkpoint, config.data, config.split, config.max_images)
     checked = load_fit_data(config, checkpoint.classes, dataset)
     main_corruptions = () if lofo else config.fit_corruptions  # leave one family out compares with clean fits
     fit_set, holdout = split_holdout(config, fit_view(checked, main_corruptions, config.fit_severities, config.seed))

@@ -27,7 +27,7 @@ from trustseg.compress.apply import compress_checkpoint, needs_training_data, sw
 from trustseg.compress.reducers import find_vit
 from trustseg.compress.spec import family, parse_spec, spec_name
 from trustseg.data.spec import load_dataset, resolve_split
-from trustseg.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from trustseg.engine.checkpoint import Checkpoint, save_checkpoint
 from trustseg.engine.devices import resolve_device
 from trustseg.engine.distributed import init_from_environment, is_main_process
 from trustseg.engine.inference import (InferenceConfig, Predictor, calibrator_from_checkpoint,
@@ -41,7 +41,7 @@ from trustseg.report.plots import line_plot
 from trustseg.report.tables import percent
 from trustseg.robustness.corruptions import CORRUPTIONS
 from trustseg.robustness.summary import CLEAN, condition_key
-from trustseg.workflows.evaluation import check_same_classes, first_images
+from trustseg.workflows.evaluation import checkpoint_and_data
 from trustseg.workflows.robustness import evaluate_condition
 
 RESULTS = "compression.json"
@@ -98,10 +98,7 @@ class CompressResult:
 def run_compress(config: CompressConfig) -> CompressResult:
     device = resolve_device(config.device)
     init_from_environment(device)
-    checkpoint = load_checkpoint(config.checkpoint)
-    split = resolve_split(config.data, config.split, "val")
-    dataset = first_images(load_dataset(config.data, split=split), config.max_images)
-    check_same_classes(checkpoint, dataset, config.data)
+    checkpoint, dataset, split = checkpoint_and_data(config.checkpoint, config.data, config.split, config.max_images)
     source = model_from_checkpoint(checkpoint)
     cost_size = config.cost_size or _model_input_size(dataset, source, checkpoint, config.inference)
     sweep = []

@@ -61,6 +61,17 @@ def check_same_classes(checkpoint: Checkpoint, dataset: SegmentationDataset, spe
         raise UserError(f"data {spec!r} has {found} classes but the checkpoint was trained with {expected}")
 
 
+def checkpoint_and_data(checkpoint_path: str, data: str, split: str | None, max_images: int | None,
+                        default_split: str = "val") -> tuple[Checkpoint, SegmentationDataset, str | None]:
+    """The checkpoint, the first `max_images` of the data it runs on, checked to share its classes, and the
+    split read (`split`, else the spec's, else `default_split`)."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    split = resolve_split(data, split, default_split)
+    dataset = first_images(load_dataset(data, split=split), max_images)
+    check_same_classes(checkpoint, dataset, data)
+    return checkpoint, dataset, split
+
+
 def first_images(dataset: SegmentationDataset, max_images: int | None) -> SegmentationDataset:
     """The first `max_images` samples (all when None), keeping the class metadata."""
     if max_images is None or max_images >= len(dataset):
@@ -113,9 +124,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     """Evaluate on `config.device`; under torchrun every process takes a shard and rank 0 writes the run."""
     device = resolve_device(config.device)
     init_from_environment(device)
-    checkpoint = load_checkpoint(config.checkpoint)
-    dataset = first_images(load_dataset(config.data, split=resolve_split(config.data, config.split, "val")), config.max_images)
-    check_same_classes(checkpoint, dataset, config.data)
+    checkpoint, dataset, _ = checkpoint_and_data(config.checkpoint, config.data, config.split, config.max_images)
     predictor = base = predictor_from_checkpoint(checkpoint, config.inference, device=device)
     if any(name in MC_MEASURES for name in config.uncertainty):  # fail before writing anything
         require_dropout(predictor, dropout_fix(checkpoint.model["name"]))

@@ -15,9 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from trustseg.engine.checkpoint import load_checkpoint
 from trustseg.data.base import ClassInfo, SegmentationDataset
-from trustseg.data.spec import load_dataset, resolve_split
 from trustseg.engine.devices import resolve_device
 from trustseg.engine.distributed import init_from_environment, is_main_process
 from trustseg.errors import UserError
@@ -32,7 +30,7 @@ from trustseg.robustness.dataset import corrupted_view
 from trustseg.robustness.summary import CLEAN, condition_key, miou_grid, summarize
 from trustseg.engine.journal import Journal, file_sha256
 from trustseg.engine.rundir import RunDir
-from trustseg.workflows.evaluation import check_same_classes, default_accumulators, first_images
+from trustseg.workflows.evaluation import checkpoint_and_data, default_accumulators
 
 RESULTS = "robustness.json"
 
@@ -117,10 +115,7 @@ def load_baseline(path: str, classes: ClassInfo, needed: list[str]) -> dict[str,
 def run_robustness(config: RobustnessConfig) -> RobustnessResult:
     device = resolve_device(config.device)
     init_from_environment(device)
-    checkpoint = load_checkpoint(config.checkpoint)
-    split = resolve_split(config.data, config.split, "val")
-    dataset = first_images(load_dataset(config.data, split=split), config.max_images)
-    check_same_classes(checkpoint, dataset, config.data)
+    checkpoint, dataset, split = checkpoint_and_data(config.checkpoint, config.data, config.split, config.max_images)
     classes = checkpoint.classes
     keys = [CLEAN, *(condition_key(n, s) for n in config.corruptions for s in config.severities)]
     baseline = load_baseline(config.baseline, classes, keys) if config.baseline else None
