@@ -161,6 +161,9 @@ def eval_command(
                                     "mutual-information, or none."),
     mc_samples: int = McSamplesOption,
     seed: int = McSeedOption,
+    per_image: bool = typer.Option(False, "--per-image", help="Also write per_image_confusion.npy (one KxK matrix "
+                                   "per image: N*K*K*8 bytes), which trustseg report needs for bootstrap intervals."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html and report.md at the end."),
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
@@ -192,6 +195,8 @@ def eval_command(
             seed=seed,
             device=device,
             progress=progress,
+            per_image=per_image,
+            report=report,
         )
     )
     if is_main_process():
@@ -400,6 +405,20 @@ def info_command(
     ]
     console.print(rich_table(["class", "pixels", "% labelled"], rows, title=f"{data} ({result.split}); splits {sizes}"))
     console.print(f"ignored pixels: {result.ignored_pixels:,}; run directory: {result.run_dir}")
+
+
+@app.command("report")
+def report_command(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories written by trustseg commands."),
+    out: Path = typer.Option(..., "--out", help="Folder for the reports: one page per run (in OUT/<run>/ when "
+                             "several) and, for two or more runs, comparison.html and comparison.md."),
+) -> None:
+    """Self-contained HTML (and Markdown) report of each run, rebuilt from its files, and a comparison of
+    several: side by side, ranking per metric, Kendall's tau between metrics, bootstrap intervals of mIoU."""
+    from trustseg.report.comparison import write_reports
+
+    for page in write_reports(run_dirs, out):
+        console.print(str(page))
 
 
 @experiment_app.command("pos-embedding")

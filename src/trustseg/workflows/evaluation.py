@@ -16,9 +16,9 @@ from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
 from trustseg.metrics.boundary import BoundaryIoU
 from trustseg.metrics.calibration import CalibrationHistogram
-from trustseg.metrics.confusion import ConfusionMatrix, PerImageIoU
+from trustseg.metrics.confusion import ConfusionMatrix, PerImageConfusion, PerImageIoU
 from trustseg.metrics.uncertainty import UncertaintyHistogram
-from trustseg.report.tables import metrics_markdown
+from trustseg.report.pages import CONFUSION_FILE, PER_IMAGE_CONFUSION_FILE, write_array, write_run_report
 from trustseg.engine.rundir import RunDir
 from trustseg.metrics.base import Predictions
 from trustseg.engine.uncertainty_maps import MC_MEASURES, SCORED_MEASURES, mc_dropout, mc_dropout_maps, require_dropout
@@ -41,6 +41,8 @@ class EvalConfig:
     seed: int = 0  # of the MC-dropout masks, the same for every batch (as in `trustseg predict`)
     device: str = "auto"
     progress: bool = True
+    per_image: bool = False  # also write per_image_confusion.npy (N, K, K), for bootstrap comparisons
+    report: bool = True  # write report.md / report.html at the end
 
     def __post_init__(self) -> None:
         check_mc_samples(self.mc_samples)
@@ -122,12 +124,19 @@ def run_eval(config: EvalConfig) -> EvalResult:
     run_dir = RunDir(config.out) if is_main_process() else None
     if run_dir is not None:
         run_dir.write_config({"command": "eval", **vars(config)})
+    accumulators = default_accumulators(checkpoint.classes, boundary_iou=config.boundary_iou,
+                                        calibration=config.calibration, uncertainty=config.uncertainty)
+    per_image = None
+    if config.per_image:
+        per_image = PerImageConfusion(checkpoint.classes.num_classes, len(dataset),
+                                      ignore_index=checkpoint.classes.ignore_index)
+        accumulators.append(per_image)
     metrics = evaluate(
         predictor,
         dataset,
-        default_accumulators(checkpoint.classes, boundary_iou=config.boundary_iou, calibration=config.calibration,
-                             uncertainty=config.uncertainty),
+        accumulators,
         batch_size=config.batch_size,
+        batch_transform=None if per_image is None else per_image.index_batch,
         progress=config.progress,
         device=device,
     )
@@ -135,6 +144,9 @@ def run_eval(config: EvalConfig) -> EvalResult:
     metrics["class_names"] = list(checkpoint.classes.names)
     if run_dir is not None:
         run_dir.write_metrics(metrics)
-        run_dir.write_text("report.md", metrics_markdown(metrics, checkpoint.classes.names,
-                                                         f"Evaluation of {config.checkpoint} on {config.data}"))
+        write_array(run_dir.file(CONFUSION_FILE), accumulators[0].matrix)
+        if per_image is not None:
+            write_array(run_dir.file(PER_IMAGE_CONFUSION_FILE), per_image.matrices)
+        if config.report:
+            write_run_report(run_dir.path)
     return EvalResult(metrics=metrics, classes=checkpoint.classes, run_dir=Path(config.out))
