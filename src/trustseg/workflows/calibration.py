@@ -39,8 +39,7 @@ from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
 from trustseg.metrics.calibration import CalibrationHistogram
 from trustseg.metrics.confusion import ConfusionMatrix
-from trustseg.report.document import Document
-from trustseg.report.plots import reliability_diagrams
+from trustseg.report.pages import write_run_report
 from trustseg.report.tables import percent
 from trustseg.robustness.dataset import corrupted_view
 from trustseg.robustness.summary import CLEAN, condition_key
@@ -287,7 +286,7 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
                                                "num_bins": config.num_bins, "seed": config.seed, **fit_summary},
                                      "methods": methods, "selection": selection, "conditions": conditions,
                                      "saved": None if saved is None else saved.name})
-        write_report(run_dir, config, methods, conditions, saved, selection)
+        write_run_report(run_dir.path)
     return CalibrateResult(methods, conditions, saved, classes, run_dir.path, selection)
 
 
@@ -354,36 +353,3 @@ def method_rows(methods: dict[str, dict[str, Any]], results: dict[str, dict[str,
                      *(mark[held[p]] for p in PROPERTIES if properties)])
     return header, rows
 
-
-def write_report(run_dir: RunDir, config: CalibrateConfig, methods, conditions, saved: Path | None,
-                 selection: dict[str, Any] | None = None) -> Document:
-    """Tables per condition, reliability diagrams on clean data, report.md/html."""
-    clean = conditions[CLEAN]
-    diagrams = reliability_diagrams({name: r["reliability"] for name, r in clean.items()},
-                                    run_dir.file("reliability.png"), title="Reliability on clean data")
-    document = Document(f"Calibration of {config.checkpoint}")
-    document.paragraph(f"Fitted on {config.fit_data}; evaluated on {config.data}. ECE family: top-label, "
-                       f"{config.num_bins} equal-width bins, all labelled pixels (ECE_boundary: within 5 px of "
-                       "a class edge; ECE_img_mean: per-image mean). Percentages except NLL and Brier. "
-                       "Δ mIoU is against the uncalibrated model; decisions changed is the share of pixels "
-                       "whose predicted class the calibrator changed (changed px).")
-    for key, results in conditions.items():
-        document.heading("Clean data" if key == CLEAN else f"Under {key}").table(*method_rows(methods, results))
-    fits = [[m, f"{r['fit']['seconds']:.1f} s", r["fit"]["on"], f"{r['fit']['nll_before']:.4f}",
-             f"{r['fit']['nll_after']:.4f}", ", ".join(f"{k} {v:.3g}" for k, v in r["parameters"].items())]
-            for m, r in methods.items()]
-    document.heading("Fits").table(["method", "time", "fitted on", "NLL before", "NLL after", "parameters"], fits)
-    if selection is not None:
-        document.heading("Choice of the saved method").paragraph(
-            f"--save {selection['rule']}: the lowest {selection['score']} on the last {selection['holdout_images']} "
-            f"fit image(s), held out from fitting, among {selection['among']}; the evaluation data plays no part. "
-            f"Chosen: {selection['chosen']}.")
-        document.table(["method", "held-out NLL", "held-out ECE", "candidate"],
-                       [[name, f"{s['NLL']:.4f}", percent(s["ECE"]),
-                         "yes" if name in selection["candidates"] else "no"]
-                        for name, s in selection["scores"].items()])
-    if saved is not None:
-        document.paragraph(f"Calibrated checkpoint: {saved.name} (trustseg eval/predict apply its calibrator).")
-    document.image(diagrams, "reliability diagrams, clean data")
-    document.write(run_dir.path)
-    return document

@@ -23,12 +23,11 @@ from trustseg.engine.distributed import init_from_environment, is_main_process
 from trustseg.errors import UserError
 from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
-from trustseg.report.document import Document
-from trustseg.report.plots import heatmap, line_plot
+from trustseg.report.pages import write_run_report
 from trustseg.report.tables import percent
-from trustseg.robustness.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, frost_source
+from trustseg.robustness.corruptions import CORRUPTIONS, SEVERITIES, frost_source
 from trustseg.robustness.dataset import corrupted_view
-from trustseg.robustness.summary import CLEAN, condition_key, miou_grid, summarize
+from trustseg.robustness.summary import CLEAN, condition_key, summarize
 from trustseg.engine.journal import Journal, file_sha256
 from trustseg.engine.rundir import RunDir
 from trustseg.workflows.evaluation import check_same_classes, default_accumulators, first_images
@@ -147,7 +146,7 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
         run_dir.write_json(RESULTS, {**header, "summary": summary, "conditions": conditions})
         run_dir.write_metrics({**{k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
                                "per_class": conditions[CLEAN]["per_class"], "class_names": list(classes.names)})
-        write_report(run_dir, config, summary, conditions, len(dataset))
+        write_run_report(run_dir.path)
     return RobustnessResult(summary=summary, conditions=conditions, classes=classes, run_dir=run_dir.path)
 
 
@@ -189,31 +188,3 @@ def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     row.append(", ".join(summary["worst"]))
     return header, [row]
 
-
-def write_report(run_dir: RunDir, config: RobustnessConfig, summary: dict[str, Any],
-                 conditions: dict[str, dict[str, Any]], num_images: int) -> Document:
-    """Heatmap of mIoU (corruption x severity), mIoU-vs-severity curves per family, report.md/html."""
-    grid = miou_grid(conditions, config.corruptions, config.severities)
-    clean = summary["clean_mIoU"]
-    names = list(grid)
-    plots = [heatmap([[clean, *grid[n]] for n in names], names, ["clean", *map(str, config.severities)],
-                     run_dir.file("robustness_heatmap.png"), title="mIoU (%) under corruption",
-                     colorbar_label="mIoU (%)")]
-    for family, members in FAMILIES.items():
-        series = {n: ([0, *config.severities], [100 * clean, *[100 * m for m in grid[n]]]) for n in members if n in grid}
-        if series:
-            plots.append(line_plot(series, run_dir.file(f"robustness_{family}.png"), title=f"{family} corruptions",
-                                   xlabel="severity (0 = clean)", ylabel="mIoU (%)"))
-    document = Document(f"Robustness of {config.checkpoint}")
-    document.paragraph(f"Data {config.data}, {num_images} images; corruptions applied "
-                       f"on the fly at the images' native resolution, seed {config.seed}; frost textures: "
-                       f"{frost_source()}. Values are percentages.")
-    document.heading("Summary").table(*summary_rows(summary))
-    family_means = summary["per_family_mIoU"]
-    document.table(["family", "mean mIoU"], [[f, percent(v)] for f, v in family_means.items() if not math.isnan(v)])
-    document.heading("Per corruption").table(*corruption_rows(summary, conditions, config.severities))
-    document.heading("Plots")
-    for plot in plots:
-        document.image(plot, plot.stem.replace("_", " "))
-    document.write(run_dir.path)
-    return document

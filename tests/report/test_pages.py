@@ -1,0 +1,99 @@
+"""`trustseg report` on real run directories: the sections each run's files enable, the comparison page
+(side by side, ranking, bootstrap) checked against the runs' own files, and the errors."""
+
+import base64
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trustseg.report.compare import bootstrap_miou_difference
+from trustseg.report.comparison import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from trustseg.report.pages import RunFiles, run_page
+from trustseg.report.tables import percent
+
+from cli_helpers import run_cli
+
+
+def embedded_images(page: str) -> list[Image.Image]:
+    images = []
+    for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page):
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        image.load()
+        images.append(image)
+    return images
+
+
+def test_eval_writes_its_report_with_confusion_and_per_image_matrices(runs):
+    run = runs["eval0"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    confusion = np.load(run / "confusion_matrix.npy")
+    per_image = np.load(run / "per_image_confusion.npy")
+    assert confusion.shape == (3, 3) and per_image.shape == (4, 3, 3) and per_image.dtype == np.int64
+    assert (per_image.sum(0) == confusion).all()
+    assert confusion.sum(1).tolist() == metrics["per_class"]["support"]
+    page = (run / "report.html").read_text()
+    assert "http" not in page.replace("http-equiv", "")  # nothing fetched: every asset is inline
+    assert len(embedded_images(page)) == 3  # class frequencies, IoU per class, confusion matrix
+    markdown = (run / "report.md").read_text()
+    for heading in ("## Metrics", "## Data", "## Per class", "## Confusion matrix", "## Configuration"):
+        assert heading in markdown
+    assert f"| {percent(metrics['aAcc'])} | {percent(metrics['mIoU'])} |" in markdown
+
+
+def test_robustness_report_has_its_sections(runs):
+    markdown = (runs["robustness"] / "report.md").read_text()
+    for text in ("## Robustness", "## Per corruption", "robustness_heatmap.png", "robustness_noise.png",
+                 "## Agreement of metrics across conditions"):
+        assert text in markdown
+
+
+def test_comparison_page_side_by_side_ranking_and_bootstrap(runs, tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    assert run_cli(["report", str(runs["eval0"]), str(runs["eval1"]), str(runs["robustness"]), "--out", str(out)],
+                   monkeypatch) == 0
+    for name in ("eval0", "eval1", "robustness"):
+        assert (out / name / "report.html").is_file()
+    markdown = (out / "comparison.md").read_text()
+    first, second = (json.loads((runs[n] / "metrics.json").read_text()) for n in ("eval0", "eval1"))
+    clean = json.loads((runs["robustness"] / "robustness.json").read_text())["conditions"]["clean"]
+    assert f"| mIoU ↑ | {percent(first['mIoU'])} | {percent(second['mIoU'])} | {percent(clean['mIoU'])} |" in markdown
+    best = "eval0" if first["mIoU"] > second["mIoU"] else "eval1"
+    ranked = re.search(r"\| mIoU \| (.*) \|", markdown).group(1).split(" > ")
+    assert ranked[0] in (best, "robustness") and sorted(ranked) == ["eval0", "eval1", "robustness"]
+    interval = bootstrap_miou_difference(*(torch.from_numpy(np.load(runs[n] / "per_image_confusion.npy"))
+                                           for n in ("eval0", "eval1")), resamples=BOOTSTRAP_RESAMPLES,
+                                         seed=BOOTSTRAP_SEED)
+    assert f"| eval0 | eval1 | {100 * interval.difference:+.2f} | [{100 * interval.low:+.2f}, " in markdown
+    assert f"{100 * (first['mIoU'] - second['mIoU']):+.2f}" in markdown
+    assert "Kendall's tau between metrics across runs" in markdown
+    assert "Kendall's tau between metrics across corruption conditions" in markdown
+    assert len(embedded_images((out / "comparison.html").read_text())) == 1
+
+
+def test_training_history_gives_curves(tmp_path):
+    run = tmp_path / "train"
+    run.mkdir()
+    records = [{"kind": "train", "step": s, "loss": 2.0 / s} for s in range(1, 6)]
+    records += [{"kind": "val", "step": 5, "mIoU": 0.4}]
+    (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    page = run_page(RunFiles(run), tmp_path / "out")
+    assert [b[1] for b in page.blocks if b[0] == "heading"] == ["Training"]
+    assert {value[0].name for kind, value in page.blocks if kind == "image"} == {"loss.png", "val_miou.png"}
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "not found"),
+    (lambda d: d.mkdir(), "holds none of"),
+    (lambda d: (d.mkdir(), (d / "metrics.json").write_text("{broken")), "cannot be read"),
+])
+def test_report_errors_are_one_line(tmp_path, monkeypatch, capsys, setup, message):
+    run = tmp_path / "run"
+    setup(run)
+    assert run_cli(["report", str(run), "--out", str(tmp_path / "out")], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
