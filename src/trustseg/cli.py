@@ -266,6 +266,9 @@ def robustness_command(
     boundary_iou: bool = typer.Option(False, "--boundary-iou/--no-boundary-iou", help="Also compute Boundary IoU."),
     calibration: bool = typer.Option(True, "--calibration/--no-calibration",
                                      help="Also compute calibration metrics and msp error detection per condition."),
+    image_quality: bool = typer.Option(True, "--image-quality/--no-image-quality", help="Also measure the corrupted "
+                                       "images' quality per condition (PSNR, SSIM, noise, sharpness, contrast, "
+                                       "colourfulness) and how well each predicts mIoU and ECE."),
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
@@ -286,7 +289,8 @@ def robustness_command(
         checkpoint=str(checkpoint), data=data, out=str(out), corruptions=parse_corruptions(corruptions),
         severities=parse_severities(severities), split=split, baseline=None if baseline is None else str(baseline),
         max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, boundary_iou=boundary_iou,
-        calibration=calibration, inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device,
+        calibration=calibration, image_quality=image_quality,
+        inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device,
         progress=progress, resume=resume,
     )
     result = run_robustness(config)

@@ -97,3 +97,24 @@ def test_report_errors_are_one_line(tmp_path, monkeypatch, capsys, setup, messag
     assert run_cli(["report", str(run), "--out", str(tmp_path / "out")], monkeypatch) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_robustness_stores_the_image_quality_of_what_the_model_saw(runs):
+    from trustseg.data.spec import load_dataset
+    from trustseg.metrics.image_quality import noise_level, psnr, ssim
+    from trustseg.robustness.dataset import CorruptedDataset
+
+    results = json.loads((runs["robustness"] / "robustness.json").read_text())
+    conditions = results["conditions"]
+    assert conditions["clean"]["quality"]["PSNR"] is None and conditions["clean"]["quality"]["SSIM"] == 1.0
+    dataset = load_dataset(results["setup"]["data"], split="val")
+    corrupted = CorruptedDataset(dataset, "gaussian_noise", 3, seed=results["setup"]["seed"])
+    pairs = [(corrupted[i]["image"][None], dataset[i]["image"][None]) for i in range(len(dataset))]
+    expected = {"PSNR": np.mean([psnr(a, b).item() for a, b in pairs]),
+                "SSIM": np.mean([ssim(a, b).item() for a, b in pairs]),
+                "noise": np.mean([noise_level(a).item() for a, _ in pairs])}
+    stored = conditions["gaussian_noise/3"]["quality"]
+    for name, value in expected.items():
+        assert stored[name] == pytest.approx(value, rel=1e-9)
+    markdown = (runs["robustness"] / "report.md").read_text()
+    assert "## Image quality per condition" in markdown and "| measure | tau with mIoU | tau with ECE |" in markdown

@@ -33,6 +33,10 @@ LOWER_BETTER = ("ECE", "MCE", "aECE", "cwECE", "ECE_boundary", "MCE_boundary", "
 HIGHER_BETTER_PREFIXES = ("AUROC_",)
 LOWER_BETTER_PREFIXES = ("AURC_", "EAURC_")
 
+# The metrics that tables of Kendall's tau show (where present): one or two per aspect, not every variant.
+HEADLINE = ("mIoU", "mAcc", "aAcc", "mBIoU", "ECE", "NLL", "Brier", "AUROC_msp", "mean_corrupted_mIoU",
+            "relative_robustness", "mCE")
+
 # What a metric says about a model, for the sentences (the first metric of each kind that is present).
 ASPECTS = (
     ("the most accurate", ("mIoU",)),

@@ -18,6 +18,7 @@ import torch
 
 from trustseg.errors import UserError
 from trustseg.report.compare import (
+    HEADLINE,
     bootstrap_miou_difference,
     direction,
     disagreements,
@@ -48,6 +49,11 @@ def tau_table(taus, metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]
                             for m, row in zip(metrics, taus)]
 
 
+def headline(metrics: Sequence[str]) -> list[str]:
+    """The `HEADLINE` metrics among `metrics`, in that order."""
+    return [m for m in HEADLINE if m in metrics]
+
+
 def condition_rows(run: RunFiles) -> dict[str, dict[str, float]]:
     """robustness.json's conditions as condition -> metric -> value (metrics with a direction, and the
     image-quality measures under ``quality``), NaN for null."""
@@ -66,13 +72,19 @@ def condition_agreement(run: RunFiles, page: Document, folder: Path) -> None:
     rows = condition_rows(run)
     if len(rows) < 3:
         return
-    metrics = ranked_metrics(rows)
+    metrics = headline(ranked_metrics(rows))
     page.heading("Agreement of metrics across conditions").paragraph(
         f"Kendall's tau-b over the {len(rows)} conditions, each metric oriented so that higher is better: +1 means "
         "two metrics order the conditions alike, -1 in reverse.")
     page.table(*tau_table(tau_matrix(rows, metrics), metrics))
     quality = sorted({m for row in rows.values() for m in row if not direction(m)})
     targets = [m for m in QUALITY_TARGETS if m in metrics]
+    if quality:
+        page.heading("Image quality per condition").paragraph(
+            "Means over the images the model saw: PSNR (dB) and SSIM against the clean image (PSNR of clean "
+            "data is infinite: nan), noise (Immerkaer's estimate, grey levels), sharpness (variance of the "
+            "Laplacian), RMS contrast, colourfulness (Hasler and Suesstrunk).")
+        page.table(["condition", *quality], [[key, *(_measure(row.get(q)) for q in quality)] for key, row in rows.items()])
     if quality and targets:
         page.heading("Image quality and performance").paragraph(
             "Kendall's tau-b across conditions between each image-quality measure of the corrupted images (mean "
@@ -87,6 +99,10 @@ def condition_agreement(run: RunFiles, page: Document, folder: Path) -> None:
             best = max(finite, key=finite.get)
             page.paragraph(f"{best} predicts the change in {targets[0]} best across these conditions "
                            f"(tau = {taus[best][0]:+.2f}).")
+
+
+def _measure(value: float | None) -> str:
+    return "nan" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
 def unique_names(paths: Sequence[Path]) -> list[str]:
@@ -121,7 +137,7 @@ def comparison_page(runs: Sequence[RunFiles], folder: Path) -> Document:
     sentences = disagreements(table)
     page.heading("Where the metrics disagree").paragraph(
         " ".join(sentences) if sentences else "The same run is best on every aspect measured here.")
-    common = ranked_metrics(table)
+    common = headline(ranked_metrics(table))
     if len(runs) >= 3 and len(common) >= 2:
         page.heading("Kendall's tau between metrics across runs").paragraph(
             "Each metric oriented so that higher is better: +1 means two metrics rank the runs alike.")
@@ -138,7 +154,7 @@ def _conditions_section(runs: Sequence[RunFiles], page: Document, folder: Path) 
     if not robust:
         return
     pooled = {f"{run.name} {key}": row for run in robust for key, row in condition_rows(run).items()}
-    metrics = ranked_metrics(pooled)
+    metrics = headline(ranked_metrics(pooled))
     if len(pooled) >= 3 and len(metrics) >= 2:
         taus = tau_matrix(pooled, metrics)
         page.heading("Kendall's tau between metrics across corruption conditions").paragraph(

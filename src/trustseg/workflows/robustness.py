@@ -23,6 +23,7 @@ from trustseg.engine.distributed import init_from_environment, is_main_process
 from trustseg.errors import UserError
 from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
+from trustseg.metrics.image_quality import ImageQuality
 from trustseg.report.pages import write_run_report
 from trustseg.report.tables import percent
 from trustseg.robustness.corruptions import CORRUPTIONS, SEVERITIES, frost_source
@@ -50,6 +51,7 @@ class RobustnessConfig:
     seed: int = 0
     boundary_iou: bool = False
     calibration: bool = True  # ECE & co. and msp error detection per condition
+    image_quality: bool = True  # PSNR, SSIM, noise, sharpness, contrast, colourfulness of the corrupted images
     inference: InferenceConfig = InferenceConfig()
     device: str = "auto"
     progress: bool = True
@@ -155,12 +157,41 @@ def evaluate_condition(predictor: Callable[[torch.Tensor], torch.Tensor], datase
                        device: torch.device) -> dict[str, Any]:
     """The metrics of `predictor` on `dataset` under the condition `key` (``clean`` or ``name/s``), through
     the one evaluation loop. `config` supplies seed, batch_size, num_workers, boundary_iou, calibration and
-    progress (any object with those attributes, e.g. a RobustnessConfig)."""
-    data, transform = corrupted_view(dataset, key, seed=config.seed, device=device)
+    progress (any object with those attributes, e.g. a RobustnessConfig), and optionally image_quality:
+    then the result's ``quality`` holds the mean image-quality measures of the images the model saw."""
+    measure = getattr(config, "image_quality", False)
+    # corrupting in DataLoader workers only pays with workers; otherwise the batch keeps its clean images
+    # until the transform corrupts them, which the full-reference measures compare against
+    in_loader = device.type == "cpu" and (config.num_workers > 0 or not measure)
+    data, transform = corrupted_view(dataset, key, seed=config.seed, device=device, in_loader=in_loader)
+    quality = ImageQuality() if measure else None
+    if quality is not None:
+        transform = _measuring(quality, transform, None if data is dataset else dataset)
     accumulators = default_accumulators(classes, boundary_iou=config.boundary_iou, calibration=config.calibration,
                                         uncertainty=("msp",) if config.calibration else ())
-    return evaluate(predictor, data, accumulators, batch_size=config.batch_size, batch_transform=transform,
-                    num_workers=config.num_workers, progress=config.progress, description=description, device=device)
+    metrics = evaluate(predictor, data, accumulators, batch_size=config.batch_size, batch_transform=transform,
+                       num_workers=config.num_workers, progress=config.progress, description=description,
+                       device=device)
+    if quality is not None:
+        metrics["quality"] = quality.compute()
+    return metrics
+
+
+def _measuring(quality: ImageQuality, transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
+               clean: SegmentationDataset | None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A batch transform that applies `transform` and adds the images it yields to `quality`, against the
+    batch's images before it or, when the loader already corrupted them, the `clean` dataset's images."""
+
+    def apply(batch: dict[str, Any]) -> dict[str, Any]:
+        if clean is None:
+            references = batch["image"]
+        else:
+            references = torch.stack([clean[i]["image"] for i in batch["index"]]).to(batch["image"].device)
+        batch = batch if transform is None else transform(batch)
+        quality.update(batch["image"], references)
+        return batch
+
+    return apply
 
 
 def corruption_rows(summary: dict[str, Any], conditions: dict[str, dict[str, Any]],
