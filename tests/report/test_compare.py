@@ -19,6 +19,7 @@ from trustseg.report.compare import (
     disagreements,
     kendall_tau_b,
     miou_of_confusions,
+    opposed,
     ranking,
     resample_batches,
     tau_matrix,
@@ -58,6 +59,16 @@ def test_tau_matrix_orients_metrics_so_that_agreement_is_positive():
     table = {"a": {"mIoU": 0.5, "ECE": 0.10}, "b": {"mIoU": 0.6, "ECE": 0.05}, "c": {"mIoU": 0.7, "ECE": 0.01}}
     taus = tau_matrix(table, ["mIoU", "ECE"])
     assert taus[0, 1] == pytest.approx(1.0) and taus[0, 0] == pytest.approx(1.0)
+
+
+def test_opposed_names_the_pairs_that_rank_in_reverse():
+    table = {"a": {"mIoU": 0.5, "ECE": 0.01, "NLL": 0.9}, "b": {"mIoU": 0.6, "ECE": 0.05, "NLL": 0.8},
+             "c": {"mIoU": 0.7, "ECE": 0.09, "NLL": 0.7}}
+    metrics = ["mIoU", "ECE", "NLL"]
+    sentences = opposed(tau_matrix(table, metrics), metrics, "runs")
+    assert sentences == ["mIoU and ECE order the runs in opposite ways (tau = -1.00): better by one is often worse "
+                         "by the other.", "ECE and NLL order the runs in opposite ways (tau = -1.00): better by one "
+                         "is often worse by the other."]
 
 
 def test_disagreements_name_the_best_run_per_aspect():

@@ -38,7 +38,7 @@ def test_eval_writes_its_report_with_confusion_and_per_image_matrices(runs):
     assert confusion.sum(1).tolist() == metrics["per_class"]["support"]
     page = (run / "report.html").read_text()
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched: every asset is inline
-    assert len(embedded_images(page)) == 3  # class frequencies, IoU per class, confusion matrix
+    assert len(embedded_images(page)) == 4  # reliability, class frequencies, IoU per class, confusion matrix
     markdown = (run / "report.md").read_text()
     for heading in ("## Metrics", "## Data", "## Per class", "## Confusion matrix", "## Configuration"):
         assert heading in markdown

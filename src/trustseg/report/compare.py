@@ -125,6 +125,13 @@ def disagreements(table: Mapping[str, Mapping[str, float]]) -> list[str]:
     return sentences
 
 
+def opposed(taus: np.ndarray, metrics: Sequence[str], what: str, threshold: float = -0.3) -> list[str]:
+    """Sentences for the metric pairs of a `tau_matrix` that order `what` in opposite ways (tau <= threshold)."""
+    return [f"{metrics[i]} and {metrics[j]} order the {what} in opposite ways (tau = {taus[i, j]:+.2f}): "
+            f"better by one is often worse by the other."
+            for i in range(len(metrics)) for j in range(i + 1, len(metrics)) if taus[i, j] <= threshold]
+
+
 def _number(value: object) -> float:
     return float(value) if isinstance(value, (int, float)) and value is not None else math.nan
 

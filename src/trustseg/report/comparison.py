@@ -22,6 +22,7 @@ from trustseg.report.compare import (
     bootstrap_miou_difference,
     direction,
     disagreements,
+    opposed,
     kendall_tau_b,
     ranked_metrics,
     ranking,
@@ -76,7 +77,10 @@ def condition_agreement(run: RunFiles, page: Document, folder: Path) -> None:
     page.heading("Agreement of metrics across conditions").paragraph(
         f"Kendall's tau-b over the {len(rows)} conditions, each metric oriented so that higher is better: +1 means "
         "two metrics order the conditions alike, -1 in reverse.")
-    page.table(*tau_table(tau_matrix(rows, metrics), metrics))
+    taus = tau_matrix(rows, metrics)
+    page.table(*tau_table(taus, metrics))
+    for sentence in opposed(taus, metrics, "conditions"):
+        page.paragraph(sentence)
     quality = sorted({m for row in rows.values() for m in row if not direction(m)})
     targets = [m for m in QUALITY_TARGETS if m in metrics]
     if quality:
@@ -141,7 +145,10 @@ def comparison_page(runs: Sequence[RunFiles], folder: Path) -> Document:
     if len(runs) >= 3 and len(common) >= 2:
         page.heading("Kendall's tau between metrics across runs").paragraph(
             "Each metric oriented so that higher is better: +1 means two metrics rank the runs alike.")
-        page.table(*tau_table(tau_matrix(table, common), common))
+        taus = tau_matrix(table, common)
+        page.table(*tau_table(taus, common))
+        for sentence in opposed(taus, common, "runs"):
+            page.paragraph(sentence)
     elif len(common) >= 2:
         page.paragraph("Kendall's tau between metrics across runs needs at least 3 runs.")
     _conditions_section(runs, page, folder)
@@ -160,6 +167,8 @@ def _conditions_section(runs: Sequence[RunFiles], page: Document, folder: Path) 
         page.heading("Kendall's tau between metrics across corruption conditions").paragraph(
             f"Over {len(pooled)} (run, condition) pairs from {len(robust)} run(s) with a robustness.json.")
         page.table(*tau_table(taus, metrics))
+        for sentence in opposed(taus, metrics, "conditions"):
+            page.paragraph(sentence)
         page.image(heatmap(taus, metrics, metrics, folder / "tau_conditions.png", title="Kendall's tau across conditions",
                            colorbar_label="tau", percent=False), "Kendall's tau between metrics across conditions")
     if len(robust) >= 2:

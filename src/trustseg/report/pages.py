@@ -22,7 +22,7 @@ import yaml
 from trustseg.engine.checkpoint import atomic_write
 from trustseg.errors import UserError
 from trustseg.report.document import Document
-from trustseg.report.plots import bar_plot, heatmap, line_plot
+from trustseg.report.plots import bar_plot, heatmap, line_plot, reliability_diagrams
 from trustseg.report.tables import calibration_rows, per_class_rows, percent, summary_rows
 
 CONFUSION_FILE = "confusion_matrix.npy"
@@ -121,6 +121,9 @@ def metrics_section(run: RunFiles, page: Document, folder: Path) -> None:
     calibration = calibration_rows(metrics)
     if calibration[0]:
         page.table(*calibration)
+    if isinstance(metrics.get("reliability"), dict):
+        page.image(reliability_plot({"all pixels": metrics["reliability"]}, folder / "reliability_eval.png",
+                                    "Reliability"), "reliability diagram: accuracy per confidence bin")
     per_class = metrics.get("per_class", {})
     support = per_class.get("support")
     if support and names:
@@ -182,13 +185,18 @@ def robustness_section(run: RunFiles, page: Document, folder: Path) -> None:
         if series:
             page.image(line_plot(series, folder / f"robustness_{family}.png", title=f"{family} corruptions",
                                  xlabel="severity (0 = clean)", ylabel="mIoU (%)"), f"robustness {family}")
+    panels = {key: conditions[key]["reliability"] for key in
+              [CLEAN, *(f"{name}/{severities[-1]}" for name in corruptions)][:8]
+              if isinstance(conditions.get(key, {}).get("reliability"), dict)}
+    if panels:
+        page.image(reliability_plot(panels, folder / "reliability_conditions.png", "Reliability under corruption"),
+                   f"reliability diagrams, clean and each corruption at severity {severities[-1]}")
     from trustseg.report.comparison import condition_agreement
 
     condition_agreement(run, page, folder)
 
 
 def calibration_section(run: RunFiles, page: Document, folder: Path) -> None:
-    from trustseg.report.plots import reliability_diagrams
     from trustseg.robustness.summary import CLEAN
     from trustseg.workflows.calibration import method_rows
 
@@ -235,6 +243,14 @@ def resolution_section(run: RunFiles, page: Document, folder: Path) -> None:
     page.image(line_plot(series, folder / "resolution_transfer.png", title="mIoU vs test resolution",
                          xlabel="test resolution (x training resolution)", ylabel="mIoU (%)", errors=errors),
                "mIoU vs test resolution, error bars: std over seeds")
+
+
+def reliability_plot(tables: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    """Reliability diagrams of CalibrationHistogram ``reliability`` tables (bin edges, and counts,
+    confidences, accuracies under ``all``), one panel per name."""
+
+    return reliability_diagrams({name: {"lower": t["lower"], "upper": t["upper"], **t["all"]}
+                                 for name, t in tables.items()}, path, title=title)
 
 
 # file needed -> the section it enables, in page order
