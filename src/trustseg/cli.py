@@ -164,6 +164,8 @@ def eval_command(
     per_image: bool = typer.Option(False, "--per-image", help="Also write per_image_confusion.npy (one KxK matrix "
                                    "per image: N*K*K*8 bytes), which trustseg report needs for bootstrap intervals."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html and report.md at the end."),
+    gallery: int = typer.Option(4, "--gallery", min=0, help="Images in the report's prediction gallery (image, "
+                                "ground truth, prediction, error, uncertainty); 0 for none."),
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
@@ -197,6 +199,7 @@ def eval_command(
             progress=progress,
             per_image=per_image,
             report=report,
+            gallery=gallery,
         )
     )
     if is_main_process():

@@ -38,9 +38,10 @@ def test_eval_writes_its_report_with_confusion_and_per_image_matrices(runs):
     assert confusion.sum(1).tolist() == metrics["per_class"]["support"]
     page = (run / "report.html").read_text()
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched: every asset is inline
-    assert len(embedded_images(page)) == 4  # reliability, class frequencies, IoU per class, confusion matrix
+    # reliability, class frequencies, IoU per class, confusion matrix, and the 4 images of the gallery
+    assert len(embedded_images(page)) == 8
     markdown = (run / "report.md").read_text()
-    for heading in ("## Metrics", "## Data", "## Per class", "## Confusion matrix", "## Configuration"):
+    for heading in ("## Metrics", "## Data", "## Per class", "## Confusion matrix", "## Predictions", "## Configuration"):
         assert heading in markdown
     assert f"| {percent(metrics['aAcc'])} | {percent(metrics['mIoU'])} |" in markdown
 
@@ -118,3 +119,18 @@ def test_robustness_stores_the_image_quality_of_what_the_model_saw(runs):
         assert stored[name] == pytest.approx(value, rel=1e-9)
     markdown = (runs["robustness"] / "report.md").read_text()
     assert "## Image quality per condition" in markdown and "| measure | tau with mIoU | tau with ECE |" in markdown
+
+
+def test_gallery_panels_show_image_truth_prediction_error_and_uncertainty(runs):
+    from trustseg.report.gallery import error_map, normalised_entropy
+
+    index = json.loads((runs["eval0"] / "gallery" / "index.json").read_text())
+    assert [e["file"] for e in index["images"]] == [f"gallery/{i:03d}.png" for i in range(4)]
+    first = Image.open(runs["eval0"] / index["images"][0]["file"])
+    assert first.size == (5 * 40 + 4 * 4, 32)  # five 40x32 panels, four 4-pixel gutters
+    pred, target = torch.tensor([[0, 1], [2, 2]]), torch.tensor([[0, 2], [255, 2]])
+    colours = error_map(pred, target, 3)
+    assert colours[0, 0].tolist() == colours[1, 1].tolist() == [40, 170, 60]
+    assert colours[0, 1].tolist() == [220, 30, 30] and colours[1, 0].tolist() == [0, 0, 0]
+    assert torch.allclose(normalised_entropy(torch.zeros(4, 2, 2)), torch.ones(2, 2, dtype=torch.float64))
+    assert normalised_entropy(torch.tensor([50.0, 0.0, 0.0])[:, None, None]).item() < 1e-12

@@ -22,6 +22,7 @@ import yaml
 from trustseg.engine.checkpoint import atomic_write
 from trustseg.errors import UserError
 from trustseg.report.document import Document
+from trustseg.report.gallery import GALLERY_INDEX
 from trustseg.report.plots import bar_plot, heatmap, line_plot, reliability_diagrams
 from trustseg.report.tables import calibration_rows, per_class_rows, percent, summary_rows
 
@@ -148,6 +149,13 @@ def confusion_section(run: RunFiles, page: Document, folder: Path) -> None:
     page.heading("Confusion matrix").image(plot, "rows: ground truth, columns: prediction; rows of absent classes blank")
 
 
+def gallery_section(run: RunFiles, page: Document, folder: Path) -> None:
+    gallery = run.read(GALLERY_INDEX)
+    page.heading("Predictions").paragraph(f"Columns: {gallery['columns']}.")
+    for entry in gallery["images"]:
+        page.image(run.path / entry["file"], entry["caption"])
+
+
 def training_section(run: RunFiles, page: Document, folder: Path) -> None:
     from trustseg.training.history import History
 
@@ -257,6 +265,7 @@ def reliability_plot(tables: dict[str, dict[str, Any]], path: Path, title: str) 
 SECTIONS: dict[str, Callable[[RunFiles, Document, Path], None]] = {
     "metrics.json": metrics_section,
     CONFUSION_FILE: confusion_section,
+    GALLERY_INDEX: gallery_section,
     "history.jsonl": training_section,
     "robustness.json": robustness_section,
     "calibration.json": calibration_section,

@@ -18,6 +18,7 @@ from trustseg.metrics.boundary import BoundaryIoU
 from trustseg.metrics.calibration import CalibrationHistogram
 from trustseg.metrics.confusion import ConfusionMatrix, PerImageConfusion, PerImageIoU
 from trustseg.metrics.uncertainty import UncertaintyHistogram
+from trustseg.report.gallery import write_gallery
 from trustseg.report.pages import CONFUSION_FILE, PER_IMAGE_CONFUSION_FILE, write_array, write_run_report
 from trustseg.engine.rundir import RunDir
 from trustseg.metrics.base import Predictions
@@ -42,6 +43,7 @@ class EvalConfig:
     device: str = "auto"
     progress: bool = True
     per_image: bool = False  # also write per_image_confusion.npy (N, K, K), for bootstrap comparisons
+    gallery: int = 4  # images shown in the report's prediction gallery
     report: bool = True  # write report.md / report.html at the end
 
     def __post_init__(self) -> None:
@@ -117,7 +119,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     checkpoint = load_checkpoint(config.checkpoint)
     dataset = first_images(load_dataset(config.data, split=resolve_split(config.data, config.split, "val")), config.max_images)
     check_same_classes(checkpoint, dataset, config.data)
-    predictor = predictor_from_checkpoint(checkpoint, config.inference, device=device)
+    predictor = plain = predictor_from_checkpoint(checkpoint, config.inference, device=device)
     if any(name in MC_MEASURES for name in config.uncertainty):  # fail before writing anything
         require_dropout(predictor, dropout_fix(checkpoint.model["name"]))
         predictor = with_mc_dropout(predictor, config.mc_samples, config.seed)
@@ -147,6 +149,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
         write_array(run_dir.file(CONFUSION_FILE), accumulators[0].matrix)
         if per_image is not None:
             write_array(run_dir.file(PER_IMAGE_CONFUSION_FILE), per_image.matrices)
+        if config.gallery:
+            write_gallery(plain, dataset, run_dir.path, config.gallery, device)
         if config.report:
             write_run_report(run_dir.path)
     return EvalResult(metrics=metrics, classes=checkpoint.classes, run_dir=Path(config.out))
