@@ -78,6 +78,7 @@ ScaleOption = typer.Option(1.0, "--scale", min=0.01, help="Resize images by this
 Bf16Option = typer.Option(False, "--bf16", help="bfloat16 autocast inference.")
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 McSamplesOption = typer.Option(8, "--mc-samples", help="Stochastic passes with dropout on for the MC-dropout measures.")
+ReportOption = typer.Option(True, "--report/--no-report", help="Write report.html and report.md at the end.")
 McSeedOption = typer.Option(0, "--seed", help="Seed of the MC-dropout masks (the same for every batch).")
 DeviceOption = typer.Option("auto", "--device", help="Where the model runs: " + DEVICE_HELP + ".")
 
@@ -163,7 +164,7 @@ def eval_command(
     seed: int = McSeedOption,
     per_image: bool = typer.Option(False, "--per-image", help="Also write per_image_confusion.npy (one KxK matrix "
                                    "per image: N*K*K*8 bytes), which trustseg report needs for bootstrap intervals."),
-    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html and report.md at the end."),
+    report: bool = ReportOption,
     gallery: int = typer.Option(4, "--gallery", min=0, help="Images in the report's prediction gallery (image, "
                                 "ground truth, prediction, error, uncertainty); 0 for none."),
     mode: str = ModeOption,
@@ -281,6 +282,7 @@ def robustness_command(
     device: str = DeviceOption,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
+    report: bool = ReportOption,
 ) -> None:
     """mIoU on clean data and under every corruption x severity; relative robustness, mCE vs a baseline."""
     from trustseg.engine.distributed import is_main_process
@@ -294,7 +296,7 @@ def robustness_command(
         max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, boundary_iou=boundary_iou,
         calibration=calibration, image_quality=image_quality,
         inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device,
-        progress=progress, resume=resume,
+        progress=progress, resume=resume, report=report,
     )
     result = run_robustness(config)
     if is_main_process():
@@ -364,6 +366,7 @@ def calibrate_command(
     bf16: bool = Bf16Option,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
+    report: bool = ReportOption,
 ) -> None:
     """Fit post-hoc calibrators, compare them on clean and corrupted data, write a calibrated checkpoint."""
     from trustseg.engine.distributed import is_main_process
@@ -377,7 +380,7 @@ def calibrate_command(
         severities=parse_severities(severities), max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
         fit_crop=fit_crop, epochs=epochs, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
         inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device, progress=progress,
-        resume=resume,
+        resume=resume, report=report,
     )
     result = run_calibrate(config)
     if is_main_process():

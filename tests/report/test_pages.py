@@ -134,3 +134,16 @@ def test_gallery_panels_show_image_truth_prediction_error_and_uncertainty(runs):
     assert colours[0, 1].tolist() == [220, 30, 30] and colours[1, 0].tolist() == [0, 0, 0]
     assert torch.allclose(normalised_entropy(torch.zeros(4, 2, 2)), torch.ones(2, 2, dtype=torch.float64))
     assert normalised_entropy(torch.tensor([50.0, 0.0, 0.0])[:, None, None]).item() < 1e-12
+
+
+def test_no_report_skips_the_pages(tmp_path, monkeypatch):
+    from cli_helpers import mixed_size_folder, save_tiny_unet
+
+    data = mixed_size_folder(tmp_path / "data", sizes=((12, 16), (9, 11)))
+    save_tiny_unet(tmp_path / "model.pt")
+    out = tmp_path / "eval"
+    assert run_cli(["eval", "--checkpoint", str(tmp_path / "model.pt"), "--data", f"folder:{data}", "--out", str(out),
+                    "--no-report", "--gallery", "0", "--no-progress"], monkeypatch) == 0
+    assert (out / "metrics.json").is_file() and (out / "confusion_matrix.npy").is_file()
+    assert not (out / "report.html").exists() and not (out / "gallery").exists()
+    assert not (out / "per_image_confusion.npy").exists()  # only with --per-image

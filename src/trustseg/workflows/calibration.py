@@ -82,6 +82,7 @@ class CalibrateConfig:
     device: str = "auto"
     progress: bool = True
     resume: bool = False  # continue the interrupted run in `out` (same setup): fits, choice and conditions done are kept
+    report: bool = True  # write report.md / report.html at the end
 
 
 @dataclass
@@ -286,7 +287,8 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
                                                "num_bins": config.num_bins, "seed": config.seed, **fit_summary},
                                      "methods": methods, "selection": selection, "conditions": conditions,
                                      "saved": None if saved is None else saved.name})
-        write_run_report(run_dir.path)
+        if config.report:
+            write_run_report(run_dir.path)
     return CalibrateResult(methods, conditions, saved, classes, run_dir.path, selection)
 
 

@@ -56,6 +56,7 @@ class RobustnessConfig:
     device: str = "auto"
     progress: bool = True
     resume: bool = False  # continue the interrupted run in `out` (same setup), skipping finished conditions
+    report: bool = True  # write report.md / report.html at the end
 
 
 @dataclass
@@ -148,7 +149,8 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
         run_dir.write_json(RESULTS, {**header, "summary": summary, "conditions": conditions})
         run_dir.write_metrics({**{k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
                                "per_class": conditions[CLEAN]["per_class"], "class_names": list(classes.names)})
-        write_run_report(run_dir.path)
+        if config.report:
+            write_run_report(run_dir.path)
     return RobustnessResult(summary=summary, conditions=conditions, classes=classes, run_dir=run_dir.path)
 
 
