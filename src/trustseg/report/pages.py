@@ -241,12 +241,24 @@ def calibration_section(run: RunFiles, page: Document, folder: Path) -> None:
 def resolution_section(run: RunFiles, page: Document, folder: Path) -> None:
     from trustseg.workflows.pos_embedding import resolution_rows, verdict
 
-    summary = run.read("pos_embedding.json")["summary"]
+    results = run.read("pos_embedding.json")
+    summary, recipe = results["summary"], results.get("setup", {}).get("recipe", {})
+    config = run.read("config.yaml") if run.has("config.yaml") else {}
+    base_size = (recipe.get("data") or {}).get("base_size")
+    budget = f"{config['budget_min']} min" if config.get("budget_min") else f"{recipe.get('steps', '?')} steps"
     scales = sorted({float(s) for entry in summary.values() for s in entry["mIoU"]})
     keys = [str(s) for s in scales]
     series = {v: (scales, [100 * _finite(e["mIoU"][k]["mean"]) for k in keys]) for v, e in summary.items()}
     errors = {v: [100 * _finite(e["mIoU"][k]["std"]) for k in keys] for v, e in summary.items()}
-    page.heading("Positional embeddings across test resolutions").table(*resolution_rows(summary, tuple(scales)))
+    page.heading("Positional embeddings across test resolutions").paragraph(
+        f"APE, RoPE, none and Active Spatial Guidance. Data {config.get('data', '?')}; recipe "
+        f"{config.get('recipe') or 'built-in pos_embedding.yaml'} ({(recipe.get('model') or {}).get('options', {})}); "
+        f"{config.get('seeds', '?')} seed(s) per variant, {budget} each. mIoU (%) of the final model, mean ± standard "
+        f"deviation over seeds, at each test resolution (x1 = the training resolution: short side "
+        f"{min(base_size) if base_size else 'as stored'}). Probe error: mean distance in patches between the "
+        "(row, col) a linear probe reads from the frozen final tokens of held-out val images and the true one; "
+        "centre error: that of always answering the mean position.")
+    page.table(*resolution_rows(summary, tuple(scales)))
     page.paragraph(verdict(summary))
     page.image(line_plot(series, folder / "resolution_transfer.png", title="mIoU vs test resolution",
                          xlabel="test resolution (x training resolution)", ylabel="mIoU (%)", errors=errors),
