@@ -147,3 +147,32 @@ def test_no_report_skips_the_pages(tmp_path, monkeypatch):
     assert (out / "metrics.json").is_file() and (out / "confusion_matrix.npy").is_file()
     assert not (out / "report.html").exists() and not (out / "gallery").exists()
     assert not (out / "per_image_confusion.npy").exists()  # only with --per-image
+
+
+def test_quality_tau_across_conditions_matches_scipy(tmp_path):
+    from scipy.stats import kendalltau
+
+    from trustseg.report.comparison import condition_agreement
+    from trustseg.report.document import Document
+
+    miou = {"clean": 0.6, "noise/1": 0.5, "noise/3": 0.3, "blur/1": 0.55, "blur/3": 0.4}
+    ece = {"clean": 0.02, "noise/1": 0.05, "noise/3": 0.04, "blur/1": 0.03, "blur/3": 0.09}
+    psnr = {"clean": None, "noise/1": 25.0, "noise/3": 15.0, "blur/1": 28.0, "blur/3": 20.0}
+    sharp = {"clean": 900.0, "noise/1": 1500.0, "noise/3": 3000.0, "blur/1": 400.0, "blur/3": 100.0}
+    conditions = {k: {"mIoU": miou[k], "ECE": ece[k], "per_class": {}, "quality": {"PSNR": psnr[k], "sharpness": sharp[k]}}
+                  for k in miou}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "robustness.json").write_text(json.dumps({"class_names": ["a"], "conditions": conditions}))
+    page = Document("t")
+    condition_agreement(RunFiles(run), page, tmp_path)
+    tables = {tuple(value[0]): value[1] for kind, value in page.blocks if kind == "table"}
+    rows = {row[0]: row[1:] for row in tables[("measure", "tau with mIoU", "tau with ECE")]}
+    keys = [k for k in miou if psnr[k] is not None]
+    for name, values, subset in (("PSNR", psnr, keys), ("sharpness", sharp, list(miou))):
+        for column, metric in enumerate((miou, ece)):
+            expected = kendalltau([values[k] for k in subset], [metric[k] for k in subset]).statistic
+            assert rows[name][column] == f"{expected:+.2f}"
+    best = max(("PSNR", "sharpness"), key=lambda n: abs(float(rows[n][0])))
+    assert any(kind == "paragraph" and value.startswith(f"{best} predicts the change in mIoU best")
+               for kind, value in page.blocks)
