@@ -91,6 +91,7 @@ def test_training_history_gives_curves(tmp_path):
     (lambda d: None, "not found"),
     (lambda d: d.mkdir(), "holds none of"),
     (lambda d: (d.mkdir(), (d / "metrics.json").write_text("{broken")), "cannot be read"),
+    (lambda d: (d.mkdir(), (d / "robustness.json").write_text('{"conditions": 3}')), "not as trustseg writes it"),
 ])
 def test_report_errors_are_one_line(tmp_path, monkeypatch, capsys, setup, message):
     run = tmp_path / "run"

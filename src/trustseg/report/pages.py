@@ -288,15 +288,18 @@ SECTIONS: dict[str, Callable[[RunFiles, Document, Path], None]] = {
 
 def run_page(run: RunFiles, folder: Path) -> Document:
     """The page of one run, with a section for every file of `SECTIONS` present, figures in `folder`."""
-    sections = [section for file, section in SECTIONS.items() if run.has(file)]
+    sections = [(file, section) for file, section in SECTIONS.items() if run.has(file)]
     if not sections:
         raise UserError(f"run directory {run.path}: holds none of {', '.join(SECTIONS)}; is it a trustseg run?")
     folder.mkdir(parents=True, exist_ok=True)
     config = run.read("config.yaml") if run.has("config.yaml") else {}
     command = config.get("command", "run") if isinstance(config, dict) else "run"
     page = Document(f"{command}: {run.name}")
-    for section in sections:
-        section(run, page, folder)
+    for file, section in sections:
+        try:
+            section(run, page, folder)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as error:
+            raise UserError(f"{run.path / file}: not as trustseg writes it ({type(error).__name__}: {error})") from None
     return page
 
 
