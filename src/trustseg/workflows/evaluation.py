@@ -146,7 +146,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
     metrics["class_names"] = list(checkpoint.classes.names)
     if run_dir is not None:
         run_dir.write_metrics(metrics)
-        write_array(run_dir.file(CONFUSION_FILE), accumulators[0].matrix)
+        confusion = next(a for a in accumulators if isinstance(a, ConfusionMatrix))
+        write_array(run_dir.file(CONFUSION_FILE), confusion.matrix)
         if per_image is not None:
             write_array(run_dir.file(PER_IMAGE_CONFUSION_FILE), per_image.matrices)
         if config.gallery:
