@@ -81,6 +81,7 @@ ScaleOption = typer.Option(1.0, "--scale", min=0.01, help="Resize images by this
 Bf16Option = typer.Option(False, "--bf16", help="bfloat16 autocast inference.")
 ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 McSamplesOption = typer.Option(8, "--mc-samples", help="Stochastic passes with dropout on for the MC-dropout measures.")
+ReportOption = typer.Option(True, "--report/--no-report", help="Write report.html and report.md at the end.")
 McSeedOption = typer.Option(0, "--seed", help="Seed of the MC-dropout masks (the same for every batch).")
 DeviceOption = typer.Option("auto", "--device", help="Where the model runs: " + DEVICE_HELP + ".")
 RefineOption = typer.Option(False, "--refine/--no-refine", help="Re-decide the least confident pixels from their "
@@ -169,6 +170,11 @@ def eval_command(
                                     "mutual-information, or none."),
     mc_samples: int = McSamplesOption,
     seed: int = McSeedOption,
+    per_image: bool = typer.Option(False, "--per-image", help="Also write per_image_confusion.npy (one KxK matrix "
+                                   "per image: N*K*K*8 bytes), which trustseg report needs for bootstrap intervals."),
+    report: bool = ReportOption,
+    gallery: int = typer.Option(4, "--gallery", min=0, help="Images in the report's prediction gallery (image, "
+                                "ground truth, prediction, error, uncertainty); 0 for none."),
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
@@ -203,6 +209,9 @@ def eval_command(
             seed=seed,
             device=device,
             progress=progress,
+            per_image=per_image,
+            report=report,
+            gallery=gallery,
         )
     )
     if is_main_process():
@@ -304,6 +313,9 @@ def robustness_command(
     boundary_iou: bool = typer.Option(False, "--boundary-iou/--no-boundary-iou", help="Also compute Boundary IoU."),
     calibration: bool = typer.Option(True, "--calibration/--no-calibration",
                                      help="Also compute calibration metrics and msp error detection per condition."),
+    image_quality: bool = typer.Option(True, "--image-quality/--no-image-quality", help="Also measure the corrupted "
+                                       "images' quality per condition (PSNR, SSIM, noise, sharpness, contrast, "
+                                       "colourfulness) and how well each predicts mIoU and ECE."),
     mode: str = ModeOption,
     crop: Optional[str] = CropOption,
     stride: Optional[str] = StrideOption,
@@ -316,6 +328,7 @@ def robustness_command(
     device: str = DeviceOption,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
+    report: bool = ReportOption,
 ) -> None:
     """mIoU on clean data and under every corruption x severity; relative robustness, mCE vs a baseline."""
     from trustseg.engine.distributed import is_main_process
@@ -327,10 +340,9 @@ def robustness_command(
         checkpoint=str(checkpoint), data=data, out=str(out), corruptions=parse_corruptions(corruptions),
         severities=parse_severities(severities), split=split, baseline=None if baseline is None else str(baseline),
         max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, boundary_iou=boundary_iou,
-        calibration=calibration,
+        calibration=calibration, image_quality=image_quality,
         inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
-        device=device,
-        progress=progress, resume=resume,
+        device=device, progress=progress, resume=resume, report=report,
     )
     result = run_robustness(config)
     if is_main_process():
@@ -519,6 +531,7 @@ def calibrate_command(
     refine_q: float = RefineQOption,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
+    report: bool = ReportOption,
 ) -> None:
     """Fit post-hoc calibrators, compare them on clean and corrupted data, write a calibrated checkpoint."""
     from trustseg.engine.distributed import is_main_process
@@ -535,7 +548,7 @@ def calibrate_command(
         max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
         fit_crop=fit_crop, epochs=epochs, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
         inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
-        device=device, progress=progress, resume=resume,
+        device=device, progress=progress, resume=resume, report=report,
     )
     result = run_calibrate(config)
     if is_main_process():
@@ -638,6 +651,20 @@ def info_command(
     ]
     console.print(rich_table(["class", "pixels", "% labelled"], rows, title=f"{data} ({result.split}); splits {sizes}"))
     console.print(f"ignored pixels: {result.ignored_pixels:,}; run directory: {result.run_dir}")
+
+
+@app.command("report")
+def report_command(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories written by trustseg commands."),
+    out: Path = typer.Option(..., "--out", help="Folder for the reports: one page per run (in OUT/<run>/ when "
+                             "several) and, for two or more runs, comparison.html and comparison.md."),
+) -> None:
+    """Self-contained HTML (and Markdown) report of each run, rebuilt from its files, and a comparison of
+    several: side by side, ranking per metric, Kendall's tau between metrics, bootstrap intervals of mIoU."""
+    from trustseg.report.comparison import write_reports
+
+    for page in write_reports(run_dirs, out):
+        console.print(str(page))
 
 
 @experiment_app.command("pos-embedding")

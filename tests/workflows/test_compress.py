@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from trustseg.compress.reducers import find_vit
 from trustseg.compress.tome import ToMeReducer

@@ -5,6 +5,7 @@ from trustseg.metrics.boundary import BoundaryIoU, boundary_counts, boundary_wid
 from trustseg.metrics.calibration import CalibrationHistogram
 from trustseg.metrics.confusion import (
     ConfusionMatrix,
+    PerImageConfusion,
     PerImageIoU,
     confusion_matrix,
     metrics_from_confusion,
@@ -17,6 +18,7 @@ __all__ = [
     "BoundaryIoU",
     "CalibrationHistogram",
     "ConfusionMatrix",
+    "PerImageConfusion",
     "PerImageIoU",
     "Predictions",
     "UncertaintyHistogram",

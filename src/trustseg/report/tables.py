@@ -61,11 +61,3 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
-
-def metrics_markdown(metrics: dict[str, Any], class_names: Sequence[str], title: str) -> str:
-    """A Markdown report section: summary line table, then the per-class table."""
-    calibration = calibration_rows(metrics)
-    return "\n".join(
-        [f"## {title}", "", markdown_table(*summary_rows(metrics)),
-         *([markdown_table(*calibration)] if calibration[0] else []), markdown_table(*per_class_rows(metrics, class_names))]
-    )

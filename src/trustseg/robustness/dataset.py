@@ -54,13 +54,15 @@ class CorruptedDataset:
 
 
 def corrupted_view(dataset: SegmentationDataset, key: str, *, seed: int, device: torch.device,
+                   in_loader: bool | None = None,
                    ) -> tuple[SegmentationDataset, Callable[[dict[str, Any]], dict[str, Any]] | None]:
-    """(data, batch transform) for `evaluate()` under condition `key` ("clean" or "name/severity"): on
-    the CPU, DataLoader workers corrupt per sample; elsewhere each batch is corrupted on its device."""
+    """(data, batch transform) for `evaluate()` under condition `key` ("clean" or "name/severity"): with
+    `in_loader` (default: on the CPU) DataLoader workers corrupt per sample; otherwise each batch is
+    corrupted on its device. Both give the same images."""
     if key == CLEAN:
         return dataset, None
     name, severity = key.split("/")
-    if device.type == "cpu":
+    if device.type == "cpu" if in_loader is None else in_loader:
         return CorruptedDataset(dataset, name, int(severity), seed=seed), None
     return dataset, corrupt_batch(name, int(severity), seed=seed)
 

@@ -37,6 +37,7 @@ from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, Predictor
 from trustseg.metrics.confusion import ConfusionMatrix
 from trustseg.models.factory import build_model
+from trustseg.report.pages import write_run_report
 from trustseg.engine.progress import make_progress
 from trustseg.engine.rundir import RunDir, to_plain
 from trustseg.training.asg import GuidedSegmenter, guidance_weight
@@ -212,7 +213,7 @@ class _Run:
                    "class_names": list(self.classes.names)}
         if self.main:
             self.run_dir.write_metrics(metrics)
-            self.history.plot(self.out)
+            write_run_report(self.out)
         return TrainResult(self.out, metrics, best_miou, best_step, self.step, self.elapsed_s(), stopped_by)
 
     def _train_until_stopped(self) -> str:

@@ -44,8 +44,7 @@ from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
 from trustseg.metrics.calibration import CalibrationHistogram
 from trustseg.metrics.confusion import ConfusionMatrix
 from trustseg.refine.refiner import refinement_cost
-from trustseg.report.document import Document
-from trustseg.report.plots import reliability_diagrams
+from trustseg.report.pages import write_run_report
 from trustseg.report.tables import percent
 from trustseg.robustness.dataset import corrupted_view
 from trustseg.robustness.corruptions import SEVERITIES
@@ -53,7 +52,7 @@ from trustseg.robustness.summary import CLEAN, condition_key
 from trustseg.engine.journal import Journal, file_sha256
 from trustseg.engine.rundir import RunDir
 from trustseg.workflows.calibration_shift import (
-    BEST_BY, best_decision_preserving, check_unseen, fit_conditions, fit_view, lofo_plan, lofo_rows,
+    best_decision_preserving, check_unseen, fit_conditions, fit_view, lofo_plan,
 )
 from trustseg.workflows.evaluation import checkpoint_and_data
 
@@ -98,6 +97,7 @@ class CalibrateConfig:
     device: str = "auto"
     progress: bool = True
     resume: bool = False  # continue the interrupted run in `out` (same setup): fits, choice and conditions done are kept
+    report: bool = True  # write report.md / report.html at the end
 
 
 @dataclass
@@ -321,7 +321,8 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
                                      "methods": methods, "selection": selection, "conditions": conditions,
                                      "best_decision_preserving": best, "leave_one_family_out": held_out or None,
                                      "saved": None if saved is None else saved.name})
-        write_report(run_dir, config, methods, conditions, saved, selection, best, held_out)
+        if config.report:
+            write_run_report(run_dir.path)
     return CalibrateResult(methods, conditions, saved, classes, run_dir.path, selection, best, held_out or None)
 
 
@@ -409,61 +410,3 @@ def method_rows(methods: dict[str, dict[str, Any]], results: dict[str, dict[str,
                      *(mark[held[p]] for p in PROPERTIES if properties)])
     return header, rows
 
-
-def write_report(run_dir: RunDir, config: CalibrateConfig, methods, conditions, saved: Path | None,
-                 selection: dict[str, Any] | None = None, best: dict[str, dict[str, Any]] | None = None,
-                 held_out: dict[str, dict[str, Any]] | None = None) -> Document:
-    """Tables per condition, reliability diagrams on clean data, report.md/html."""
-    clean = conditions[CLEAN]
-    diagrams = reliability_diagrams({name: r["reliability"] for name, r in clean.items()},
-                                    run_dir.file("reliability.png"), title="Reliability on clean data")
-    document = Document(f"Calibration of {config.checkpoint}")
-    document.paragraph(f"Fitted on {config.fit_data}; evaluated on {config.data}. ECE family: top-label, "
-                       f"{config.num_bins} equal-width bins, all labelled pixels (ECE_boundary: within 5 px of "
-                       "a class edge; ECE_img_mean: per-image mean). Percentages except NLL and Brier. "
-                       "Δ mIoU is against the uncalibrated model; decisions changed is the share of pixels "
-                       "whose predicted class the calibrator changed (changed px).")
-    if config.fit_corruptions and not held_out:
-        document.paragraph(f"Fit under shift (Tomani et al., CVPR 2021): each fit image clean or corrupted by one of "
-                           f"{', '.join(config.fit_corruptions)} at severity {', '.join(map(str, config.fit_severities))}, "
-                           "drawn per image from the seed; the evaluation corruptions "
-                           + ("may overlap them (--allow-overlap)." if set(config.fit_corruptions) & set(config.corruptions)
-                              else "are all unseen in fitting."))
-    for key, results in conditions.items():
-        document.heading("Clean data" if key == CLEAN else f"Under {key}").table(*method_rows(methods, results))
-    if best is not None:
-        document.heading("Best decision-preserving method per condition").paragraph(
-            f"Lowest {BEST_BY} among the methods that keep every pixel's predicted class (so the segmentation "
-            "map stays the model's) and the uncalibrated model.")
-        document.table(["condition", "method", BEST_BY, f"uncalibrated {BEST_BY}"],
-                       [[key, b["method"], percent(b[BEST_BY]), percent(b[f"uncalibrated_{BEST_BY}"])]
-                        for key, b in best.items()])
-    if held_out:
-        document.heading("Leave one corruption family out").paragraph(
-            "The calibrators above are fitted on clean fit images. For each family of the evaluation corruptions, "
-            "every method is fitted again on the same fit images, each clean or corrupted by a drawn one of the "
-            f"other families' fit corruptions (severities {', '.join(map(str, config.fit_severities))}), and "
-            "evaluated on the held-out family: ECE of both fits, percentages; negative Δ: the corruption fit is "
-            "better calibrated on a shift it never saw.")
-        document.table(*lofo_rows(conditions, held_out))
-        document.table(["condition", "best decision-preserving (fitted w/o family)", BEST_BY],
-                       [[key, b["method"], percent(b[BEST_BY])] for entry in held_out.values()
-                        for key, b in entry["best_decision_preserving"].items()])
-    fits = [[m, f"{r['fit']['seconds']:.1f} s", r["fit"]["on"], f"{r['fit']['nll_before']:.4f}",
-             f"{r['fit']['nll_after']:.4f}", ", ".join(f"{k} {v:.3g}" for k, v in r["parameters"].items())]
-            for m, r in methods.items()]
-    document.heading("Fits").table(["method", "time", "fitted on", "NLL before", "NLL after", "parameters"], fits)
-    if selection is not None:
-        document.heading("Choice of the saved method").paragraph(
-            f"--save {selection['rule']}: the lowest {selection['score']} on the last {selection['holdout_images']} "
-            f"fit image(s), held out from fitting, among {selection['among']}; the evaluation data plays no part. "
-            f"Chosen: {selection['chosen']}.")
-        document.table(["method", "held-out NLL", "held-out ECE", "candidate"],
-                       [[name, f"{s['NLL']:.4f}", percent(s["ECE"]),
-                         "yes" if name in selection["candidates"] else "no"]
-                        for name, s in selection["scores"].items()])
-    if saved is not None:
-        document.paragraph(f"Calibrated checkpoint: {saved.name} (trustseg eval/predict apply its calibrator).")
-    document.image(diagrams, "reliability diagrams, clean data")
-    document.write(run_dir.path)
-    return document

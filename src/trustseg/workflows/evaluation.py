@@ -16,9 +16,10 @@ from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
 from trustseg.metrics.boundary import BoundaryIoU
 from trustseg.metrics.calibration import CalibrationHistogram
-from trustseg.metrics.confusion import ConfusionMatrix, PerImageIoU
+from trustseg.metrics.confusion import ConfusionMatrix, PerImageConfusion, PerImageIoU
 from trustseg.metrics.uncertainty import UncertaintyHistogram
-from trustseg.report.tables import metrics_markdown
+from trustseg.report.gallery import write_gallery
+from trustseg.report.pages import CONFUSION_FILE, PER_IMAGE_CONFUSION_FILE, write_array, write_run_report
 from trustseg.engine.rundir import RunDir
 from trustseg.metrics.base import Predictions
 from trustseg.refine.refiner import refinement_cost
@@ -42,6 +43,9 @@ class EvalConfig:
     seed: int = 0  # of the MC-dropout masks, the same for every batch (as in `trustseg predict`)
     device: str = "auto"
     progress: bool = True
+    per_image: bool = False  # also write per_image_confusion.npy (N, K, K), for bootstrap comparisons
+    gallery: int = 4  # images shown in the report's prediction gallery
+    report: bool = True  # write report.md / report.html at the end
 
     def __post_init__(self) -> None:
         check_mc_samples(self.mc_samples)
@@ -125,27 +129,40 @@ def run_eval(config: EvalConfig) -> EvalResult:
     device = resolve_device(config.device)
     init_from_environment(device)
     checkpoint, dataset, _ = checkpoint_and_data(config.checkpoint, config.data, config.split, config.max_images)
-    predictor = base = predictor_from_checkpoint(checkpoint, config.inference, device=device)
+    predictor = plain = predictor_from_checkpoint(checkpoint, config.inference, device=device)
     if any(name in MC_MEASURES for name in config.uncertainty):  # fail before writing anything
         require_dropout(predictor, dropout_fix(checkpoint.model["name"]))
         predictor = with_mc_dropout(predictor, config.mc_samples, config.seed)
     run_dir = RunDir(config.out) if is_main_process() else None
     if run_dir is not None:
         run_dir.write_config({"command": "eval", **vars(config)})
+    accumulators = default_accumulators(checkpoint.classes, boundary_iou=config.boundary_iou,
+                                        calibration=config.calibration, uncertainty=config.uncertainty)
+    per_image = None
+    if config.per_image:
+        per_image = PerImageConfusion(checkpoint.classes.num_classes, len(dataset),
+                                      ignore_index=checkpoint.classes.ignore_index)
+        accumulators.append(per_image)
     metrics = evaluate(
         predictor,
         dataset,
-        default_accumulators(checkpoint.classes, boundary_iou=config.boundary_iou, calibration=config.calibration,
-                             uncertainty=config.uncertainty),
+        accumulators,
         batch_size=config.batch_size,
+        batch_transform=None if per_image is None else per_image.index_batch,
         progress=config.progress,
         device=device,
     )
-    metrics.update(refinement_cost(base))
+    metrics.update(refinement_cost(plain))
     metrics["num_images"] = len(dataset)
     metrics["class_names"] = list(checkpoint.classes.names)
     if run_dir is not None:
         run_dir.write_metrics(metrics)
-        run_dir.write_text("report.md", metrics_markdown(metrics, checkpoint.classes.names,
-                                                         f"Evaluation of {config.checkpoint} on {config.data}"))
+        confusion = next(a for a in accumulators if isinstance(a, ConfusionMatrix))
+        write_array(run_dir.file(CONFUSION_FILE), confusion.matrix)
+        if per_image is not None:
+            write_array(run_dir.file(PER_IMAGE_CONFUSION_FILE), per_image.matrices)
+        if config.gallery:
+            write_gallery(plain, dataset, run_dir.path, config.gallery, device)
+        if config.report:
+            write_run_report(run_dir.path)
     return EvalResult(metrics=metrics, classes=checkpoint.classes, run_dir=Path(config.out))

@@ -33,8 +33,7 @@ from trustseg.engine.rundir import RunDir, to_plain
 from trustseg.errors import UserError
 from trustseg.metrics.confusion import ConfusionMatrix
 from trustseg.models.positions import probe_positions
-from trustseg.report.document import Document
-from trustseg.report.plots import line_plot
+from trustseg.report.pages import write_run_report
 from trustseg.report.tables import percent
 from trustseg.training.config import TrainConfig, config_from_dict, load_train_config
 from trustseg.training.data import val_spec
@@ -125,7 +124,7 @@ def run_pos_embedding(config: PosEmbeddingConfig) -> PosEmbeddingResult:
         run_dir.write_json(RESULTS, {"setup": journal.setup, "runs": runs, "summary": summary})
         run_dir.write_metrics({f"mIoU_{variant}": entry["mIoU"]["1.0"]["mean"] for variant, entry in summary.items()
                                if "1.0" in entry["mIoU"]})
-        write_report(run_dir, config, recipe, runs, summary)
+        write_run_report(run_dir.path)
     return PosEmbeddingResult(runs, summary, run_dir.path)
 
 
@@ -191,29 +190,6 @@ def resolution_rows(summary: dict[str, dict[str, Any]], scales: tuple[float, ...
         rows.append([variant, *cells, f"{probe['mean']:.2f} ± {probe['std']:.2f}", f"{centre['mean']:.2f}",
                      f"{entry['steps']['mean']:.0f}"])
     return header, rows
-
-
-def write_report(run_dir: RunDir, config: PosEmbeddingConfig, recipe: TrainConfig, runs, summary) -> Document:
-    """The table (mIoU ± std over seeds per test scale, probe errors), the plot, report.md/html."""
-    scales = list(config.scales)
-    series = {v: (scales, [100 * e["mIoU"][str(s)]["mean"] for s in scales]) for v, e in summary.items()}
-    errors = {v: [100 * e["mIoU"][str(s)]["std"] for s in scales] for v, e in summary.items()}
-    plot = line_plot(series, run_dir.file("resolution_transfer.png"), title="mIoU vs test resolution",
-                     xlabel="test resolution (x training resolution)", ylabel="mIoU (%)", errors=errors)
-    budget = f"{config.budget_min} min" if config.budget_min else f"{recipe.steps} steps"
-    document = Document("Positional embeddings: APE, RoPE, none and Active Spatial Guidance")
-    document.paragraph(
-        f"Data {config.data}; recipe {config.recipe or 'built-in pos_embedding.yaml'} "
-        f"({recipe.model.options}); {config.seeds} seed(s) per variant, {budget} each. mIoU (%) of the final "
-        f"model, mean ± standard deviation over seeds, at each test resolution (x1 = the training resolution: "
-        f"short side {min(recipe.data.base_size) if recipe.data.base_size else 'as stored'}). Probe error: mean "
-        "distance in patches between the (row, col) a linear probe reads from the frozen final tokens of "
-        "held-out val images and the true one; centre error: that of always answering the mean position.")
-    document.heading("Results").table(*resolution_rows(summary, config.scales))
-    document.heading("Verdict").paragraph(verdict(summary))
-    document.image(plot, "mIoU vs test resolution, error bars: std over seeds")
-    document.write(run_dir.path)
-    return document
 
 
 def verdict(summary: dict[str, dict[str, Any]]) -> str:

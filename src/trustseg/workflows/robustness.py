@@ -21,13 +21,13 @@ from trustseg.engine.distributed import init_from_environment, is_main_process
 from trustseg.errors import UserError
 from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
+from trustseg.metrics.image_quality import ImageQuality
 from trustseg.refine.refiner import refinement_cost
-from trustseg.report.document import Document
-from trustseg.report.plots import heatmap, line_plot
+from trustseg.report.pages import write_run_report
 from trustseg.report.tables import percent
-from trustseg.robustness.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, frost_source
+from trustseg.robustness.corruptions import CORRUPTIONS, SEVERITIES, frost_source
 from trustseg.robustness.dataset import corrupted_view
-from trustseg.robustness.summary import CLEAN, condition_key, miou_grid, summarize
+from trustseg.robustness.summary import CLEAN, condition_key, summarize
 from trustseg.engine.journal import Journal, file_sha256
 from trustseg.engine.rundir import RunDir
 from trustseg.workflows.evaluation import checkpoint_and_data, default_accumulators
@@ -50,10 +50,12 @@ class RobustnessConfig:
     seed: int = 0
     boundary_iou: bool = False
     calibration: bool = True  # ECE & co. and msp error detection per condition
+    image_quality: bool = True  # PSNR, SSIM, noise, sharpness, contrast, colourfulness of the corrupted images
     inference: InferenceConfig = InferenceConfig()
     device: str = "auto"
     progress: bool = True
     resume: bool = False  # continue the interrupted run in `out` (same setup), skipping finished conditions
+    report: bool = True  # write report.md / report.html at the end
 
 
 @dataclass
@@ -143,7 +145,8 @@ def run_robustness(config: RobustnessConfig) -> RobustnessResult:
         run_dir.write_json(RESULTS, {**header, "summary": summary, "conditions": conditions})
         run_dir.write_metrics({**{k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
                                "per_class": conditions[CLEAN]["per_class"], "class_names": list(classes.names)})
-        write_report(run_dir, config, summary, conditions, len(dataset))
+        if config.report:
+            write_run_report(run_dir.path)
     return RobustnessResult(summary=summary, conditions=conditions, classes=classes, run_dir=run_dir.path)
 
 
@@ -152,17 +155,45 @@ def evaluate_condition(predictor: Callable[[torch.Tensor], torch.Tensor], datase
                        device: torch.device) -> dict[str, Any]:
     """The metrics of `predictor` on `dataset` under the condition `key` (``clean`` or ``name/s``), through
     the one evaluation loop. `config` supplies seed, batch_size, num_workers, boundary_iou, calibration and
-    progress (any object with those attributes, e.g. a RobustnessConfig). With a refining predictor the
-    results carry the refinement's cost, ``refine_ms_per_image``."""
-    data, transform = corrupted_view(dataset, key, seed=config.seed, device=device)
+    progress (any object with those attributes, e.g. a RobustnessConfig), and optionally image_quality:
+    then the result's ``quality`` holds the mean image-quality measures of the images the model saw. With
+    a refining predictor the results carry the refinement's cost, ``refine_ms_per_image``."""
+    measure = getattr(config, "image_quality", False)
+    # corrupting in DataLoader workers only pays with workers; otherwise the batch keeps its clean images
+    # until the transform corrupts them, which the full-reference measures compare against
+    in_loader = device.type == "cpu" and (config.num_workers > 0 or not measure)
+    data, transform = corrupted_view(dataset, key, seed=config.seed, device=device, in_loader=in_loader)
+    quality = ImageQuality() if measure else None
+    if quality is not None:
+        transform = _measuring(quality, transform, None if data is dataset else dataset)
     accumulators = default_accumulators(classes, boundary_iou=config.boundary_iou, calibration=config.calibration,
                                         uncertainty=("msp",) if config.calibration else ())
     refiner = getattr(predictor, "refiner", None)
     if refiner is not None:
         refiner.reset()
-    results = evaluate(predictor, data, accumulators, batch_size=config.batch_size, batch_transform=transform,
-                       num_workers=config.num_workers, progress=config.progress, description=description, device=device)
-    return {**results, **refinement_cost(predictor)}
+    metrics = evaluate(predictor, data, accumulators, batch_size=config.batch_size, batch_transform=transform,
+                       num_workers=config.num_workers, progress=config.progress, description=description,
+                       device=device)
+    if quality is not None:
+        metrics["quality"] = quality.compute()
+    return {**metrics, **refinement_cost(predictor)}
+
+
+def _measuring(quality: ImageQuality, transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
+               clean: SegmentationDataset | None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A batch transform that applies `transform` and adds the images it yields to `quality`, against the
+    batch's images before it or, when the loader already corrupted them, the `clean` dataset's images."""
+
+    def apply(batch: dict[str, Any]) -> dict[str, Any]:
+        if clean is None:
+            references = batch["image"]
+        else:
+            references = torch.stack([clean[i]["image"] for i in batch["index"]]).to(batch["image"].device)
+        batch = batch if transform is None else transform(batch)
+        quality.update(batch["image"], references)
+        return batch
+
+    return apply
 
 
 def corruption_rows(summary: dict[str, Any], conditions: dict[str, dict[str, Any]],
@@ -190,31 +221,3 @@ def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     row.append(", ".join(summary["worst"]))
     return header, [row]
 
-
-def write_report(run_dir: RunDir, config: RobustnessConfig, summary: dict[str, Any],
-                 conditions: dict[str, dict[str, Any]], num_images: int) -> Document:
-    """Heatmap of mIoU (corruption x severity), mIoU-vs-severity curves per family, report.md/html."""
-    grid = miou_grid(conditions, config.corruptions, config.severities)
-    clean = summary["clean_mIoU"]
-    names = list(grid)
-    plots = [heatmap([[clean, *grid[n]] for n in names], names, ["clean", *map(str, config.severities)],
-                     run_dir.file("robustness_heatmap.png"), title="mIoU (%) under corruption",
-                     colorbar_label="mIoU (%)")]
-    for family, members in FAMILIES.items():
-        series = {n: ([0, *config.severities], [100 * clean, *[100 * m for m in grid[n]]]) for n in members if n in grid}
-        if series:
-            plots.append(line_plot(series, run_dir.file(f"robustness_{family}.png"), title=f"{family} corruptions",
-                                   xlabel="severity (0 = clean)", ylabel="mIoU (%)"))
-    document = Document(f"Robustness of {config.checkpoint}")
-    document.paragraph(f"Data {config.data}, {num_images} images; corruptions applied "
-                       f"on the fly at the images' native resolution, seed {config.seed}; frost textures: "
-                       f"{frost_source()}. Values are percentages.")
-    document.heading("Summary").table(*summary_rows(summary))
-    family_means = summary["per_family_mIoU"]
-    document.table(["family", "mean mIoU"], [[f, percent(v)] for f, v in family_means.items() if not math.isnan(v)])
-    document.heading("Per corruption").table(*corruption_rows(summary, conditions, config.severities))
-    document.heading("Plots")
-    for plot in plots:
-        document.image(plot, plot.stem.replace("_", " "))
-    document.write(run_dir.path)
-    return document

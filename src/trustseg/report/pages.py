@@ -1,0 +1,351 @@
+"""Every report page, rebuilt from what a command left in its run directory.
+
+A run's page is a list of sections; each section is a function ``(run, page, folder)`` that appends its
+blocks to the page and writes its figures into `folder`, registered in `SECTIONS` under the file it
+needs. A section appears when its file is in the run directory, so a new capability adds a file and a
+section, never a page generator. The comparison of several runs (`trustseg.report.comparison`) uses
+the same run reader.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from trustseg.engine.checkpoint import atomic_write
+from trustseg.errors import UserError
+from trustseg.report.document import Document
+from trustseg.report.gallery import GALLERY_INDEX
+from trustseg.report.plots import bar_plot, heatmap, line_plot, reliability_diagrams
+from trustseg.report.tables import calibration_rows, per_class_rows, percent, summary_rows
+
+CONFUSION_FILE = "confusion_matrix.npy"
+PER_IMAGE_CONFUSION_FILE = "per_image_confusion.npy"
+# the largest confusion matrix whose heatmap gets a number in each cell
+_LABELLED_CELLS = 30
+
+
+def write_array(path: Path, array: Any) -> Path:
+    """Save a tensor or array as .npy atomically (a failed write keeps the previous file)."""
+    values = np.asarray(array.detach().cpu() if hasattr(array, "detach") else array)
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    return Path(path)
+
+
+class RunFiles:
+    """The files of one run directory, read on first use; a damaged file is a UserError naming it."""
+
+    def __init__(self, path: str | Path, name: str | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"run directory {self.path}: not found or not a directory")
+        self.name = name or self.path.resolve().name
+        self._cache: dict[str, Any] = {}
+
+    def has(self, file: str) -> bool:
+        return (self.path / file).is_file()
+
+    def read(self, file: str) -> Any:
+        """The content of `file`: parsed JSON, YAML, JSON lines (a list) or a NumPy array."""
+        if file not in self._cache:
+            path = self.path / file
+            try:
+                if file.endswith(".npy"):
+                    value: Any = np.load(path, allow_pickle=False)
+                elif file.endswith(".jsonl"):
+                    value = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                elif file.endswith((".yaml", ".yml")):
+                    value = yaml.safe_load(path.read_text(encoding="utf-8"))
+                else:
+                    value = json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise UserError(f"{path}: file not found") from None
+            except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as error:
+                raise UserError(f"{path}: cannot be read ({type(error).__name__}); was it written by trustseg?") from None
+            self._cache[file] = value
+        return self._cache[file]
+
+    def class_names(self) -> list[str]:
+        for file in ("metrics.json", "robustness.json"):
+            if self.has(file):
+                names = self.read(file).get("class_names")
+                if isinstance(names, list):
+                    return [str(n) for n in names]
+        return []
+
+    def scalars(self) -> dict[str, float]:
+        """The run's headline numbers by metric name: metrics.json's scalars, then (for a robustness run)
+        the clean condition's metrics and the robustness summary."""
+        found: dict[str, float] = {}
+        sources = [self.read("metrics.json")] if self.has("metrics.json") else []
+        if self.has("robustness.json"):
+            results = self.read("robustness.json")
+            sources += [results.get("conditions", {}).get("clean", {}), results.get("summary", {})]
+        for source in sources:
+            for key, value in source.items():
+                if key not in found and key != "num_images" and _is_number(value):
+                    found[key] = float(value) if value is not None else math.nan
+        return found
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def config_section(run: RunFiles, page: Document, folder: Path) -> None:
+    config = run.read("config.yaml") or {}
+    rows = [[str(k), _short(v)] for k, v in config.items()]
+    page.heading("Configuration").table(["setting", "value"], rows)
+
+
+def metrics_section(run: RunFiles, page: Document, folder: Path) -> None:
+    metrics = run.read("metrics.json")
+    names = run.class_names()
+    header, rows = summary_rows(metrics)
+    page.heading("Metrics")
+    page.paragraph("Percentages. mIoU is dataset-level (one confusion matrix over all images, NaN-mean over the "
+                   "classes present); mIoU_img is the mean of per-image mIoUs. ECE: top-label, equal-width bins.")
+    if header:
+        page.table(header, rows)
+    calibration = calibration_rows(metrics)
+    if calibration[0]:
+        page.table(*calibration)
+    if isinstance(metrics.get("reliability"), dict):
+        page.image(reliability_plot({"all pixels": metrics["reliability"]}, folder / "reliability_eval.png",
+                                    "Reliability"), "reliability diagram: accuracy per confidence bin")
+    per_class = metrics.get("per_class", {})
+    support = per_class.get("support")
+    if support and names:
+        total = sum(support) or 1
+        page.heading("Data").paragraph(f"{metrics.get('num_images', '?')} images, {total} labelled pixels; "
+                                       "class frequencies are the share of labelled pixels.")
+        page.image(bar_plot(names, [100 * s / total for s in support], folder / "class_frequency.png",
+                            title="Class frequency", ylabel="% of labelled pixels"), "class frequencies")
+    if per_class.get("IoU") and names:
+        page.heading("Per class").table(*per_class_rows(metrics, names))
+        page.image(bar_plot(names, [100 * _finite(v) for v in per_class["IoU"]], folder / "per_class_iou.png",
+                            title="IoU per class", ylabel="IoU (%)"), "IoU per class (absent classes at 0)")
+
+
+def confusion_section(run: RunFiles, page: Document, folder: Path) -> None:
+    matrix = run.read(CONFUSION_FILE).astype(float)
+    names = run.class_names() or [str(i) for i in range(len(matrix))]
+    rows = matrix.sum(1, keepdims=True)
+    normalised = np.divide(matrix, rows, out=np.full_like(matrix, np.nan), where=rows > 0)
+    plot = heatmap(normalised, names, names, folder / "confusion_matrix.png", percent=len(names) <= _LABELLED_CELLS,
+                   title="Confusion matrix, each ground-truth row normalised", colorbar_label="share of the row")
+    page.heading("Confusion matrix").image(plot, "rows: ground truth, columns: prediction; rows of absent classes blank")
+
+
+def gallery_section(run: RunFiles, page: Document, folder: Path) -> None:
+    gallery = run.read(GALLERY_INDEX)
+    page.heading("Predictions").paragraph(f"Columns: {gallery['columns']}.")
+    for entry in gallery["images"]:
+        page.image(run.path / entry["file"], entry["caption"])
+
+
+def training_section(run: RunFiles, page: Document, folder: Path) -> None:
+    from trustseg.training.history import History
+
+    plots = History(run.read("history.jsonl")).plot(folder)
+    if plots:
+        page.heading("Training")
+        for plot in plots:
+            page.image(plot, plot.stem.replace("_", " "))
+
+
+def robustness_section(run: RunFiles, page: Document, folder: Path) -> None:
+    from trustseg.robustness.corruptions import FAMILIES
+    from trustseg.robustness.summary import CLEAN, miou_grid
+    from trustseg.workflows.robustness import corruption_rows, summary_rows as robustness_rows
+
+    results = run.read("robustness.json")
+    setup, summary, conditions = results.get("setup", {}), results["summary"], results["conditions"]
+    corruptions = list(summary["per_corruption"])
+    severities = sorted({int(key.split("/")[1]) for key in conditions if key != CLEAN})
+    grid = miou_grid(conditions, corruptions, severities)
+    clean = _value(summary["clean_mIoU"])
+    page.heading("Robustness").paragraph(
+        f"Data {setup.get('data', '?')}, {setup.get('num_images', '?')} images; corruptions applied on the fly at the "
+        f"images' native resolution, seed {setup.get('seed', '?')}; frost textures: {setup.get('frost_source', '?')}. "
+        "Values are percentages.")
+    page.table(*robustness_rows(summary))
+    page.table(["family", "mean mIoU"], [[f, percent(v)] for f, v in summary["per_family_mIoU"].items()
+                                         if v is not None and not math.isnan(v)])
+    page.heading("Per corruption").table(*corruption_rows(summary, conditions, tuple(severities)))
+    page.image(heatmap([[clean, *map(_value, grid[n])] for n in corruptions], corruptions,
+                       ["clean", *map(str, severities)], folder / "robustness_heatmap.png",
+                       title="mIoU (%) under corruption", colorbar_label="mIoU (%)"), "robustness heatmap")
+    for family, members in FAMILIES.items():
+        series = {n: ([0, *severities], [100 * _value(m) for m in [clean, *grid[n]]]) for n in members if n in grid}
+        if series:
+            page.image(line_plot(series, folder / f"robustness_{family}.png", title=f"{family} corruptions",
+                                 xlabel="severity (0 = clean)", ylabel="mIoU (%)"), f"robustness {family}")
+    panels = {key: conditions[key]["reliability"] for key in
+              [CLEAN, *(f"{name}/{severities[-1]}" for name in corruptions)][:8]
+              if isinstance(conditions.get(key, {}).get("reliability"), dict)}
+    if panels:
+        page.image(reliability_plot(panels, folder / "reliability_conditions.png", "Reliability under corruption"),
+                   f"reliability diagrams, clean and each corruption at severity {severities[-1]}")
+    from trustseg.report.comparison import condition_agreement
+
+    condition_agreement(run, page, folder)
+
+
+def calibration_section(run: RunFiles, page: Document, folder: Path) -> None:
+    from trustseg.robustness.summary import CLEAN
+    from trustseg.workflows.calibration import method_rows
+    from trustseg.workflows.calibration_shift import BEST_BY, lofo_rows
+
+    results = run.read("calibration.json")
+    setup, methods, conditions = results["setup"], results["methods"], results["conditions"]
+    page.heading("Calibration").paragraph(
+        f"Fitted on {setup.get('fit_data', '?')}; evaluated on {setup.get('data', '?')}. ECE family: top-label, "
+        f"{setup.get('num_bins', '?')} equal-width bins, all labelled pixels (ECE_boundary: within 5 px of a class "
+        "edge; ECE_img_mean: per-image mean). Percentages except NLL and Brier. Δ mIoU is against the uncalibrated "
+        "model; changed px is the share of pixels whose predicted class the calibrator changed.")
+    fit_corruptions, held_out = setup.get("fit_corruptions") or [], results.get("leave_one_family_out")
+    if fit_corruptions and not held_out:
+        evaluated = {key.split("/")[0] for key in conditions if key != CLEAN}
+        page.paragraph(f"Fit under shift (Tomani et al., CVPR 2021): each fit image clean or corrupted by one of "
+                       f"{', '.join(fit_corruptions)} at severity {', '.join(map(str, setup.get('fit_severities', [])))}, "
+                       "drawn per image from the seed; the evaluation corruptions "
+                       + ("may overlap them (--allow-overlap)." if evaluated & set(fit_corruptions)
+                          else "are all unseen in fitting."))
+    for key, condition in conditions.items():
+        page.heading("Clean data" if key == CLEAN else f"Under {key}").table(*method_rows(methods, condition))
+    best = results.get("best_decision_preserving")
+    if best:
+        page.heading("Best decision-preserving method per condition").paragraph(
+            f"Lowest {BEST_BY} among the methods that keep every pixel's predicted class (so the segmentation "
+            "map stays the model's) and the uncalibrated model.")
+        page.table(["condition", "method", BEST_BY, f"uncalibrated {BEST_BY}"],
+                   [[key, b["method"], percent(b[BEST_BY]), percent(b[f"uncalibrated_{BEST_BY}"])]
+                    for key, b in best.items()])
+    if held_out:
+        page.heading("Leave one corruption family out").paragraph(
+            "The calibrators above are fitted on clean fit images. For each family of the evaluation corruptions, "
+            "every method is fitted again on the same fit images, each clean or corrupted by a drawn one of the "
+            f"other families' fit corruptions (severities {', '.join(map(str, setup.get('fit_severities', [])))}), "
+            "and evaluated on the held-out family: ECE of both fits, percentages; negative Δ: the corruption fit "
+            "is better calibrated on a shift it never saw.")
+        page.table(*lofo_rows(conditions, held_out))
+        page.table(["condition", "best decision-preserving (fitted w/o family)", BEST_BY],
+                   [[key, b["method"], percent(b[BEST_BY])] for entry in held_out.values()
+                    for key, b in entry["best_decision_preserving"].items()])
+    fits = [[m, f"{r['fit']['seconds']:.1f} s", r["fit"]["on"], f"{r['fit']['nll_before']:.4f}",
+             f"{r['fit']['nll_after']:.4f}", ", ".join(f"{k} {v:.3g}" for k, v in r["parameters"].items())]
+            for m, r in methods.items()]
+    page.heading("Fits").table(["method", "time", "fitted on", "NLL before", "NLL after", "parameters"], fits)
+    selection = results.get("selection")
+    if selection is not None:
+        page.heading("Choice of the saved method").paragraph(
+            f"--save {selection['rule']}: the lowest {selection['score']} on the last {selection['holdout_images']} "
+            f"fit image(s), held out from fitting, among {selection['among']}; the evaluation data plays no part. "
+            f"Chosen: {selection['chosen']}.")
+        page.table(["method", "held-out NLL", "held-out ECE", "candidate"],
+                   [[name, f"{s['NLL']:.4f}", percent(s["ECE"]), "yes" if name in selection["candidates"] else "no"]
+                    for name, s in selection["scores"].items()])
+    if results.get("saved"):
+        page.paragraph(f"Calibrated checkpoint: {results['saved']} (trustseg eval/predict apply its calibrator).")
+    if CLEAN in conditions:
+        page.image(reliability_diagrams({name: r["reliability"] for name, r in conditions[CLEAN].items()},
+                                        folder / "reliability.png", title="Reliability on clean data"),
+                   "reliability diagrams, clean data")
+
+
+def resolution_section(run: RunFiles, page: Document, folder: Path) -> None:
+    from trustseg.workflows.pos_embedding import resolution_rows, verdict
+
+    results = run.read("pos_embedding.json")
+    summary, recipe = results["summary"], results.get("setup", {}).get("recipe", {})
+    config = run.read("config.yaml") if run.has("config.yaml") else {}
+    base_size = (recipe.get("data") or {}).get("base_size")
+    budget = f"{config['budget_min']} min" if config.get("budget_min") else f"{recipe.get('steps', '?')} steps"
+    scales = sorted({float(s) for entry in summary.values() for s in entry["mIoU"]})
+    keys = [str(s) for s in scales]
+    series = {v: (scales, [100 * _finite(e["mIoU"][k]["mean"]) for k in keys]) for v, e in summary.items()}
+    errors = {v: [100 * _finite(e["mIoU"][k]["std"]) for k in keys] for v, e in summary.items()}
+    page.heading("Positional embeddings across test resolutions").paragraph(
+        f"APE, RoPE, none and Active Spatial Guidance. Data {config.get('data', '?')}; recipe "
+        f"{config.get('recipe') or 'built-in pos_embedding.yaml'} ({(recipe.get('model') or {}).get('options', {})}); "
+        f"{config.get('seeds', '?')} seed(s) per variant, {budget} each. mIoU (%) of the final model, mean ± standard "
+        f"deviation over seeds, at each test resolution (x1 = the training resolution: short side "
+        f"{min(base_size) if base_size else 'as stored'}). Probe error: mean distance in patches between the "
+        "(row, col) a linear probe reads from the frozen final tokens of held-out val images and the true one; "
+        "centre error: that of always answering the mean position.")
+    page.table(*resolution_rows(summary, tuple(scales)))
+    page.paragraph(verdict(summary))
+    page.image(line_plot(series, folder / "resolution_transfer.png", title="mIoU vs test resolution",
+                         xlabel="test resolution (x training resolution)", ylabel="mIoU (%)", errors=errors),
+               "mIoU vs test resolution, error bars: std over seeds")
+
+
+def reliability_plot(tables: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    """Reliability diagrams of CalibrationHistogram ``reliability`` tables (bin edges, and counts,
+    confidences, accuracies under ``all``), one panel per name."""
+
+    return reliability_diagrams({name: {"lower": t["lower"], "upper": t["upper"], **t["all"]}
+                                 for name, t in tables.items()}, path, title=title)
+
+
+# file needed -> the section it enables, in page order
+SECTIONS: dict[str, Callable[[RunFiles, Document, Path], None]] = {
+    "metrics.json": metrics_section,
+    CONFUSION_FILE: confusion_section,
+    GALLERY_INDEX: gallery_section,
+    "history.jsonl": training_section,
+    "robustness.json": robustness_section,
+    "calibration.json": calibration_section,
+    "pos_embedding.json": resolution_section,
+    "config.yaml": config_section,
+}
+
+
+def run_page(run: RunFiles, folder: Path) -> Document:
+    """The page of one run, with a section for every file of `SECTIONS` present, figures in `folder`."""
+    sections = [(file, section) for file, section in SECTIONS.items() if run.has(file)]
+    if not sections:
+        raise UserError(f"run directory {run.path}: holds none of {', '.join(SECTIONS)}; is it a trustseg run?")
+    folder.mkdir(parents=True, exist_ok=True)
+    config = run.read("config.yaml") if run.has("config.yaml") else {}
+    command = config.get("command", "run") if isinstance(config, dict) else "run"
+    page = Document(f"{command}: {run.name}")
+    for file, section in sections:
+        try:
+            section(run, page, folder)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as error:
+            raise UserError(f"{run.path / file}: not as trustseg writes it ({type(error).__name__}: {error})") from None
+    return page
+
+
+def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
+    """Write report.md and report.html of the run in `run_dir` into `out` (default: the run directory)."""
+    folder = Path(out if out is not None else run_dir)
+    return run_page(RunFiles(run_dir), folder).write(folder)
+
+
+def _value(value: Any) -> float:
+    """A number read back from JSON, where null stands for NaN."""
+    return math.nan if value is None else float(value)
+
+
+def _finite(value: Any) -> float:
+    return 0.0 if value is None or not math.isfinite(value) else float(value)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
