@@ -386,6 +386,7 @@ def adapt_command(
     device: str = DeviceOption,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
+    report: bool = ReportOption,
 ) -> None:
     """mIoU and ECE per condition of the model as it is and while it adapts at test time (TENT and variants)."""
     from trustseg.adapt.guard import GuardConfig
@@ -404,7 +405,7 @@ def adapt_command(
         checkpoint=str(checkpoint), data=data, out=str(out), adaptation=adaptation,
         corruptions=parse_corruptions(corruptions), severities=parse_severities(severities), split=split,
         max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, device=device,
-        progress=progress, resume=resume,
+        progress=progress, resume=resume, report=report,
     )
     result = run_adapt(config)
     if is_main_process():
@@ -605,6 +606,7 @@ def compress_command(
     device: str = DeviceOption,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
+    report: bool = ReportOption,
 ) -> None:
     """Compress a ViT checkpoint (token merging, structural pruning, both) and measure cost and accuracy.
 
@@ -625,7 +627,7 @@ def compress_command(
         importance_batches=importance_images, finetune_steps=finetune_steps, policy_steps=policy_steps,
         cost_size=parse_pair(cost_size, "--cost-size"), latency_runs=latency_runs, seed=seed,
         inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device,
-        progress=progress, resume=resume,
+        progress=progress, resume=resume, report=report,
     )
     result = run_compress(config)
     console.print(rich_table(*cost_rows(result.baseline, result.methods), title="cost and accuracy"))

@@ -97,6 +97,8 @@ def test_adapt_matches_hand_run_source_and_tent(tmp_path, dataset_root, checkpoi
     assert metrics["mIoU_gain"] == pytest.approx(metrics["adapted_mean_mIoU"] - metrics["source_mean_mIoU"])
     for name in ("report.md", "report.html", "config.yaml"):
         assert (out / name).exists(), name
+    report = (out / "report.md").read_text()
+    assert "## Test-time adaptation" in report and "## Per condition" in report and "gaussian_noise/2" in report
 
 
 @pytest.mark.parametrize("method,mode", [("reliable", "episodic"), ("uncertain", "online")])

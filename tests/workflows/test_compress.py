@@ -58,6 +58,9 @@ def test_each_method_is_measured_saved_and_evaluates_the_same_through_eval(vit_c
     for plot in ("frontier_clean_gflops.png", "frontier_corrupted_latency_ms.png"):
         assert (out / plot).stat().st_size > 0
     assert "Accuracy–cost frontier" in (out / "report.md").read_text()
+    # `trustseg report` rebuilds the same page from the run directory alone
+    assert run_cli(["report", str(out), "--out", str(tmp_path / "page")], monkeypatch) == 0
+    assert "Accuracy–cost frontier" in next((tmp_path / "page").rglob("*.md")).read_text()
 
     # the saved checkpoint of prune-then-merge is the pruned model with ToMe installed, and `eval` on it
     # measures what compress measured

@@ -293,6 +293,50 @@ def resolution_section(run: RunFiles, page: Document, folder: Path) -> None:
                "mIoU vs test resolution, error bars: std over seeds")
 
 
+def compression_section(run: RunFiles, page: Document, folder: Path) -> None:
+    from trustseg.workflows.compress import UNCOMPRESSED, cost_rows, frontier_series
+
+    results = run.read("compression.json")
+    setup, baseline, methods = results["setup"], results["uncompressed"], results["methods"]
+    corrupted = ", ".join(f"{n} s{s}" for n in setup["corruptions"] for s in setup["severities"])
+    height, width = baseline["cost_size"]
+    page.heading("Compression").paragraph(
+        f"Data {setup['data']}; cost at {height}x{width} (GFLOPs counted on the real forward, merging included; "
+        f"latency: median of batch-1 forwards timed in turn with the {UNCOMPRESSED} model in the same run). "
+        f"Corrupted mIoU: mean over {corrupted}. mIoU values are percentages.")
+    page.table(*cost_rows(baseline, methods))
+    if not methods:
+        return
+    page.heading("Accuracy–cost frontier")
+    for x, xlabel in (("gflops", "GFLOPs per image"), ("latency_ms", "latency (ms)")):
+        for y, what in (("clean_mIoU", "clean"), ("corrupted_mIoU", "corrupted")):
+            path = line_plot(frontier_series(baseline, methods, x, y), folder / f"frontier_{what}_{x}.png",
+                             title=f"{what} mIoU vs {xlabel}", xlabel=xlabel, ylabel="mIoU (%)")
+            page.image(path, f"{what} mIoU vs {xlabel}")
+
+
+def adaptation_section(run: RunFiles, page: Document, folder: Path) -> None:
+    from trustseg.workflows.adapt import PASSES, condition_rows
+
+    results = run.read("adapt.json")
+    setup, summary, conditions = results["setup"], results["summary"], results["conditions"]
+    adaptation = setup["adaptation"]
+    page.heading("Test-time adaptation").paragraph(
+        f"Data {setup['data']}, {setup['num_images']} images, batch {setup['batch_size']}; method "
+        f"{adaptation['method']}, {adaptation['mode']} mode, {adaptation['optimizer']} lr {adaptation['lr']:g}, "
+        f"{adaptation['steps']} step(s) per batch; each condition starts from the source weights. Corruptions "
+        f"seeded with {setup['seed']}. Values are percentages.")
+    page.table(["pass", "clean mIoU", "mean corrupted mIoU", "mean mIoU", "mean ECE"],
+               [[which, *(percent(summary[which][k]) for k in ("clean_mIoU", "mean_corrupted_mIoU", "mean_mIoU",
+                                                                  "mean_ECE"))] for which in PASSES])
+    page.paragraph(f"Mean mIoU gain {percent(summary['mIoU_gain'])} points; {summary['resets']} safety reset(s).")
+    page.heading("Per condition").table(*condition_rows(conditions))
+    resets = [[key, str(r["batch"]), r["reason"]] for key, passes in conditions.items()
+              for r in passes["adapted"]["adaptation"]["reset_log"]]
+    if resets:
+        page.heading("Safety resets").table(["condition", "batch", "reason"], resets)
+
+
 def reliability_plot(tables: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
     """Reliability diagrams of CalibrationHistogram ``reliability`` tables (bin edges, and counts,
     confidences, accuracies under ``all``), one panel per name."""
@@ -310,6 +354,8 @@ SECTIONS: dict[str, Callable[[RunFiles, Document, Path], None]] = {
     "robustness.json": robustness_section,
     "calibration.json": calibration_section,
     "pos_embedding.json": resolution_section,
+    "compression.json": compression_section,
+    "adapt.json": adaptation_section,
     "config.yaml": config_section,
 }
 

@@ -24,7 +24,7 @@ from trustseg.engine.evaluate import evaluate
 from trustseg.engine.inference import InferenceConfig, predictor_from_checkpoint
 from trustseg.engine.journal import Journal, file_sha256
 from trustseg.engine.rundir import RunDir
-from trustseg.report.document import Document
+from trustseg.report.pages import write_run_report
 from trustseg.report.tables import percent
 from trustseg.robustness.corruptions import CORRUPTIONS, SEVERITIES, check_corruption, frost_source
 from trustseg.robustness.dataset import corrupted_view
@@ -53,6 +53,7 @@ class AdaptRunConfig:
     device: str = "auto"
     progress: bool = True
     resume: bool = False
+    report: bool = True  # write report.md / report.html at the end
 
     def __post_init__(self) -> None:
         for name in self.corruptions:
@@ -113,7 +114,8 @@ def run_adapt(config: AdaptRunConfig) -> AdaptResult:
         run_dir.write_metrics({**{f"{which}_{k}": v for which in PASSES for k, v in summary[which].items()},
                                "mIoU_gain": summary["mIoU_gain"], "resets": summary["resets"],
                                "per_class": conditions[CLEAN]["adapted"]["per_class"], "class_names": list(classes.names)})
-        write_report(run_dir, config, summary, conditions, len(dataset))
+        if config.report:
+            write_run_report(run_dir.path)
     return AdaptResult(summary=summary, conditions=conditions, classes=classes, run_dir=run_dir.path)
 
 
@@ -147,26 +149,3 @@ def condition_rows(conditions: dict[str, dict[str, Any]]) -> tuple[list[str], li
         rows.append([key, percent(source["mIoU"]), percent(adapted["mIoU"]), percent(adapted["mIoU"] - source["mIoU"]),
                      percent(source.get("ECE")), percent(adapted.get("ECE")), str(adapted["adaptation"]["resets"])])
     return header, rows
-
-
-def write_report(run_dir: RunDir, config: AdaptRunConfig, summary: dict[str, Any],
-                 conditions: dict[str, dict[str, Any]], num_images: int) -> Document:
-    adaptation = config.adaptation
-    document = Document(f"Test-time adaptation of {config.checkpoint}")
-    document.paragraph(
-        f"Data {config.data}, {num_images} images, batch {config.batch_size}; method {adaptation.method}, "
-        f"{adaptation.mode} mode, {adaptation.optimizer} lr {adaptation.lr:g}, {adaptation.steps} step(s) per batch, "
-        f"prediction {'after' if adaptation.predicts_after_update else 'before'} the update; each condition starts "
-        f"from the source weights. Corruptions seeded with {config.seed}. Values are percentages.")
-    document.heading("Summary").table(
-        ["pass", "clean mIoU", "mean corrupted mIoU", "mean mIoU", "mean ECE"],
-        [[which, *(percent(summary[which][k]) for k in ("clean_mIoU", "mean_corrupted_mIoU", "mean_mIoU", "mean_ECE"))]
-         for which in PASSES])
-    document.paragraph(f"Mean mIoU gain {percent(summary['mIoU_gain'])} points; {summary['resets']} safety reset(s).")
-    document.heading("Per condition").table(*condition_rows(conditions))
-    resets = [[key, str(r["batch"]), r["reason"]] for key, passes in conditions.items()
-              for r in passes["adapted"]["adaptation"]["reset_log"]]
-    if resets:
-        document.heading("Safety resets").table(["condition", "batch", "reason"], resets)
-    document.write(run_dir.path)
-    return document

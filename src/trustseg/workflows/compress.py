@@ -36,8 +36,7 @@ from trustseg.engine.journal import Journal, file_sha256
 from trustseg.engine.rundir import RunDir
 from trustseg.errors import UserError
 from trustseg.models.flops import count_flops
-from trustseg.report.document import Document
-from trustseg.report.plots import line_plot
+from trustseg.report.pages import write_run_report
 from trustseg.report.tables import percent
 from trustseg.robustness.corruptions import CORRUPTIONS
 from trustseg.robustness.summary import CLEAN, condition_key
@@ -76,6 +75,7 @@ class CompressConfig:
     device: str = "auto"
     progress: bool = True
     resume: bool = False
+    report: bool = True  # write report.md / report.html at the end
 
     def __post_init__(self) -> None:
         if not self.methods and not self.sweep:
@@ -156,7 +156,8 @@ def run_compress(config: CompressConfig) -> CompressResult:
         run_dir.write_json(RESULTS, {"setup": {"checkpoint": config.checkpoint, **journal.setup},
                                      "class_names": list(checkpoint.classes.names),
                                      "uncompressed": baseline, "methods": methods})
-        write_report(run_dir, config, baseline, methods)
+        if config.report:
+            write_run_report(run_dir.path)
     return CompressResult(baseline=baseline, methods=methods, run_dir=run_dir.path)
 
 
@@ -243,25 +244,3 @@ def cost_rows(baseline: dict[str, Any], methods: dict[str, dict[str, Any]]) -> t
                      f"{entry['latency_ms']:.1f}", f"{entry['speedup']:.2f}x", percent(entry["clean_mIoU"]),
                      percent(entry["corrupted_mIoU"])])
     return header, rows
-
-
-def write_report(run_dir: RunDir, config: CompressConfig, baseline: dict[str, Any],
-                 methods: dict[str, dict[str, Any]]) -> Document:
-    """compression.md / .html: the cost and accuracy table and the accuracy–cost frontiers."""
-    document = Document(f"Compression of {config.checkpoint}")
-    corrupted = ", ".join(f"{n} s{s}" for n in config.corruptions for s in config.severities)
-    document.paragraph(f"Data {config.data}; cost at {baseline['cost_size'][0]}x{baseline['cost_size'][1]} "
-                       f"(GFLOPs counted on the real forward, merging included; latency: median of "
-                       f"{config.latency_runs} batch-1 forwards timed in turn with the uncompressed model). "
-                       f"Corrupted mIoU: mean over {corrupted}. mIoU values are percentages.")
-    document.heading("Cost and accuracy").table(*cost_rows(baseline, methods))
-    if methods:
-        document.heading("Accuracy–cost frontier")
-        for x, xlabel in (("gflops", "GFLOPs per image"), ("latency_ms", "latency (ms)")):
-            for y, what in (("clean_mIoU", "clean"), ("corrupted_mIoU", "corrupted")):
-                path = line_plot(frontier_series(baseline, methods, x, y), run_dir.file(f"frontier_{what}_{x}.png"),
-                                 title=f"{what} mIoU vs {xlabel}", xlabel=xlabel, ylabel="mIoU (%)")
-                document.image(path, f"{what} mIoU vs {xlabel}")
-    document.write(run_dir.path)
-    return document
-
