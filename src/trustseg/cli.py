@@ -593,8 +593,10 @@ def compress_command(
                                        "steps (its own recipe, lr x 0.1, distilled from the uncompressed model)."),
     policy_steps: int = typer.Option(500, "--policy-steps", min=1, help="Training steps of the CTS policy on the "
                                      "training split (when the checkpoint holds none)."),
-    cost_size: Optional[str] = typer.Option(None, "--cost-size", help="'H,W' for GFLOPs and latency (default: what "
-                                            "the model sees of the first image, padded to its stride)."),
+    cost_size: Optional[str] = typer.Option(None, "--cost-size", help="'H,W' the cost images are resized to "
+                                            "(default: what the model sees of each, padded to its stride)."),
+    cost_images: int = typer.Option(8, "--cost-images", min=1, help="GFLOPs: mean over the first N images (ALGM's "
+                                    "work depends on the content); latency: the first image."),
     latency_runs: int = typer.Option(10, "--latency-runs", min=1, help="Timed forwards per model."),
     seed: int = typer.Option(0, "--seed"),
     mode: str = ModeOption,
@@ -625,7 +627,7 @@ def compress_command(
         sweep=tuple(p.strip() for p in sweep.split(",") if p.strip()), **chosen,
         severities=parse_severities(severities), split=split, max_images=max_images,
         importance_batches=importance_images, finetune_steps=finetune_steps, policy_steps=policy_steps,
-        cost_size=parse_pair(cost_size, "--cost-size"), latency_runs=latency_runs, seed=seed,
+        cost_size=parse_pair(cost_size, "--cost-size"), cost_images=cost_images, latency_runs=latency_runs, seed=seed,
         inference=inference_config(mode, crop, stride, short_side, bf16, scale), device=device,
         progress=progress, resume=resume, report=report,
     )

@@ -301,14 +301,17 @@ def compression_section(run: RunFiles, page: Document, folder: Path) -> None:
     corrupted = ", ".join(f"{n} s{s}" for n in setup["corruptions"] for s in setup["severities"])
     height, width = baseline["cost_size"]
     page.heading("Compression").paragraph(
-        f"Data {setup['data']}; cost at {height}x{width} (GFLOPs counted on the real forward, merging included; "
-        f"latency: median of batch-1 forwards timed in turn with the {UNCOMPRESSED} model in the same run). "
-        f"Corrupted mIoU: mean over {corrupted}. mIoU values are percentages.")
+        f"Data {setup['data']}. GFLOPs: counted on the real forward (merging included), mean over the first "
+        f"{setup.get('cost_images', 1)} image(s) as the model sees them ({height}x{width}). Latency: median of "
+        f"batch-1 forwards of the first image, timed in turn with the {UNCOMPRESSED} model within each method's "
+        "measurement, so the speed-up (and the relative latency of the frontier) compares like with like even "
+        f"when the machine's load changes between methods. Corrupted mIoU: mean over {corrupted}. mIoU values "
+        "are percentages.")
     page.table(*cost_rows(baseline, methods))
     if not methods:
         return
     page.heading("Accuracy–cost frontier")
-    for x, xlabel in (("gflops", "GFLOPs per image"), ("latency_ms", "latency (ms)")):
+    for x, xlabel in (("gflops", "GFLOPs per image"), ("relative_latency", "latency relative to uncompressed")):
         for y, what in (("clean_mIoU", "clean"), ("corrupted_mIoU", "corrupted")):
             path = line_plot(frontier_series(baseline, methods, x, y), folder / f"frontier_{what}_{x}.png",
                              title=f"{what} mIoU vs {xlabel}", xlabel=xlabel, ylabel="mIoU (%)")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trustseg.bench.timing import time_rotating
@@ -31,7 +32,7 @@ from trustseg.engine.checkpoint import Checkpoint, save_checkpoint
 from trustseg.engine.devices import resolve_device
 from trustseg.engine.distributed import init_from_environment, is_main_process
 from trustseg.engine.inference import (InferenceConfig, Predictor, calibrator_from_checkpoint,
-                                       model_from_checkpoint)
+                                       model_from_checkpoint, pad_to_multiple)
 from trustseg.engine.journal import Journal, file_sha256
 from trustseg.engine.rundir import RunDir
 from trustseg.errors import UserError
@@ -64,7 +65,8 @@ class CompressConfig:
     importance_batches: int = 16  # images for Taylor importance
     finetune_steps: int = 0
     policy_steps: int = 500  # training steps of a CTS policy (when the checkpoint holds none)
-    cost_size: tuple[int, int] | None = None  # (H, W) for GFLOPs and latency; None: what the model sees of image 0
+    cost_size: tuple[int, int] | None = None  # (H, W) for GFLOPs and latency; None: what the model sees
+    cost_images: int = 8  # GFLOPs are the mean over the first images (ALGM's work depends on the content)
     latency_runs: int = 10
     batch_size: int = 1
     num_workers: int = 0
@@ -83,9 +85,10 @@ class CompressConfig:
         unknown = [name for name in self.corruptions if name not in CORRUPTIONS]
         if unknown:
             raise UserError(f"--corruptions: unknown corruption {unknown[0]!r}; expected names from {', '.join(CORRUPTIONS)}")
-        if min(self.latency_runs, self.importance_batches, self.policy_steps) < 1 or self.finetune_steps < 0:
-            raise UserError("compress: --latency-runs, --importance-images and --policy-steps must be >= 1, "
-                            "--finetune-steps >= 0")
+        if min(self.latency_runs, self.importance_batches, self.policy_steps, self.cost_images) < 1 \
+                or self.finetune_steps < 0:
+            raise UserError("compress: --latency-runs, --importance-images, --policy-steps and --cost-images must "
+                            "be >= 1, --finetune-steps >= 0")
 
 
 @dataclass
@@ -100,7 +103,8 @@ def run_compress(config: CompressConfig) -> CompressResult:
     init_from_environment(device)
     checkpoint, dataset, split = checkpoint_and_data(config.checkpoint, config.data, config.split, config.max_images)
     source = model_from_checkpoint(checkpoint)
-    cost_size = config.cost_size or _model_input_size(dataset, source, checkpoint, config.inference)
+    inputs = cost_inputs(dataset, source, checkpoint, config)
+    cost_size = tuple(inputs[0].shape[-2:])
     sweep = []
     if config.sweep:
         vit = find_vit(source)
@@ -115,7 +119,7 @@ def run_compress(config: CompressConfig) -> CompressResult:
     run_dir = RunDir(config.out)
     setup = {"checkpoint_sha256": file_sha256(config.checkpoint), "data": config.data, "split": split,
              "num_images": len(dataset), "seed": config.seed, "corruptions": list(config.corruptions),
-             "severities": list(config.severities), "cost_size": list(cost_size),
+             "severities": list(config.severities), "cost_size": list(cost_size), "cost_images": len(inputs),
              "importance_batches": config.importance_batches, "finetune_steps": config.finetune_steps,
              "policy_steps": config.policy_steps,
              "calibration": config.calibration, "boundary_iou": config.boundary_iou, "inference": config.inference}
@@ -123,7 +127,7 @@ def run_compress(config: CompressConfig) -> CompressResult:
     if is_main_process():
         run_dir.write_config({"command": "compress", **vars(config)})
     conditions = [CLEAN, *(condition_key(n, s) for n in config.corruptions for s in config.severities)]
-    source_flops = count_flops(source, (1, 3, *cost_size))
+    source_flops = _mean_flops(source, inputs)
     source_params = _params(source)
 
     todo = journal.announce([UNCOMPRESSED, *steps], "methods")
@@ -142,10 +146,10 @@ def run_compress(config: CompressConfig) -> CompressResult:
             model = model_from_checkpoint(compressed)
             if is_main_process():
                 save_checkpoint(compressed, run_dir.file(f"models/{slug(name)}.pt"))
-        entry = _measure(model, compressed, source, dataset, conditions, cost_size, config, device,
+        entry = _measure(model, compressed, source, dataset, conditions, inputs, config, device,
                          label=f"{name} ({number}/{len(todo)})")
         entry.update({"family": family(steps[name]) if name in steps else UNCOMPRESSED,
-                      "gflops_ratio": entry["gflops"] * 1e9 / source_flops,
+                      "gflops_ratio": entry["flops"] / source_flops,
                       "params_ratio": entry["params"] / source_params,
                       "checkpoint": None if name == UNCOMPRESSED else f"models/{slug(name)}.pt", **record})
         journal.record(name, entry)
@@ -162,10 +166,11 @@ def run_compress(config: CompressConfig) -> CompressResult:
 
 
 def _measure(model: nn.Module, compressed: Checkpoint, source: nn.Module, dataset, conditions: list[str],
-             cost_size: tuple[int, int], config: CompressConfig, device: torch.device, *, label: str) -> dict[str, Any]:
-    """Cost (GFLOPs, params, latency side by side with `source`) and accuracy per condition of `model`."""
+             inputs: list[torch.Tensor], config: CompressConfig, device: torch.device, *, label: str) -> dict[str, Any]:
+    """Cost (FLOPs on `inputs`, params, latency on the first input side by side with `source`) and accuracy
+    per condition of `model`."""
     model, source = model.to(device).eval(), source.to(device).eval()
-    x = torch.randn(1, 3, *cost_size, generator=torch.Generator().manual_seed(config.seed)).to(device)
+    x = inputs[0].to(device)
 
     def forward(net: nn.Module):
         def run():
@@ -182,19 +187,27 @@ def _measure(model: nn.Module, compressed: Checkpoint, source: nn.Module, datase
     results = {key: evaluate_condition(predictor, dataset, key, compressed.classes, config,
                                        description=f"{label} {key}", device=device) for key in conditions}
     corrupted = [results[key]["mIoU"] for key in conditions if key != CLEAN]
+    flops = _mean_flops(model, inputs)
     return {
-        "cost_size": list(cost_size),
-        "gflops": count_flops(model, (1, 3, *cost_size)) / 1e9,
+        "cost_size": list(x.shape[-2:]),
+        "flops": flops,
+        "gflops": flops / 1e9,
         "params": _params(model),
         "latency_ms": latency_ms,
         "img_per_s": 1e3 / latency_ms,
         "speedup": speedup,
+        "relative_latency": 1 / speedup,
         "clean_mIoU": results[CLEAN]["mIoU"],
         "corrupted_mIoU": _nanmean(corrupted),
         "clean_ECE": results[CLEAN].get("ECE"),
         "conditions": {key: {k: v for k, v in value.items() if k in ("mIoU", "mAcc", "aAcc", "ECE", "per_class")}
                        for key, value in results.items()},
     }
+
+
+def _mean_flops(model: nn.Module, inputs: list[torch.Tensor]) -> float:
+    device = next(model.parameters()).device
+    return sum(count_flops(model, x.to(device)) for x in inputs) / len(inputs)
 
 
 def _nanmean(values: list[float]) -> float:
@@ -206,16 +219,22 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _model_input_size(dataset, model: nn.Module, checkpoint: Checkpoint, inference: InferenceConfig) -> tuple[int, int]:
-    """(H, W) the model runs on for the first image: after the predictor's resizing, padded to its stride
-    (a sliding window's crop when inference slides)."""
-    if inference.mode == "slide":
-        size = inference.crop
-    else:
-        image = dataset[0]["image"][None]
-        size = Predictor(model, checkpoint.mean, checkpoint.std, inference).prepare(image).shape[-2:]
+def cost_inputs(dataset, model: nn.Module, checkpoint: Checkpoint, config: CompressConfig) -> list[torch.Tensor]:
+    """The model inputs costs are measured on: the first `cost_images` images as the model sees them
+    (normalised, resized by the inference options, padded to its stride), or resized to `cost_size`; with
+    sliding-window inference, the top-left window. Each (1, 3, H, W)."""
+    predictor = Predictor(model, checkpoint.mean, checkpoint.std, config.inference)
     divisor = int(getattr(model, "size_divisor", 1))
-    return tuple(-(-s // divisor) * divisor for s in size)  # type: ignore[return-value]
+    inputs = []
+    for index in range(min(config.cost_images, len(dataset))):
+        with torch.no_grad():
+            x = predictor.prepare(dataset[index]["image"][None])
+        if config.cost_size is not None:
+            x = F.interpolate(x, size=config.cost_size, mode="bilinear", align_corners=False)
+        elif config.inference.mode == "slide":
+            x = x[..., : config.inference.crop[0], : config.inference.crop[1]]
+        inputs.append(pad_to_multiple(x, divisor))
+    return inputs
 
 
 def slug(name: str) -> str:
@@ -238,6 +257,7 @@ def frontier_series(baseline: dict[str, Any], methods: dict[str, dict[str, Any]]
 
 def cost_rows(baseline: dict[str, Any], methods: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "GFLOPs", "FLOPs", "params (M)", "latency (ms)", "speed-up", "clean mIoU", "corrupted mIoU"]
+    # speed-up: the uncompressed model's latency over this one's, timed in turn in the same unit
     rows = []
     for name, entry in {UNCOMPRESSED: baseline, **methods}.items():
         rows.append([name, f"{entry['gflops']:.2f}", percent(entry["gflops_ratio"]), f"{entry['params'] / 1e6:.2f}",
