@@ -109,7 +109,10 @@ def demo_command(
     device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
-    """The main job on the embedded default: synthetic data -> train a small U-Net -> eval -> overlays."""
+    """The main job on the embedded default: synthetic data -> train a small U-Net -> eval -> overlays.
+
+    Example: trustseg demo --out runs/demo
+    """
     from trustseg.workflows.demo import DemoConfig, run_demo
 
     result = run_demo(DemoConfig(out=str(out), overrides=tuple(overrides), num_overlays=num_overlays, device=device,
@@ -135,7 +138,10 @@ def train_command(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the training forward pass (config key compile)."),
     progress: bool = ProgressOption,
 ) -> None:
-    """Train a model; under `torchrun --nproc_per_node=N` the same command uses DDP."""
+    """Train a model; under `torchrun --nproc_per_node=N` the same command uses DDP.
+
+    Example: trustseg train --config configs/camvid_unet.yaml --data camvid:data/camvid --out runs/unet
+    """
     from trustseg.engine.distributed import is_main_process
     from trustseg.training.config import load_train_config
     from trustseg.training.loop import train
@@ -189,7 +195,10 @@ def eval_command(
 ) -> None:
     """Evaluate a checkpoint: mIoU, mAcc, aAcc, mDice, fwIoU, Boundary IoU, calibration, error detection.
 
-    Under `torchrun --nproc_per_node=N` each process evaluates a shard and rank 0 writes the results."""
+    Under `torchrun --nproc_per_node=N` each process evaluates a shard and rank 0 writes the results.
+
+    Example: trustseg eval --checkpoint runs/unet/best.pt --data camvid:data/camvid --out runs/unet-eval
+    """
     from trustseg.engine.distributed import is_main_process
     from trustseg.workflows.evaluation import EvalConfig, parse_measures, run_eval
 
@@ -242,7 +251,10 @@ def predict_command(
     device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
-    """Predict label maps, colour masks, overlays and (optionally) per-pixel uncertainty maps."""
+    """Predict label maps, colour masks, overlays and (optionally) per-pixel uncertainty maps.
+
+    Example: trustseg predict --checkpoint runs/unet/best.pt --input photos/ --out runs/pred --uncertainty entropy
+    """
     from trustseg.workflows.prediction import PredictConfig, run_predict
 
     result = run_predict(
@@ -280,7 +292,10 @@ def export_command(
                                                 "graph against torch on (up to 8 of) these images."),
     device: str = DeviceOption,
 ) -> None:
-    """Export the checkpoint's predictor (normalisation, padding, calibrator) to ONNX and check it against torch."""
+    """Export the checkpoint's predictor (normalisation, padding, calibrator) to ONNX and check it against torch.
+
+    Example: trustseg export --checkpoint runs/unet/best.pt --format onnx --out unet.onnx
+    """
     from trustseg.workflows.export import ExportConfig, run_export, summary_lines
 
     options = {} if opset is None else {"opset": opset}
@@ -330,7 +345,10 @@ def robustness_command(
     resume: bool = ResumeOption,
     report: bool = ReportOption,
 ) -> None:
-    """mIoU on clean data and under every corruption x severity; relative robustness, mCE vs a baseline."""
+    """mIoU on clean data and under every corruption x severity; relative robustness, mCE vs a baseline.
+
+    Example: trustseg robustness --checkpoint runs/unet/best.pt --data camvid:data/camvid --corruptions common --severities 3,5 --out runs/unet-robustness
+    """
     from trustseg.engine.distributed import is_main_process
     from trustseg.report.tables import rich_table
     from trustseg.robustness.corruptions import parse_corruptions, parse_severities
@@ -388,7 +406,10 @@ def adapt_command(
     resume: bool = ResumeOption,
     report: bool = ReportOption,
 ) -> None:
-    """mIoU and ECE per condition of the model as it is and while it adapts at test time (TENT and variants)."""
+    """mIoU and ECE per condition of the model as it is and while it adapts at test time (TENT and variants).
+
+    Example: trustseg adapt --checkpoint runs/segformer/best.pt --data camvid:data/camvid --method reliable --corruptions gaussian_noise,fog --severities 3 --out runs/adapt
+    """
     from trustseg.adapt.guard import GuardConfig
     from trustseg.adapt.predictor import AdaptConfig
     from trustseg.engine.distributed import is_main_process
@@ -427,7 +448,10 @@ def corrupt_command(
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
 ) -> None:
-    """Write a corrupted copy of a dataset in its own layout (Cityscapes-C style), or a gallery PNG."""
+    """Write a corrupted copy of a dataset in its own layout (Cityscapes-C style), or a gallery PNG.
+
+    Example: trustseg corrupt --data camvid:data/camvid --corruptions fog --severities 1-5 --out camvid-c
+    """
     from trustseg.robustness.corruptions import parse_corruptions, parse_severities
     from trustseg.workflows.corrupt import CorruptConfig, run_corrupt
 
@@ -471,7 +495,10 @@ def augment_command(
     progress: bool = ProgressOption,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out (same settings)."),
 ) -> None:
-    """Uncertainty-guided synthetic data: keep the hardest classes, regenerate the rest, label only what was kept."""
+    """Uncertainty-guided synthetic data: keep the hardest classes, regenerate the rest, label only what was kept.
+
+    Example: trustseg augment --checkpoint runs/unet/best.pt --data camvid:data/camvid --backend texture --out camvid-synthetic
+    """
     from trustseg.augment.backends import BackendConfig
     from trustseg.workflows.augment import AugmentConfig, run_augment
 
@@ -534,7 +561,10 @@ def calibrate_command(
     resume: bool = ResumeOption,
     report: bool = ReportOption,
 ) -> None:
-    """Fit post-hoc calibrators, compare them on clean and corrupted data, write a calibrated checkpoint."""
+    """Fit post-hoc calibrators, compare them on clean and corrupted data, write a calibrated checkpoint.
+
+    Example: trustseg calibrate --checkpoint runs/unet/best.pt --fit-data camvid:data/camvid#split=val --data camvid:data/camvid#split=test --out runs/calibration
+    """
     from trustseg.engine.distributed import is_main_process
     from trustseg.report.tables import rich_table
     from trustseg.robustness.corruptions import parse_corruptions, parse_severities
@@ -643,7 +673,10 @@ def info_command(
     split: Optional[str] = typer.Option(None, "--split", help="Split to count (default: the spec's, else train)."),
     progress: bool = ProgressOption,
 ) -> None:
-    """Dataset split sizes and class pixel frequencies (table + PNG bar plot)."""
+    """Dataset split sizes and class pixel frequencies (table + PNG bar plot).
+
+    Example: trustseg info --data camvid:data/camvid
+    """
     from trustseg.report.tables import percent, rich_table
     from trustseg.workflows.info import InfoConfig, run_info
 
@@ -664,7 +697,10 @@ def report_command(
                              "several) and, for two or more runs, comparison.html and comparison.md."),
 ) -> None:
     """Self-contained HTML (and Markdown) report of each run, rebuilt from its files, and a comparison of
-    several: side by side, ranking per metric, Kendall's tau between metrics, bootstrap intervals of mIoU."""
+    several: side by side, ranking per metric, Kendall's tau between metrics, bootstrap intervals of mIoU.
+
+    Example: trustseg report runs/unet-eval runs/segformer-eval runs/vit-eval --out runs/comparison
+    """
     from trustseg.report.comparison import write_reports
 
     for page in write_reports(run_dirs, out):
@@ -688,7 +724,10 @@ def pos_embedding_command(
     resume: bool = ResumeOption,
 ) -> None:
     """APE vs RoPE vs no positional embedding vs Active Spatial Guidance: mIoU across test resolutions
-    (mean ± std over seeds), a position probe of the tokens, table + plot + report."""
+    (mean ± std over seeds), a position probe of the tokens, table + plot + report.
+
+    Example: trustseg experiment pos-embedding --config configs/camvid_pos_embedding.yaml --data camvid:data/camvid --seeds 2 --out runs/pos
+    """
     from trustseg.report.tables import rich_table
     from trustseg.workflows.pos_embedding import PosEmbeddingConfig, resolution_rows, run_pos_embedding, verdict
 
@@ -715,7 +754,10 @@ def bench_metrics_command(
     num_classes: int = typer.Option(19, "--num-classes", min=1),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Our ConfusionMatrix vs torchmetrics MulticlassJaccardIndex on the same stream."""
+    """Our ConfusionMatrix vs torchmetrics MulticlassJaccardIndex on the same stream.
+
+    Example: trustseg bench metrics
+    """
     from trustseg.bench.metrics import bench_metrics, format_metrics_bench
 
     result = bench_metrics(num_images=num_images, height=height, width=width, num_classes=num_classes, seed=seed)
@@ -732,7 +774,10 @@ def bench_calibration_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads (default: torch's)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Our CalibrationHistogram vs torchmetrics MulticlassCalibrationError, and its share of an eval pass."""
+    """Our CalibrationHistogram vs torchmetrics MulticlassCalibrationError, and its share of an eval pass.
+
+    Example: trustseg bench calibration
+    """
     from trustseg.bench.calibration import bench_calibration, format_calibration_bench
 
     height, width = parse_pair(size, "--size")
@@ -750,7 +795,10 @@ def bench_model_command(
     csv: Optional[Path] = typer.Option(None, "--csv", help="Append a timm-schema CSV row here."),
     device: str = typer.Option("cpu", "--device", help="Where the model runs: " + DEVICE_HELP + "."),
 ) -> None:
-    """Inference img/s, GFLOP/img and achieved GFLOP/s as a fraction of the matmul peak (same run)."""
+    """Inference img/s, GFLOP/img and achieved GFLOP/s as a fraction of the matmul peak (same run).
+
+    Example: trustseg bench model --model segformer_b0 --size 512,1024
+    """
     from trustseg.bench.model import bench_model, format_model_bench
 
     result = bench_model(model, size=parse_pair(size, "--size"), batch_size=batch_size, runs=runs, csv_path=csv,
@@ -799,7 +847,10 @@ def bench_corruptions_command(
     corruptions: str = CorruptionsOption,
     device: str = typer.Option("cpu", "--device", help="Where ours run (the reference runs on the CPU): " + DEVICE_HELP + "."),
 ) -> None:
-    """Our batched corruptions vs the reference imagecorruptions package, per image, same images."""
+    """Our batched corruptions vs the reference imagecorruptions package, per image, same images.
+
+    Example: trustseg bench corruptions --data camvid:data/camvid --num-images 16
+    """
     from trustseg.bench.corruptions import bench_corruptions, format_corruptions_bench
     from trustseg.robustness.corruptions import parse_corruptions
 
@@ -817,7 +868,10 @@ def bench_export_command(
     runs: int = typer.Option(10, "--runs", min=1, help="Timed rounds (after 2 warm-up rounds)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads of both (default: torch's)."),
 ) -> None:
-    """onnxruntime vs eager torch latency of the same exported predictor on the CPU, interleaved."""
+    """onnxruntime vs eager torch latency of the same exported predictor on the CPU, interleaved.
+
+    Example: trustseg bench export --model vit_s16 --size 512
+    """
     from trustseg.bench.export import bench_export, format_export_bench
 
     result = bench_export(model, size=parse_pair(size, "--size"), batch_size=batch_size, runs=runs, threads=threads)

@@ -19,3 +19,8 @@ def test_sub_commands_get_pages_of_their_own():
     found = commands()
     assert "bench-model" in found and found["bench-model"][0] == "trustseg bench model"
     assert "bench" not in found
+
+
+def test_every_command_shows_a_worked_example_in_its_help():
+    missing = [line for line, command in commands().values() if f"Example: {line}" not in (command.help or "")]
+    assert not missing, f"commands whose --help lacks 'Example: <the command> ...': {missing}"
