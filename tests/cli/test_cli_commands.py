@@ -100,6 +100,8 @@ def test_info_counts_pixels(tmp_path, folder_dataset, monkeypatch):
     assert info["per_class"]["pixels"] == [int((masks == k).sum()) for k in range(3)]
     assert info["ignored_pixels"] == int((masks == 255).sum())
     assert (out / "class_frequencies.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "## Dataset" in report and "class_frequencies.png" in report
 
 
 def test_eval_scores_mc_dropout_maps_as_error_detectors(tmp_path, folder_dataset, monkeypatch):

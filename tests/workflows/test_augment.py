@@ -54,6 +54,8 @@ def test_augment_writes_a_folder_dataset_that_keeps_only_preserved_original_pixe
     scores = [e["score"] for e in entries]
     assert scores == sorted(scores, reverse=True)
     assert (out / "preview.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "## Synthetic data" in report and "preview.png" in report
     source = load_dataset(DATA)
     predictor = predictor_from_checkpoint(load_checkpoint(checkpoint))
     written = load_dataset(f"folder:{out}")

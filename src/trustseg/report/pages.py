@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -340,6 +341,40 @@ def adaptation_section(run: RunFiles, page: Document, folder: Path) -> None:
         page.heading("Safety resets").table(["condition", "batch", "reason"], resets)
 
 
+def dataset_section(run: RunFiles, page: Document, folder: Path) -> None:
+    info = run.read("info.json")
+    per_class = info["per_class"]
+    page.heading("Dataset").paragraph(
+        f"{info['data']}, split {info['split']}: {info['num_classes']} classes, ignore label {info['ignore_index']} "
+        f"({info['ignored_pixels']} ignored pixels). Frequencies are shares of the labelled pixels.")
+    page.table(["split", "images"], [[name, str(size)] for name, size in info["split_sizes"].items()])
+    page.table(["class", "pixels", "frequency"], [[n, str(c), percent(f)] for n, c, f in
+                                                  zip(per_class["name"], per_class["pixels"], per_class["frequency"])])
+    plot = run.path / "class_frequencies.png"  # trustseg info draws it (log scale, the classes' colours)
+    if not plot.is_file():
+        plot = bar_plot(per_class["name"], [100 * f for f in per_class["frequency"]], folder / "class_frequency.png",
+                        title="Class frequency", ylabel="% of labelled pixels")
+    page.image(plot, "class frequencies")
+
+
+def synthetic_data_section(run: RunFiles, page: Document, folder: Path) -> None:
+    manifest = run.read("manifest.json")
+    images, names = manifest["images"], manifest["class_names"]
+    backend = manifest["backend"]
+    page.heading("Synthetic data").paragraph(
+        f"From {manifest['source']} ({manifest['split']}), checkpoint {manifest['checkpoint'] or 'none'}: selector "
+        f"{manifest['selector']}, tau {manifest['tau']}, backend {backend.get('name', backend)}, seed {manifest['seed']}, "
+        f"feather sigma {manifest['feather_sigma']}. Preserved: the share of pixels kept from the source image; "
+        "labelled: the share that keeps a label (the feather and every generated pixel are ignore).")
+    mean = (lambda key: sum(e[key] for e in images) / len(images)) if images else (lambda key: math.nan)
+    page.table(["images", "mean preserved", "mean labelled"],
+               [[str(len(images)), percent(mean("preserved_fraction")), percent(mean("labelled_fraction"))]])
+    kept = Counter(name for e in images for name in e["preserved_class_names"])
+    page.table(["class", "images preserving it"], [[name, str(kept[name])] for name in names if kept[name]])
+    if run.has("preview.png"):
+        page.image(run.path / "preview.png", "original | entropy | preserved | synthetic | label")
+
+
 def reliability_plot(tables: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
     """Reliability diagrams of CalibrationHistogram ``reliability`` tables (bin edges, and counts,
     confidences, accuracies under ``all``), one panel per name."""
@@ -359,6 +394,8 @@ SECTIONS: dict[str, Callable[[RunFiles, Document, Path], None]] = {
     "pos_embedding.json": resolution_section,
     "compression.json": compression_section,
     "adapt.json": adaptation_section,
+    "info.json": dataset_section,
+    "manifest.json": synthetic_data_section,
     "config.yaml": config_section,
 }
 

@@ -39,6 +39,7 @@ from trustseg.engine.inference import InferenceConfig, Predictor, predictor_from
 from trustseg.engine.journal import Journal, file_sha256
 from trustseg.engine.progress import track
 from trustseg.engine.rundir import RunDir
+from trustseg.report.pages import write_run_report
 from trustseg.errors import UserError
 from trustseg.report.visualize import save_png
 from trustseg.workflows.evaluation import check_same_classes, first_images
@@ -142,6 +143,7 @@ def run_augment(config: AugmentConfig) -> AugmentResult:
     run_dir.write_json(MANIFEST, manifest)
     if config.preview_rows:
         write_preview(run_dir, dataset, predictor, entries[: config.preview_rows], device)
+    write_run_report(run_dir.path)
     return AugmentResult(run_dir.path, [run_dir.path / e["image"] for e in entries], manifest)
 
 

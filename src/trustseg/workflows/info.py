@@ -12,6 +12,7 @@ from trustseg.data.base import ClassInfo
 from trustseg.data.spec import load_dataset, resolve_split
 from trustseg.errors import UserError
 from trustseg.engine.progress import track
+from trustseg.report.pages import write_run_report
 from trustseg.report.plots import bar_plot
 from trustseg.engine.rundir import RunDir
 
@@ -93,4 +94,5 @@ def run_info(config: InfoConfig) -> InfoResult:
         colors=[tuple(v / 255 for v in c) for c in dataset.classes.palette],
         log_scale=True,
     )
+    write_run_report(run_dir.path)
     return result
