@@ -242,12 +242,17 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.\-_]", "", name.replace("+", "_").replace(":", "-").replace(",", "-").replace("/", "-"))
 
 
+def curve_name(entry: dict[str, Any]) -> str:
+    return entry["family"] + (", fine-tuned" if entry.get("finetune") else "")
+
+
 def frontier_series(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], x: str, y: str
                     ) -> dict[str, tuple[list[float], list[float]]]:
-    """One curve per method family, from the uncompressed point through its levels, sorted by cost."""
+    """One curve per method family (fine-tuned pruning apart), from the uncompressed point through its
+    levels, sorted by cost."""
     curves: dict[str, list[tuple[float, float]]] = {}
     for entry in methods.values():
-        curves.setdefault(entry["family"], [(baseline[x], baseline[y])]).append((entry[x], entry[y]))
+        curves.setdefault(curve_name(entry), [(baseline[x], baseline[y])]).append((entry[x], entry[y]))
     series = {}
     for name, points in curves.items():
         points.sort(reverse=True)
