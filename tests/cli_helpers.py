@@ -57,3 +57,24 @@ def mixed_size_folder(root, sizes=MIXED_SIZES, classes: ClassInfo = THREE_CLASSE
         labels[rng.random((height, width)) < 0.1] = 255
         Image.fromarray(labels, "L").save(root / "masks" / f"img{i:02d}.png")
     return root
+
+
+def banded_folder(root, num_images: int, height: int = 32, width: int = 40, seed: int = 0):
+    """A ``folder:`` dataset of three-class scenes a tiny model can learn: class 1 right of a column that
+    moves one pixel per image, class 2 in the lower right, the top two rows ignored; each image carries its
+    labels' colours (halved) plus noise."""
+    import numpy as np
+    from PIL import Image
+
+    folder_tree(root)
+    rng = np.random.default_rng(seed)
+    palette = np.array(THREE_CLASSES.palette, np.uint8)
+    for i in range(num_images):
+        mask = np.zeros((height, width), np.uint8)
+        mask[:, 10 + i:] = 1
+        mask[height // 2:, 22:] = 2
+        mask[:2] = 255
+        image = palette[np.minimum(mask, 2)] // 2 + rng.integers(0, 100, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / "images" / f"im{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+    return root

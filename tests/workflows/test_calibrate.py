@@ -20,7 +20,7 @@ from trustseg.engine.inference import predictor_from_checkpoint
 from trustseg.metrics.calibration import CalibrationHistogram
 from trustseg.metrics.confusion import ConfusionMatrix
 
-from cli_helpers import THREE_CLASSES, folder_tree, run_cli, save_tiny_unet
+from cli_helpers import banded_folder, folder_tree, run_cli, save_tiny_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 H, W = 32, 40
@@ -40,17 +40,7 @@ def module_one_thread():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, module_one_thread):
     tmp = tmp_path_factory.mktemp("calibrate")
-    root = folder_tree(tmp / "data")
-    rng = np.random.default_rng(0)
-    palette = np.array(THREE_CLASSES.palette, np.uint8)
-    for i in range(6):
-        mask = np.zeros((H, W), np.uint8)
-        mask[:, 10 + i:] = 1
-        mask[H // 2:, 22:] = 2
-        mask[:2] = 255
-        image = palette[np.minimum(mask, 2)] // 2 + rng.integers(0, 100, (H, W, 3), dtype=np.uint8)
-        Image.fromarray(image).save(root / "images" / f"im{i}.png")
-        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+    root = banded_folder(tmp / "data", 6, H, W)
     model = tmp / "model.pt"
     save_tiny_unet(model)
     return tmp, root, model

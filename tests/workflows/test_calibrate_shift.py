@@ -16,7 +16,7 @@ from trustseg.robustness.dataset import MixedCorruptionDataset, condition_seed, 
 from trustseg.errors import UserError
 from trustseg.workflows.calibration_shift import best_decision_preserving, lofo_plan
 
-from cli_helpers import THREE_CLASSES, folder_tree, run_cli, save_tiny_unet
+from cli_helpers import THREE_CLASSES, banded_folder, run_cli, save_tiny_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 H, W = 32, 40
@@ -88,17 +88,7 @@ def test_best_decision_preserving_method(ece, preserving, expected):
 
 @pytest.fixture()
 def setup(tmp_path):
-    root = folder_tree(tmp_path / "data")
-    rng = np.random.default_rng(0)
-    palette = np.array(THREE_CLASSES.palette, np.uint8)
-    for i in range(6):
-        mask = np.zeros((H, W), np.uint8)
-        mask[:, 10 + i:] = 1
-        mask[H // 2:, 22:] = 2
-        mask[:2] = 255
-        image = palette[np.minimum(mask, 2)] // 2 + rng.integers(0, 100, (H, W, 3), dtype=np.uint8)
-        Image.fromarray(image).save(root / "images" / f"im{i}.png")
-        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+    root = banded_folder(tmp_path / "data", 6, H, W)
     save_tiny_unet(tmp_path / "model.pt")
     return root, tmp_path / "model.pt"
 
