@@ -20,11 +20,16 @@ from trustseg.workflows.compress import UNCOMPRESSED, cost_rows, curve_name, fro
 SHARED = ("checkpoint_sha256", "data", "split", "num_images", "corruptions", "severities", "inference")
 
 
+def _without_nulls(value):
+    """Options a later version added with the value null are the same setup as their absence."""
+    return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
+
 def load(runs: list[Path]) -> tuple[dict, dict]:
     baseline, methods, reference = None, {}, None
     for run in runs:
         results = json.loads((run / "compression.json").read_text())
-        setup = {key: results["setup"].get(key) for key in SHARED}
+        setup = {key: _without_nulls(results["setup"].get(key)) for key in SHARED}
         if reference is not None and setup != reference:
             raise SystemExit(f"{run}: measured on another setup than {runs[0]}: {setup} vs {reference}")
         reference = setup
