@@ -59,10 +59,12 @@ def mixed_size_folder(root, sizes=MIXED_SIZES, classes: ClassInfo = THREE_CLASSE
     return root
 
 
-def banded_folder(root, num_images: int, height: int = 32, width: int = 40, seed: int = 0):
-    """A ``folder:`` dataset of three-class scenes a tiny model can learn: class 1 right of a column that
-    moves one pixel per image, class 2 in the lower right, the top two rows ignored; each image carries its
-    labels' colours (halved) plus noise."""
+def banded_folder(root, num_images: int, height: int = 32, width: int = 40, seed: int = 0,
+                  boundaries: tuple[int, int] | None = None):
+    """A ``folder:`` dataset of three-class scenes a tiny model can learn: class 1 right of a column, class 2
+    in the lower half right of a second column, the top two rows ignored; each image carries its labels'
+    colours (halved) plus noise. The columns are `boundaries` in every image, or by default column 10 + i
+    (moving one pixel per image) and column 22."""
     import numpy as np
     from PIL import Image
 
@@ -71,8 +73,9 @@ def banded_folder(root, num_images: int, height: int = 32, width: int = 40, seed
     palette = np.array(THREE_CLASSES.palette, np.uint8)
     for i in range(num_images):
         mask = np.zeros((height, width), np.uint8)
-        mask[:, 10 + i:] = 1
-        mask[height // 2:, 22:] = 2
+        first, second = boundaries or (10 + i, 22)
+        mask[:, first:] = 1
+        mask[height // 2:, second:] = 2
         mask[:2] = 255
         image = palette[np.minimum(mask, 2)] // 2 + rng.integers(0, 100, (height, width, 3), dtype=np.uint8)
         Image.fromarray(image).save(root / "images" / f"im{i}.png")

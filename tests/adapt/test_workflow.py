@@ -14,7 +14,7 @@ from trustseg.engine.inference import Predictor
 from trustseg.robustness.corruptions import corrupt
 from trustseg.robustness.dataset import condition_seed
 
-from cli_helpers import THREE_CLASSES, folder_tree, run_cli, save_tiny_unet
+from cli_helpers import banded_folder, run_cli, save_tiny_unet
 
 H, W = 40, 48  # multiples of the U-Net's size divisor: no padding enters the batch statistics
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -23,17 +23,7 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 @pytest.fixture()
 def dataset_root(tmp_path):
-    rng = np.random.default_rng(0)
-    root = folder_tree(tmp_path / "data")
-    for i in range(3):
-        mask = np.zeros((H, W), np.uint8)
-        mask[:, W // 3:] = 1
-        mask[H // 2:, 2 * W // 3:] = 2
-        mask[:2] = 255
-        image = np.array(THREE_CLASSES.palette, np.uint8)[np.minimum(mask, 2)] // 2 + rng.integers(0, 100, (H, W, 3), dtype=np.uint8)
-        Image.fromarray(image).save(root / "images" / f"im{i}.png")
-        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
-    return root
+    return banded_folder(tmp_path / "data", 3, H, W, boundaries=(W // 3, 2 * W // 3))
 
 
 @pytest.fixture()

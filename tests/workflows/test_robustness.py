@@ -21,7 +21,7 @@ from trustseg.robustness.corruptions import corrupt
 from trustseg.robustness.dataset import condition_seed
 from trustseg.robustness.summary import summarize
 
-from cli_helpers import folder_tree, run_cli as run_trustseg, save_tiny_unet
+from cli_helpers import banded_folder, run_cli as run_trustseg, save_tiny_unet
 
 CLASSES = ClassInfo(names=("zero", "one", "two"), palette=((0, 0, 0), (255, 0, 0), (0, 255, 0)))
 H, W = 40, 48
@@ -34,18 +34,7 @@ def run_cli(args, monkeypatch, code=0):
 @pytest.fixture()
 def dataset_root(tmp_path):
     """A folder dataset whose images carry their labels' colours plus texture, so a model can do well."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    folder_tree(root)
-    for i in range(3):
-        mask = np.zeros((H, W), np.uint8)
-        mask[:, W // 3:] = 1
-        mask[H // 2:, 2 * W // 3:] = 2
-        mask[:2] = 255
-        image = np.array(CLASSES.palette, np.uint8)[np.minimum(mask, 2)] // 2 + rng.integers(0, 100, (H, W, 3), dtype=np.uint8)
-        Image.fromarray(image).save(root / "images" / f"im{i}.png")
-        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
-    return root
+    return banded_folder(tmp_path / "data", 3, H, W, boundaries=(W // 3, 2 * W // 3))
 
 
 @pytest.fixture()
