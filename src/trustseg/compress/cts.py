@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trustseg.compress.merging import take_rows
 from trustseg.compress.policy import PolicyNet, policy_from_state, train_policy, window_grid
 from trustseg.compress.reducers import find_vit
 from trustseg.data.base import SegmentationDataset
@@ -93,23 +94,16 @@ def plan_sharing(scores: Tensor, k: int, grid: tuple[int, int], num_prefix: int)
     return Sharing(kept=kept, shared=shared, index=torch.cat([prefix, slots + num_prefix], dim=1))
 
 
-def _rows(table: Tensor, index: Tensor) -> Tensor:
-    """table (B, M, D) or (M, D), index (B, R) -> (B, R, D)."""
-    if table.dim() == 2:
-        table = table.expand(index.shape[0], -1, -1)
-    return table.gather(1, index[..., None].expand(-1, -1, table.shape[-1]))
-
-
 def share_tokens(x: Tensor, window_tokens: Tensor, plan: Sharing, num_prefix: int) -> Tensor:
     """x (B, P + N_patch, C), window_tokens (B, h2*w2, C) (a candidate shared token per window)
     -> (B, P + N_patch - 3K, C): prefix, kept patches, shared windows; kept tokens are copied exactly."""
     prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
-    return torch.cat([prefix, _rows(patches, plan.kept), _rows(window_tokens, plan.shared)], dim=1)
+    return torch.cat([prefix, take_rows(patches, plan.kept), take_rows(window_tokens, plan.shared)], dim=1)
 
 
 def unshare(y: Tensor, plan: Sharing) -> Tensor:
     """(B, P + N_patch - 3K, D) -> (B, P + N_patch, D): each shared token copied to its four patches."""
-    return _rows(y, plan.index)
+    return take_rows(y, plan.index)
 
 
 def window_centres(grid: tuple[int, int], device: torch.device | None = None) -> Tensor:
@@ -122,8 +116,8 @@ def shared_rope(rope: tuple[Tensor, Tensor], plan: Sharing, grid: tuple[int, int
     """Per-image RoPE tables (B, N_patch - 3K, head_dim) of the patch tokens after sharing: kept patches
     keep their rows of `rope`, a shared window gets the table of its mean position."""
     cos, sin = rope_at(window_centres(grid, plan.shared.device)[plan.shared], head_dim, theta)
-    return (torch.cat([_rows(rope[0], plan.kept), cos], dim=1),
-            torch.cat([_rows(rope[1], plan.kept), sin], dim=1))
+    return (torch.cat([take_rows(rope[0], plan.kept), cos], dim=1),
+            torch.cat([take_rows(rope[1], plan.kept), sin], dim=1))
 
 
 def window_embeddings(vit: ViT, images: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from trustseg.compress.merging import TokenMerge
+from trustseg.compress.merging import TokenMerge, take_rows
 from trustseg.errors import UserError
 from trustseg.models.vit import TokenContext, Unmerge, ViT
 
@@ -46,17 +46,10 @@ def apply_merge(
     ctx.store["sizes"] = sizes
     ctx.store["source"] = merge.track(source)
     if ctx.rope is not None:
-        ctx.rope = tuple(_keep_patch_rows(t, merge, ctx.num_prefix, b) for t in ctx.rope)  # type: ignore[assignment]
+        patch_slots = merge.representative[:, ctx.num_prefix:] - ctx.num_prefix
+        ctx.rope = tuple(take_rows(table, patch_slots) for table in ctx.rope)  # type: ignore[assignment]
     ctx.attn_bias = sizes.log().to(x.dtype)[:, None, None, :] if proportional_attention else None
     return x, merge.unmerge
-
-
-def _keep_patch_rows(table: Tensor, merge: TokenMerge, num_prefix: int, batch: int) -> Tensor:
-    """RoPE table of the patch tokens, (N_patch, D) or (B, N_patch, D) -> (B, N'_patch, D)."""
-    if table.dim() == 2:
-        table = table.expand(batch, -1, -1)
-    patch_slots = merge.representative[:, num_prefix:] - num_prefix
-    return table.gather(1, patch_slots[..., None].expand(-1, -1, table.shape[-1]))
 
 
 def find_vit(model: nn.Module, purpose: str = "token merging") -> ViT:
