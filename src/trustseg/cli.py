@@ -250,6 +250,7 @@ def predict_command(
     bf16: bool = Bf16Option,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
+    report: bool = ReportOption,
 ) -> None:
     """Predict label maps, colour masks, overlays and (optionally) per-pixel uncertainty maps.
 
@@ -270,6 +271,7 @@ def predict_command(
             seed=seed,
             device=device,
             progress=progress,
+            report=report,
         )
     )
     folders = "labels/, masks/, overlays/" + (", uncertainty/" if uncertainty else "")

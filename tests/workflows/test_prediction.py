@@ -1,5 +1,6 @@
 """`run_predict` with uncertainty maps: values against the softmax computed by hand, MC dropout seeded."""
 
+import json
 import math
 from pathlib import Path
 
@@ -151,3 +152,32 @@ def test_labels_are_16_bit_above_255_classes(tmp_path, images):
     expected = reference_probs(model.eval(), images / "im0.png").argmax(0)
     assert written.dtype == np.uint16 and expected.max() > 255
     assert np.array_equal(written, expected)
+
+
+def test_the_summary_counts_each_images_predicted_pixels_and_the_report_ranks_by_uncertainty(tmp_path, images):
+    save_tiny_unet(tmp_path / "unet.pt")
+    out = tmp_path / "out"
+    predict(images, out, tmp_path / "unet.pt", uncertainty="entropy")
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["class_names"] == list(THREE_CLASSES.names) and summary["uncertainty"] == "entropy"
+    for entry in summary["images"]:
+        labels = np.asarray(Image.open(out / "labels" / f"{entry['name']}.png"))
+        assert entry["size"] == list(labels.shape)
+        assert entry["class_pixels"] == [int((labels == k).sum()) for k in range(3)]
+        assert entry["mean_uncertainty"] == pytest.approx(np.load(out / "uncertainty" / f"{entry['name']}.npy").mean())
+        assert (out / entry["files"]["overlay"]).is_file() and (out / entry["files"]["uncertainty_png"]).is_file()
+    report = (out / "report.md").read_text()
+    ranked = sorted(summary["images"], key=lambda e: -e["mean_uncertainty"])
+    assert "Most uncertain images" in report
+    assert report.index(f"| {ranked[0]['name']} |") < report.index(f"| {ranked[1]['name']} |")
+    assert "<img" in (out / "report.html").read_text()
+
+
+def test_no_report_and_no_uncertainty(tmp_path, images):
+    save_tiny_unet(tmp_path / "unet.pt")
+    predict(images, tmp_path / "quiet", tmp_path / "unet.pt", report=False)
+    assert not (tmp_path / "quiet" / "report.html").exists()
+    assert json.loads((tmp_path / "quiet" / "predictions.json").read_text())["images"][0]["mean_uncertainty"] is None
+    predict(images, tmp_path / "plain", tmp_path / "unet.pt")
+    report = (tmp_path / "plain" / "report.md").read_text()
+    assert "Predictions" in report and "Most uncertain images" not in report

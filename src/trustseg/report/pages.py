@@ -28,9 +28,11 @@ from trustseg.report.plots import bar_plot, heatmap, line_plot, reliability_diag
 from trustseg.report.tables import calibration_rows, per_class_rows, percent, summary_rows
 
 CONFUSION_FILE = "confusion_matrix.npy"
+PREDICTIONS_FILE = "predictions.json"
 PER_IMAGE_CONFUSION_FILE = "per_image_confusion.npy"
 # the largest confusion matrix whose heatmap gets a number in each cell
 _LABELLED_CELLS = 30
+_SHOWN_PREDICTIONS = 6
 
 
 def write_array(path: Path, array: Any) -> Path:
@@ -155,6 +157,35 @@ def gallery_section(run: RunFiles, page: Document, folder: Path) -> None:
     page.heading("Predictions").paragraph(f"Columns: {gallery['columns']}.")
     for entry in gallery["images"]:
         page.image(run.path / entry["file"], entry["caption"])
+
+
+def predictions_section(run: RunFiles, page: Document, folder: Path) -> None:
+    """`trustseg predict`: what the model predicted over all images and, with uncertainty maps, which
+    images it doubts most (the ones to look at or to label first)."""
+    summary = run.read(PREDICTIONS_FILE)
+    names, images, method = summary["class_names"], summary["images"], summary["uncertainty"]
+    totals = np.sum([entry["class_pixels"] for entry in images], axis=0) if images else np.zeros(len(names))
+    share = totals / max(totals.sum(), 1)
+    page.heading("Predictions").paragraph(
+        f"{len(images)} images; uncertainty: {method or 'not computed (--uncertainty)'}. Shares are of all "
+        "predicted pixels.")
+    page.table(["class", "predicted pixels", "share (%)"],
+               [[name, str(int(count)), percent(value)] for name, count, value in zip(names, totals, share)])
+    if images:
+        page.image(bar_plot(names, [100 * v for v in share], folder / "predicted_classes.png",
+                            title="Predicted classes", ylabel="% of predicted pixels"), "predicted class shares")
+    if method:
+        shown = sorted(images, key=lambda entry: -entry["mean_uncertainty"])[:_SHOWN_PREDICTIONS]
+        page.heading("Most uncertain images").table(
+            ["image", "size (HxW)", f"mean {method}", "main class"],
+            [[e["name"], "x".join(map(str, e["size"])), f"{e['mean_uncertainty']:.4f}",
+              names[int(np.argmax(e["class_pixels"]))]] for e in shown])
+    else:
+        shown = images[:_SHOWN_PREDICTIONS]
+    for entry in shown:
+        for key, what in (("overlay", "prediction overlay"), ("uncertainty_png", f"{method} (bright: uncertain)")):
+            if key in entry["files"]:
+                page.image(run.path / entry["files"][key], f"{entry['name']}: {what}")
 
 
 def training_section(run: RunFiles, page: Document, folder: Path) -> None:
@@ -388,6 +419,7 @@ SECTIONS: dict[str, Callable[[RunFiles, Document, Path], None]] = {
     "metrics.json": metrics_section,
     CONFUSION_FILE: confusion_section,
     GALLERY_INDEX: gallery_section,
+    PREDICTIONS_FILE: predictions_section,
     "history.jsonl": training_section,
     "robustness.json": robustness_section,
     "calibration.json": calibration_section,

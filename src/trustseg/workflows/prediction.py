@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from collections import Counter
 from pathlib import Path, PurePath
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from trustseg.models.factory import model_options
 from trustseg.engine.progress import track
 from trustseg.engine.rundir import RunDir
 from trustseg.engine.uncertainty_maps import MC_DROPOUT, METHODS, UNCERTAINTY, mc_dropout, require_dropout
+from trustseg.report.pages import PREDICTIONS_FILE, write_run_report
 from trustseg.report.visualize import colorize, heatmap, overlay, save_png
 
 
@@ -46,6 +48,7 @@ class PredictConfig:
     device: str = "auto"
     progress: bool = True
     onnx: str | None = None
+    report: bool = True  # write predictions.json's summary as report.md / report.html at the end
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.onnx is None):
@@ -147,6 +150,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
     run_dir = RunDir(config.out)
     run_dir.write_config({"command": "predict", **vars(config)})
     result = PredictResult(run_dir=run_dir.path)
+    summaries: list[dict[str, Any]] = []
     labels_dtype = mask_dtype(classes.num_classes)  # 16-bit PNGs above 255 classes
     for path, name in track(list(zip(images, names)), total=len(images), description="predict",
                             enabled=config.progress):
@@ -169,4 +173,23 @@ def run_predict(config: PredictConfig) -> PredictResult:
             outputs["uncertainty"] = run_dir.file(f"uncertainty/{name}.npy")
             atomic_write(outputs["uncertainty"], lambda handle: np.save(handle, values))
         result.outputs.append(outputs)
+        summaries.append(image_summary(name, labels, uncertainty, outputs, run_dir.path, classes.num_classes))
+    run_dir.write_json(PREDICTIONS_FILE, {"class_names": list(classes.names), "uncertainty": config.uncertainty,
+                                          "images": summaries})
+    if config.report:
+        write_run_report(run_dir.path)
     return result
+
+
+def image_summary(name: PurePath, labels: torch.Tensor, uncertainty: torch.Tensor | None,
+                  outputs: dict[str, Path], run_dir: Path, num_classes: int) -> dict[str, Any]:
+    """One image's line of predictions.json: size, predicted pixels per class, mean uncertainty and its
+    output files (relative to the run directory), so the report can rank images without reading the maps."""
+    return {
+        "name": name.as_posix(),
+        "size": list(labels.shape),
+        "class_pixels": torch.bincount(labels.flatten(), minlength=num_classes).tolist(),
+        "mean_uncertainty": None if uncertainty is None else float(uncertainty.double().mean()),
+        "files": {key: Path(path).relative_to(run_dir).as_posix() for key, path in outputs.items()
+                  if key in ("overlay", "uncertainty_png")},
+    }
