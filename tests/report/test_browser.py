@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from cli_helpers import run_cli
+from run_dirs import make_command_runs
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 CHECK = """<script>
@@ -67,17 +68,22 @@ def test_the_checks_catch_a_broken_image(tmp_path):
 
 @pytest.fixture(scope="module")
 def pages(runs, tmp_path_factory):
-    """eval, robustness and comparison pages built by `trustseg report`."""
+    """eval, robustness and comparison pages built by `trustseg report`, and the page every other
+    command that reports results wrote at its end."""
     out = tmp_path_factory.mktemp("reports")
     with pytest.MonkeyPatch.context() as monkeypatch:
         assert run_cli(["report", str(runs["eval0"]), str(runs["eval1"]), str(runs["robustness"]), "--out", str(out)],
                        monkeypatch) == 0
+        commands = make_command_runs(tmp_path_factory.mktemp("command-runs"), monkeypatch)
     return {"eval": out / "eval0" / "report.html", "robustness": out / "robustness" / "report.html",
-            "comparison": out / "comparison.html"}
+            "comparison": out / "comparison.html", **{name: run / "report.html" for name, run in commands.items()}}
+
+
+KINDS = ["eval", "robustness", "comparison", "train", "info", "predict", "calibrate", "adapt", "compress", "augment"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["eval", "robustness", "comparison"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_report_renders_in_chromium(pages, kind, tmp_path):
     executable = browser()
     page = pages[kind]
