@@ -21,6 +21,7 @@ from trustseg.report.compare import (
     miou_of_confusions,
     opposed,
     ranking,
+    ranking_text,
     resample_batches,
     tau_matrix,
 )
@@ -52,6 +53,12 @@ def test_direction_and_ranking():
     assert ranking({"a": 0.05, "b": 0.02, "c": 0.09}, "ECE") == ["b", "a", "c"]
     with pytest.raises(UserError, match="direction"):
         ranking({"a": 1.0}, "num_images")
+
+
+def test_ranking_text_ties_equal_values_and_sets_missing_ones_apart():
+    assert ranking_text({"a": 0.5, "b": 0.7, "c": 0.5, "d": math.nan}, "mIoU") == "b > a = c (no value: d)"
+    assert ranking_text({"a": 0.05, "b": 0.02}, "ECE") == "b > a"
+    assert ranking_text({"a": math.nan}, "ECE") == "- (no value: a)"
 
 
 def test_tau_matrix_orients_metrics_so_that_agreement_is_positive():

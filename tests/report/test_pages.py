@@ -64,8 +64,9 @@ def test_comparison_page_side_by_side_ranking_and_bootstrap(runs, tmp_path, monk
     clean = json.loads((runs["robustness"] / "robustness.json").read_text())["conditions"]["clean"]
     assert f"| mIoU ↑ | {percent(first['mIoU'])} | {percent(second['mIoU'])} | {percent(clean['mIoU'])} |" in markdown
     best = "eval0" if first["mIoU"] > second["mIoU"] else "eval1"
-    ranked = re.search(r"\| mIoU \| (.*) \|", markdown).group(1).split(" > ")
+    ranked = re.split(" > | = ", re.search(r"\| mIoU \| (.*) \|", markdown).group(1))
     assert ranked[0] in (best, "robustness") and sorted(ranked) == ["eval0", "eval1", "robustness"]
+    assert "eval0 = robustness" in markdown  # the robustness run's clean condition is eval0's evaluation
     interval = bootstrap_miou_difference(*(torch.from_numpy(np.load(runs[n] / "per_image_confusion.npy"))
                                            for n in ("eval0", "eval1")), resamples=BOOTSTRAP_RESAMPLES,
                                          seed=BOOTSTRAP_SEED)

@@ -89,6 +89,22 @@ def ranking(values: Mapping[str, float], metric: str) -> list[str]:
     return sorted(values, key=key)
 
 
+def ranking_text(values: dict[str, float], metric: str) -> str:
+    """``a > b = c (no value: d)``: best first, equal values tied with ``=``, runs without the metric apart."""
+    groups: list[list[str]] = []
+    for name in ranking(values, metric):
+        value = values[name]
+        if not math.isfinite(value):
+            break
+        if groups and values[groups[-1][0]] == value:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    missing = [name for name, value in values.items() if not math.isfinite(value)]
+    text = " > ".join(" = ".join(group) for group in groups) or "-"
+    return text + (f" (no value: {', '.join(missing)})" if missing else "")
+
+
 def ranked_metrics(table: Mapping[str, Mapping[str, float]]) -> list[str]:
     """The metrics with a direction that every run of `table` (run -> metric -> value) reports."""
     runs = list(table.values())

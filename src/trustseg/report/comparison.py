@@ -26,6 +26,7 @@ from trustseg.report.compare import (
     kendall_tau_b,
     ranked_metrics,
     ranking,
+    ranking_text,
     tau_matrix,
 )
 from trustseg.report.document import Document
@@ -137,7 +138,7 @@ def comparison_page(runs: Sequence[RunFiles], folder: Path) -> Document:
     page.heading("Side by side").table(header, rows)
     page.heading("Ranking per metric").table(
         ["metric", "best to worst"],
-        [[m, " > ".join(ranking({run: row.get(m, math.nan) for run, row in table.items()}, m))] for m in metrics])
+        [[m, ranking_text({run: row.get(m, math.nan) for run, row in table.items()}, m)] for m in metrics])
     sentences = disagreements(table)
     page.heading("Where the metrics disagree").paragraph(
         " ".join(sentences) if sentences else "The same run is best on every aspect measured here.")

@@ -117,12 +117,13 @@ def metrics_section(run: RunFiles, page: Document, folder: Path) -> None:
     metrics = run.read("metrics.json")
     names = run.class_names()
     header, rows = summary_rows(metrics)
-    page.heading("Metrics")
-    page.paragraph("Percentages. mIoU is dataset-level (one confusion matrix over all images, NaN-mean over the "
-                   "classes present); mIoU_img is the mean of per-image mIoUs. ECE: top-label, equal-width bins.")
+    calibration = calibration_rows(metrics)
+    if header or calibration[0]:  # a robustness run's metrics.json holds its summary only (its own section)
+        page.heading("Metrics")
+        page.paragraph("Percentages. mIoU is dataset-level (one confusion matrix over all images, NaN-mean over the "
+                       "classes present); mIoU_img is the mean of per-image mIoUs. ECE: top-label, equal-width bins.")
     if header:
         page.table(header, rows)
-    calibration = calibration_rows(metrics)
     if calibration[0]:
         page.table(*calibration)
     if isinstance(metrics.get("reliability"), dict):
@@ -132,8 +133,9 @@ def metrics_section(run: RunFiles, page: Document, folder: Path) -> None:
     support = per_class.get("support")
     if support and names:
         total = sum(support) or 1
-        page.heading("Data").paragraph(f"{metrics.get('num_images', '?')} images, {total} labelled pixels; "
-                                       "class frequencies are the share of labelled pixels.")
+        images = f"{metrics['num_images']} images, " if "num_images" in metrics else ""
+        page.heading("Data").paragraph(f"{images}{total} labelled pixels; class frequencies are the share of "
+                                       "labelled pixels.")
         page.image(bar_plot(names, [100 * s / total for s in support], folder / "class_frequency.png",
                             title="Class frequency", ylabel="% of labelled pixels"), "class frequencies")
     if per_class.get("IoU") and names:
