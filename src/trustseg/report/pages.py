@@ -418,12 +418,12 @@ def reliability_plot(tables: dict[str, dict[str, Any]], path: Path, title: str) 
 
 # file needed -> the section it enables, in page order
 SECTIONS: dict[str, Callable[[RunFiles, Document, Path], None]] = {
+    "robustness.json": robustness_section,  # a robustness run's headline; its metrics.json is the clean condition
     "metrics.json": metrics_section,
     CONFUSION_FILE: confusion_section,
     GALLERY_INDEX: gallery_section,
     PREDICTIONS_FILE: predictions_section,
     "history.jsonl": training_section,
-    "robustness.json": robustness_section,
     "calibration.json": calibration_section,
     "pos_embedding.json": resolution_section,
     "compression.json": compression_section,

@@ -85,7 +85,9 @@ def heatmap(
     import numpy as np
 
     grid = np.array(values, dtype=float)
-    figure, axes = plt.subplots(figsize=(1.0 + 0.75 * len(column_labels), 1.0 + 0.32 * len(row_labels)), dpi=120)
+    # room for the row labels, the colour bar and the title however few the columns
+    width = max(5.0, 2.5 + 0.75 * len(column_labels))
+    figure, axes = plt.subplots(figsize=(width, 1.0 + 0.32 * len(row_labels)), dpi=120)
     image = axes.imshow(100 * grid if percent else grid, cmap="viridis", aspect="auto")
     axes.set_xticks(range(len(column_labels)), column_labels, fontsize=8)
     axes.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
