@@ -542,6 +542,7 @@ def calibrate_command(
     max_crops: int = typer.Option(64, "--max-crops", min=1, help="Random fit crops kept to fit LTS/IBTS."),
     fit_crop: int = typer.Option(512, "--fit-crop", min=1, help="Side of those crops in pixels (smaller images are kept whole)."),
     epochs: int = typer.Option(20, "--epochs", min=1, help="Passes over the crops when fitting LTS/IBTS."),
+    lr: float = typer.Option(1e-4, "--lr", min=1e-12, help="Adam learning rate when fitting LTS/IBTS (Ding et al.'s)."),
     bins: int = typer.Option(15, "--bins", min=1, help="Equal-width confidence bins of ECE/MCE."),
     save: str = typer.Option("best", "--save", help="Method written as calibrated checkpoint: best (lowest NLL on held-out "
                              "fit images among argmax-preserving methods), best-any (among all), a name, or none."),
@@ -579,7 +580,7 @@ def calibrate_command(
         fit_corruptions=parse_corruptions(fit_corruptions) if fit_corruptions.strip() else (),
         fit_severities=parse_severities(fit_severities), leave_one_family_out=leave_one_family_out,
         max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
-        fit_crop=fit_crop, epochs=epochs, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
+        fit_crop=fit_crop, epochs=epochs, lr=lr, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
         inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
         device=device, progress=progress, resume=resume, report=report,
     )

@@ -42,12 +42,14 @@ def fit_calibrator(
     *,
     ignore_index: int = 255,
     epochs: int = 20,
-    lr: float = 5e-3,
+    lr: float = 1e-4,
     progress: bool = False,
 ) -> FitReport:
     """Minimise the NLL (+ the calibrator's regulariser). Pixel-wise: full-batch L-BFGS with a strong
     Wolfe line search on the pixel rows. Spatial: Adam over the crops, one crop per step, `epochs`
-    passes in a fixed order."""
+    passes in a fixed order, at learning rate `lr`: Ding et al.'s 1e-4 (LTS, ICCV 2021). A larger rate
+    moves every weight of LTS's convolutions on raw logits by about lr per step, which shifts log T by
+    about lr x fan-in x |logit|: at 5e-3 the fit ended noisier and worse (benchmarks/RESULTS.md)."""
     start = time.perf_counter()
     torch.manual_seed(0)
     if calibrator.spatial:

@@ -86,6 +86,7 @@ class CalibrateConfig:
     max_crops: int = 64  # random fit crops kept for spatial methods (LTS, IBTS)
     fit_crop: int = 512  # side of those crops (smaller images are kept whole)
     epochs: int = 20  # Adam passes over the crops for spatial methods
+    lr: float = 1e-4  # their Adam learning rate (Ding et al., LTS, ICCV 2021)
     num_bins: int = 15
     # method whose calibrated checkpoint is written: a name, "none", "best" (lowest held-out NLL among
     # argmax-preserving methods) or "best-any" (among all methods)
@@ -219,7 +220,7 @@ def _fit_all(config: CalibrateConfig, predictor: nn.Module, classes: ClassInfo, 
             journal.record(f"{prefix}fit_data", {"images": data.images, "labelled_pixels": data.labelled_pixels,
                                         "sample_pixels": int(data.labels.numel()), "crops": len(data.maps)})
         report = fit_calibrator(calibrator, data, ignore_index=classes.ignore_index, epochs=config.epochs,
-                                progress=config.progress)
+                                lr=config.lr, progress=config.progress)
         if is_main_process():
             state = {k: v.detach().cpu() for k, v in calibrator.state_dict().items()}
             atomic_write(state_file, lambda handle: torch.save(state, handle))
@@ -287,7 +288,7 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateResult:
         "fit_images": len(fit_set), "holdout_images": 0 if holdout is None else len(holdout),
         "num_images": len(dataset),
         **{k: getattr(config, k) for k in ("methods", "fit_corruptions", "fit_severities", "leave_one_family_out",
-                                            "max_pixels", "max_crops", "fit_crop", "epochs", "num_bins",
+                                            "max_pixels", "max_crops", "fit_crop", "epochs", "lr", "num_bins",
                                             "save", "seed", "inference")}}, resume=config.resume)
     if is_main_process():
         run_dir.write_config({"command": "calibrate", **vars(config)})
