@@ -100,7 +100,8 @@ def merge_into(num_tokens: int, src: Tensor, dst: Tensor) -> TokenMerge:
     kept.scatter_(1, src, False)
     slot = kept.long().cumsum(1) - 1
     index = slot.scatter(1, src, slot.gather(1, dst))
-    # positions of kept tokens, in order: a stable sort puts kept (0) before merged-away (1)
+    # positions of kept tokens, in order: a stable sort puts kept (0) before merged-away (1); unlike
+    # nonzero() it never waits for a GPU
     representative = torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices[:, : num_tokens - r]
     return TokenMerge(index=index, representative=representative)
 
@@ -120,7 +121,7 @@ def _bipartite_scores(metric: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
 
 def _merge_top_edges(node_max: Tensor, node_idx: Tensor, r: int, num_prefix: int, num_tokens: int) -> TokenMerge:
     """Merge the r A tokens with the most similar partners into those partners (ToMe's top-r edges)."""
-    src = node_max.argsort(dim=1, descending=True)[:, :r]  # indices into A
+    src = node_max.topk(r, dim=1).indices  # indices into A
     dst = node_idx.gather(1, src)  # indices into B
     return merge_into(num_tokens, num_prefix + 2 * src, num_prefix + 2 * dst + 1)
 
@@ -203,7 +204,7 @@ def window_matching(metric: Tensor, grid: tuple[int, int], num_prefix: int, tau:
     r = int((sim >= tau).sum(1).min()) if sim.shape[1] else 0
     if r == 0:
         return identity_merge(b, n, metric.device)
-    chosen = sim.argsort(dim=1, descending=True)[:, :r]
+    chosen = sim.topk(r, dim=1).indices
     w2 = w // 2
     top_left = num_prefix + 2 * (chosen // w2) * w + 2 * (chosen % w2)  # (B, r)
     offsets = torch.tensor([1, w, w + 1], device=metric.device)
