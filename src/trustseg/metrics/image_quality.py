@@ -63,24 +63,27 @@ def psnr(images: Tensor, references: Tensor) -> Tensor:
     return 10 * torch.log10(PEAK**2 / error)
 
 
-def _gaussian_window() -> Tensor:
+def _gaussian_taps() -> Tensor:
+    """The 1-D Gaussian of SSIM's window (the 2-D window is its outer product with itself)."""
     radius = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     g = torch.exp(-0.5 * (x / SSIM_SIGMA) ** 2)
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
+    return g / g.sum()
 
 
 def ssim(images: Tensor, references: Tensor) -> Tensor:
-    """Mean SSIM (B,) of the luminance of `images` against that of `references`."""
+    """Mean SSIM (B,) of the luminance of `images` against that of `references`.
+
+    The five local statistics are filtered in one batch, by the Gaussian window as two 1-D passes
+    (separable: 2 x 13 taps instead of 13 x 13, the same sums up to float64 rounding).
+    """
     x, y = luminance(images), luminance(references)
-    window = _gaussian_window()
-    if min(x.shape[-2:]) < window.shape[0]:
-        raise UserError(f"SSIM needs images of at least {window.shape[0]} pixels a side, got {tuple(x.shape[-2:])}")
-    mean_x, mean_y = _filter(x, window), _filter(y, window)
-    var_x = _filter(x * x, window) - mean_x**2
-    var_y = _filter(y * y, window) - mean_y**2
-    cov = _filter(x * y, window) - mean_x * mean_y
+    taps = _gaussian_taps().to(x)
+    if min(x.shape[-2:]) < len(taps):
+        raise UserError(f"SSIM needs images of at least {len(taps)} pixels a side, got {tuple(x.shape[-2:])}")
+    rows = F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), taps.view(1, 1, 1, -1))
+    mean_x, mean_y, xx, yy, xy = F.conv2d(rows, taps.view(1, 1, -1, 1)).split(x.shape[0])
+    var_x, var_y, cov = xx - mean_x**2, yy - mean_y**2, xy - mean_x * mean_y
     c1, c2 = (SSIM_K1 * PEAK) ** 2, (SSIM_K2 * PEAK) ** 2
     index = ((2 * mean_x * mean_y + c1) * (2 * cov + c2)) / ((mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2))
     return index.mean((1, 2, 3))
