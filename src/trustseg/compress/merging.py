@@ -75,6 +75,8 @@ def batch_rows(index: Tensor, rows: int) -> Tensor:
     Moving whole rows with ``index_select`` / ``index_add_`` on the flattened tensor is many times faster
     on CPU than ``gather`` / ``scatter_add`` over an index expanded to (B, R, C), which go element by element.
     """
+    if index.shape[0] == 1:
+        return index.view(-1)
     offsets = torch.arange(index.shape[0], device=index.device)[:, None] * rows
     return (index + offsets).flatten()
 
