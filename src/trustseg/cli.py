@@ -137,6 +137,8 @@ def train_command(
     device: Optional[str] = typer.Option(None, "--device", help="Overrides the recipe's device: " + DEVICE_HELP + "."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the training forward pass (config key compile)."),
     progress: bool = ProgressOption,
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html and report.md at the end "
+                                "(config key report)."),
 ) -> None:
     """Train a model; under `torchrun --nproc_per_node=N` the same command uses DDP.
 
@@ -150,6 +152,7 @@ def train_command(
     extra += [f"out={out}"] if out else []
     extra += [f"device={device}"] if device else []
     extra += ["compile=true"] if compile else []
+    extra += ["report=false"] if not report else []
     result = train(load_train_config(config, [*overrides, *extra]), resume=resume, progress=progress)
     if is_main_process():
         console.print(

@@ -219,3 +219,15 @@ def test_multi_resolution_training_varies_the_crop_at_about_constant_pixels(tiny
     assert all(r["img_per_s"] > 0 for r in history)
     with pytest.raises(UserError, match="smaller than one batch of 16"):
         train(tiny_config("steps=2", "data.crop_scales=[0.5,1.0]", out="too_big"), progress=False)
+
+
+def test_cli_train_writes_its_report_unless_told_not_to(tiny_values, tmp_path, monkeypatch):
+    data = mixed_size_folder(tmp_path / "data")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**tiny_values, "steps": 2, "batch_size": 2,
+                                      "data": {"train": "synthetic", "crop": [8, 8], "val_batch_size": 2}}))
+    for flag, written in (("--report", True), ("--no-report", False)):
+        out = tmp_path / flag
+        assert run_cli(["train", "--config", str(recipe), "--data", f"folder:{data}", "--out", str(out), flag,
+                        "--no-progress"], monkeypatch) in (0, None)
+        assert (out / "metrics.json").is_file() and (out / "report.html").is_file() == written

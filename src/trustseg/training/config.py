@@ -233,6 +233,7 @@ class TrainConfig:
     val_every: int = 0  # steps between validations; 0 = only at the end
     checkpoint_every: int = 0  # steps between last.pt saves besides validations; 0 = only at validations
     log_every: int = 10  # steps per history.jsonl line
+    report: bool = True  # write report.md / report.html at the end
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()

@@ -213,7 +213,8 @@ class _Run:
                    "class_names": list(self.classes.names)}
         if self.main:
             self.run_dir.write_metrics(metrics)
-            write_run_report(self.out)
+            if self.config.report:
+                write_run_report(self.out)
         return TrainResult(self.out, metrics, best_miou, best_step, self.step, self.elapsed_s(), stopped_by)
 
     def _train_until_stopped(self) -> str:
