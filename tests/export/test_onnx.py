@@ -252,7 +252,8 @@ def image_folder(tmp_path):
 
 
 def read_pngs(folder):
-    return {p.relative_to(folder).as_posix(): np.array(Image.open(p)) for p in sorted(folder.rglob("*.png"))}
+    """The PNGs predict wrote into its output folders (labels/, masks/, ...; the report's figures sit above them)."""
+    return {p.relative_to(folder).as_posix(): np.array(Image.open(p)) for p in sorted(folder.glob("*/**/*.png"))}
 
 
 @pytest.mark.parametrize("inference", [[], ["--mode", "slide", "--crop", "12,12", "--stride", "8,8"]],
