@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 RARE = ("Pole", "SignSymbol", "Fence", "Pedestrian")
 SELECTORS = ("entropy-high", "random-class", "random-region")
 RECIPE = "configs/camvid_pos_embedding.yaml"
@@ -57,7 +59,7 @@ def main() -> None:
     if not (baseline / "metrics.json").is_file():
         trustseg("train", "--config", RECIPE, *common, "--set", f"steps={args.baseline_steps}", "--data", train,
                  "--out", str(baseline), "--no-report")
-    base_lr = 5e-4  # the recipe's optim.lr
+    base_lr = yaml.safe_load(Path(RECIPE).read_text())["optim"]["lr"]
 
     models = {"baseline": baseline / "last.pt"}
     for seed in map(int, args.seeds.split(",")):

@@ -136,8 +136,7 @@ def metrics_section(run: RunFiles, page: Document, folder: Path) -> None:
         images = f"{metrics['num_images']} images, " if "num_images" in metrics else ""
         page.heading("Data").paragraph(f"{images}{total} labelled pixels; class frequencies are the share of "
                                        "labelled pixels.")
-        page.image(bar_plot(names, [100 * s / total for s in support], folder / "class_frequency.png",
-                            title="Class frequency", ylabel="% of labelled pixels"), "class frequencies")
+        page.image(class_frequency_plot(names, [s / total for s in support], folder), "class frequencies")
     if per_class.get("IoU") and names:
         page.heading("Per class").table(*per_class_rows(metrics, names))
         page.image(bar_plot(names, [100 * _finite(v) for v in per_class["IoU"]], folder / "per_class_iou.png",
@@ -385,8 +384,7 @@ def dataset_section(run: RunFiles, page: Document, folder: Path) -> None:
                                                   zip(per_class["name"], per_class["pixels"], per_class["frequency"])])
     plot = run.path / "class_frequencies.png"  # trustseg info draws it (log scale, the classes' colours)
     if not plot.is_file():
-        plot = bar_plot(per_class["name"], [100 * f for f in per_class["frequency"]], folder / "class_frequency.png",
-                        title="Class frequency", ylabel="% of labelled pixels")
+        plot = class_frequency_plot(per_class["name"], per_class["frequency"], folder)
     page.image(plot, "class frequencies")
 
 
@@ -406,6 +404,12 @@ def synthetic_data_section(run: RunFiles, page: Document, folder: Path) -> None:
     page.table(["class", "images preserving it"], [[name, str(kept[name])] for name in names if kept[name]])
     if run.has("preview.png"):
         page.image(run.path / "preview.png", "original | entropy | preserved | synthetic | label")
+
+
+def class_frequency_plot(names: list[str], shares: list[float], folder: Path) -> Path:
+    """Bar plot of each class's share (a fraction) of the labelled pixels."""
+    return bar_plot(names, [100 * share for share in shares], folder / "class_frequency.png",
+                    title="Class frequency", ylabel="% of labelled pixels")
 
 
 def reliability_plot(tables: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
