@@ -382,7 +382,8 @@ def adapt_command(
     out: Path = typer.Option(..., "--out", help="Run directory."),
     method: str = typer.Option("tent", "--method", help="tent: entropy of every pixel | reliable: only pixels with "
                                "entropy < E0 teach | uncertain: entropy of the pixels >= E0, confident ones anchored "
-                               "to the source prediction."),
+                               "to the source prediction; several as tent,reliable,... are compared on the same "
+                               "images."),
     adapt_mode: str = typer.Option("online", "--mode", help="online: the state carries over the images of a "
                                    "condition | episodic: reset to the source weights before every batch (every "
                                    "image with --batch-size 1)."),
@@ -401,6 +402,11 @@ def adapt_command(
     guard_window: int = typer.Option(8, "--guard-window", help="Batches per window of the guard."),
     max_class_share: float = typer.Option(0.95, "--max-class-share", help="Guard: reset when one class takes more "
                                           "of the window's predicted pixels."),
+    refine: bool = typer.Option(False, "--refine/--no-refine", help="Also evaluate the source model with training-free "
+                                "refinement of its least confident pixels (the pass \"refined\")."),
+    refine_iters: int = RefineItersOption,
+    refine_q: float = RefineQOption,
+    boundary_iou: bool = typer.Option(True, "--boundary-iou/--no-boundary-iou", help="Also compute Boundary IoU."),
     split: Optional[str] = ValSplitOption,
     max_images: Optional[int] = MaxImagesOption,
     batch_size: int = BatchSizeOption,
@@ -413,29 +419,32 @@ def adapt_command(
 ) -> None:
     """mIoU and ECE per condition of the model as it is and while it adapts at test time (TENT and variants).
 
-    Example: trustseg adapt --checkpoint runs/segformer/best.pt --data camvid:data/camvid --method reliable --corruptions gaussian_noise,fog --severities 3 --out runs/adapt
+    Example: trustseg adapt --checkpoint runs/segformer/best.pt --data camvid:data/camvid --method tent,reliable --refine --corruptions gaussian_noise,fog --severities 3 --out runs/adapt
     """
     from trustseg.adapt.guard import GuardConfig
     from trustseg.adapt.predictor import AdaptConfig
     from trustseg.engine.distributed import is_main_process
+    from trustseg.refine.refiner import RefineConfig
     from trustseg.report.tables import rich_table
     from trustseg.robustness.corruptions import parse_corruptions, parse_severities
     from trustseg.workflows.adapt import AdaptRunConfig, condition_rows, run_adapt
 
-    adaptation = AdaptConfig(
-        method=method, mode=adapt_mode, optimizer=optimizer, lr=lr, steps=steps, predict=predict,
+    adaptations = tuple(AdaptConfig(
+        method=name.strip(), mode=adapt_mode, optimizer=optimizer, lr=lr, steps=steps, predict=predict,
         reliable_fraction=reliable_fraction, weighting=weighting, anchor_weight=anchor_weight,
         guard=GuardConfig(window=guard_window, max_class_share=max_class_share) if guard else None,
-    )
+    ) for name in method.split(","))
+    refinement = RefineConfig(percent=refine_q, iterations=refine_iters)  # checked even without --refine
     config = AdaptRunConfig(
-        checkpoint=str(checkpoint), data=data, out=str(out), adaptation=adaptation,
-        corruptions=parse_corruptions(corruptions), severities=parse_severities(severities), split=split,
-        max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, device=device,
-        progress=progress, resume=resume, report=report,
+        checkpoint=str(checkpoint), data=data, out=str(out), adaptations=adaptations,
+        refine=refinement if refine else None, corruptions=parse_corruptions(corruptions),
+        severities=parse_severities(severities), split=split, max_images=max_images, batch_size=batch_size,
+        num_workers=num_workers, seed=seed, device=device, boundary_iou=boundary_iou, progress=progress,
+        resume=resume, report=report,
     )
     result = run_adapt(config)
     if is_main_process():
-        console.print(rich_table(*condition_rows(result.conditions), title=f"{method} ({adapt_mode}) per condition (%)"))
+        console.print(rich_table(*condition_rows(result.conditions), title=f"{adapt_mode} adaptation per condition (%)"))
         console.print(f"run directory: {result.run_dir}")
 
 

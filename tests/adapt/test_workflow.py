@@ -1,5 +1,5 @@
-"""`trustseg adapt` end to end on a tiny U-Net and folder dataset: both passes against hand-run oracles,
-resume, and the user errors."""
+"""`trustseg adapt` end to end on a tiny U-Net and folder dataset: the source and TENT passes against
+hand-run oracles, several methods and refinement in one run, resume, and the user errors."""
 
 import json
 
@@ -10,6 +10,7 @@ from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 import trustseg.workflows.adapt as adapt_workflow
+import trustseg.workflows.robustness as robustness_workflow
 from trustseg.engine.inference import Predictor
 from trustseg.robustness.corruptions import corrupt
 from trustseg.robustness.dataset import condition_seed
@@ -80,11 +81,11 @@ def test_adapt_matches_hand_run_source_and_tent(tmp_path, dataset_root, checkpoi
         source, adapted = oracle_mious(model, dataset_root, 0.01, *corruption)
         assert source != pytest.approx(adapted, abs=1e-3)  # adaptation made a difference worth checking
         assert results["conditions"][key]["source"]["mIoU"] == pytest.approx(source, abs=1e-6)
-        assert results["conditions"][key]["adapted"]["mIoU"] == pytest.approx(adapted, abs=1e-6)
-        assert 0 <= results["conditions"][key]["adapted"]["ECE"] <= 1
-        assert results["conditions"][key]["adapted"]["adaptation"]["updates"] == 3  # one per image, from the source
+        assert results["conditions"][key]["tent"]["mIoU"] == pytest.approx(adapted, abs=1e-6)
+        assert 0 <= results["conditions"][key]["tent"]["ECE"] <= 1
+        assert results["conditions"][key]["tent"]["adaptation"]["updates"] == 3  # one per image, from the source
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["mIoU_gain"] == pytest.approx(metrics["adapted_mean_mIoU"] - metrics["source_mean_mIoU"])
+    assert metrics["mIoU_gain_tent"] == pytest.approx(metrics["tent_mean_mIoU"] - metrics["source_mean_mIoU"])
     for name in ("report.md", "report.html", "config.yaml"):
         assert (out / name).exists(), name
     report = (out / "report.md").read_text()
@@ -100,11 +101,39 @@ def test_variants_run_end_to_end(tmp_path, dataset_root, checkpoint, monkeypatch
     assert run_cli(args, monkeypatch) == 0
     results = json.loads((out / "adapt.json").read_text())
     assert set(results["conditions"]) == {"clean", "gaussian_noise/3"}
-    assert results["setup"]["adaptation"]["method"] == method
+    assert [a["method"] for a in results["setup"]["adaptations"]] == [method] and results["passes"] == ["source", method]
     for passes in results["conditions"].values():
-        summary = passes["adapted"]["adaptation"]
+        summary = passes[method]["adaptation"]
         assert summary["batches"] == 3 and summary["updates"] + summary["skipped_batches"] == 3
-        assert 0 <= passes["adapted"]["mIoU"] <= 1
+        assert 0 <= passes[method]["mIoU"] <= 1
+
+
+def test_several_methods_and_refinement_in_one_run_match_their_own_runs(tmp_path, dataset_root, checkpoint,
+                                                                       monkeypatch, one_thread):
+    """Each pass of a run comparing methods (and refinement) equals the run of that method alone, and the
+    refined pass equals `trustseg eval --refine` on the clean images."""
+    path, _ = checkpoint
+    both, alone, refined = tmp_path / "both", tmp_path / "alone", tmp_path / "eval"
+    common = ("--lr", "0.01", "--mode", "episodic")
+    assert run_cli(adapt_args(path, dataset_root, both, "--method", "tent,uncertain", "--refine", "--refine-q", "50",
+                              *common), monkeypatch) == 0
+    assert run_cli(adapt_args(path, dataset_root, alone, "--method", "uncertain", *common), monkeypatch) == 0
+    assert run_cli(["eval", "--checkpoint", str(path), "--data", f"folder:{dataset_root}", "--out", str(refined),
+                    "--refine", "--refine-q", "50", "--no-progress", "--device", "cpu"], monkeypatch) == 0
+    results, single = (json.loads((d / "adapt.json").read_text()) for d in (both, alone))
+    assert results["passes"] == ["source", "tent", "uncertain", "refined"]
+    for key in ("clean", "gaussian_noise/2"):
+        for which in ("source", "uncertain"):
+            assert results["conditions"][key][which]["mIoU"] == single["conditions"][key][which]["mIoU"]
+        assert results["conditions"][key]["refined"]["refine_ms_per_image"] > 0
+        assert "adaptation" not in results["conditions"][key]["refined"]
+    evaluated = json.loads((refined / "metrics.json").read_text())
+    assert results["conditions"]["clean"]["refined"]["mIoU"] == pytest.approx(evaluated["mIoU"], abs=1e-9)
+    summary = results["summary"]
+    assert set(summary["mIoU_gain"]) == {"tent", "uncertain", "refined"} and set(summary["resets"]) == {"tent", "uncertain"}
+    assert set(summary["refined"]["per_family_mIoU"]) == {"noise"} == set(summary["refined"]["per_family_ECE"])
+    report = (both / "report.md").read_text()
+    assert "## Per corruption family" in report and "propagation steps" in report
 
 
 def test_resume_skips_finished_passes_and_gives_the_uninterrupted_results(tmp_path, dataset_root, checkpoint,
@@ -112,7 +141,7 @@ def test_resume_skips_finished_passes_and_gives_the_uninterrupted_results(tmp_pa
     path, _ = checkpoint
     whole, out = tmp_path / "whole", tmp_path / "run"
     assert run_cli(adapt_args(path, dataset_root, whole), monkeypatch) == 0
-    real_evaluate, calls = adapt_workflow.evaluate, []
+    real_evaluate, calls = robustness_workflow.evaluate, []
 
     def crash_on_third(*args, **kwargs):
         calls.append(kwargs["description"].split(" ")[0])
@@ -120,18 +149,18 @@ def test_resume_skips_finished_passes_and_gives_the_uninterrupted_results(tmp_pa
             raise RuntimeError("simulated crash")
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(adapt_workflow, "evaluate", crash_on_third)
+    monkeypatch.setattr(robustness_workflow, "evaluate", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_cli(adapt_args(path, dataset_root, out), monkeypatch)
     units = [json.loads(line)["unit"] for line in (out / "progress.jsonl").read_text().splitlines()[1:]]
-    assert units == ["source@clean", "adapted@clean"]
+    assert units == ["source@clean", "tent@clean"]
     calls.clear()
-    monkeypatch.setattr(adapt_workflow, "evaluate", lambda *a, **k: calls.append(k["description"].split(" ")[0]) or real_evaluate(*a, **k))
+    monkeypatch.setattr(robustness_workflow, "evaluate", lambda *a, **k: calls.append(k["description"].split(" ")[0]) or real_evaluate(*a, **k))
     capsys.readouterr()
     assert run_cli(adapt_args(path, dataset_root, out), monkeypatch) == 2  # no overwrite without --resume
     assert "pass --resume" in capsys.readouterr().err
     assert run_cli([*adapt_args(path, dataset_root, out), "--resume"], monkeypatch) == 0
-    assert calls == ["source@gaussian_noise/2", "adapted@gaussian_noise/2"]
+    assert calls == ["source@gaussian_noise/2", "tent@gaussian_noise/2"]
     assert "2 of 4 passes already done and skipped" in capsys.readouterr().err
     resumed, uninterrupted = (json.loads((d / "adapt.json").read_text()) for d in (out, whole))
     assert resumed["conditions"] == uninterrupted["conditions"]
@@ -140,6 +169,8 @@ def test_resume_skips_finished_passes_and_gives_the_uninterrupted_results(tmp_pa
 @pytest.mark.parametrize("extra,message", [
     (("--corruptions", "acid_rain"), "unknown corruption 'acid_rain'"),
     (("--method", "magic"), "adaptation method 'magic'"),
+    (("--method", "tent,tent"), "--method tent,tent: expected one or more distinct methods"),
+    (("--refine-q", "0"), "--refine-q 0"),
     (("--mode", "sometimes"), "adaptation mode 'sometimes'"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, dataset_root, checkpoint, monkeypatch, capsys, extra, message):

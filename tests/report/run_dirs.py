@@ -49,7 +49,7 @@ def make_command_runs(root, monkeypatch) -> dict:
                       f"{spec}#images=3:", "--out", str(runs["calibrate"]), "--epochs", "2", "--corruptions",
                       "gaussian_noise", "--severities", "2"],
         "adapt": ["adapt", "--checkpoint", str(root / "unet.pt"), "--data", spec, "--out", str(runs["adapt"]),
-                  "--corruptions", "gaussian_noise", "--severities", "2"],
+                  "--method", "tent,reliable", "--refine", "--corruptions", "gaussian_noise", "--severities", "2"],
         "compress": ["compress", "--checkpoint", str(runs["train"] / "last.pt"), "--data", spec, "--out",
                      str(runs["compress"]), "--method", "tome:r=2", "--method", "prune:flops=0.6,importance=magnitude",
                      "--corruptions", "gaussian_noise", "--severities", "1", "--latency-runs", "1"],

@@ -352,25 +352,41 @@ def compression_section(run: RunFiles, page: Document, folder: Path) -> None:
 
 
 def adaptation_section(run: RunFiles, page: Document, folder: Path) -> None:
-    from trustseg.workflows.adapt import PASSES, condition_rows
+    from trustseg.workflows.adapt import condition_rows
 
     results = run.read("adapt.json")
-    setup, summary, conditions = results["setup"], results["summary"], results["conditions"]
-    adaptation = setup["adaptation"]
+    setup, summary, conditions, passes = results["setup"], results["summary"], results["conditions"], results["passes"]
+    adaptation, refine = setup["adaptations"][0], setup["refine"]
+    costs = [r["refined"]["refine_ms_per_image"] for r in conditions.values() if "refine_ms_per_image" in r.get("refined", {})]
+    refinement = (f" The pass refined is the source model with its least confident {refine['percent']:g} % of pixels "
+                  f"re-decided by {refine['iterations']} propagation steps, at {sum(costs) / len(costs):.0f} ms per image "
+                  "on average." if refine and costs else "")
     page.heading("Test-time adaptation").paragraph(
-        f"Data {setup['data']}, {setup['num_images']} images, batch {setup['batch_size']}; method "
-        f"{adaptation['method']}, {adaptation['mode']} mode, {adaptation['optimizer']} lr {adaptation['lr']:g}, "
-        f"{adaptation['steps']} step(s) per batch; each condition starts from the source weights. Corruptions "
-        f"seeded with {setup['seed']}. Values are percentages.")
-    page.table(["pass", "clean mIoU", "mean corrupted mIoU", "mean mIoU", "mean ECE"],
-               [[which, *(percent(summary[which][k]) for k in ("clean_mIoU", "mean_corrupted_mIoU", "mean_mIoU",
-                                                                  "mean_ECE"))] for which in PASSES])
-    page.paragraph(f"Mean mIoU gain {percent(summary['mIoU_gain'])} points; {summary['resets']} safety reset(s).")
+        f"Data {setup['data']}, {setup['num_images']} images, batch {setup['batch_size']}; methods "
+        f"{', '.join(a['method'] for a in setup['adaptations'])}, {adaptation['mode']} mode, {adaptation['optimizer']} "
+        f"lr {adaptation['lr']:g}, {adaptation['steps']} step(s) per batch; each condition starts from the source "
+        f"weights.{refinement} Corruptions seeded with {setup['seed']}. Values are percentages; the gain is the "
+        "mean mIoU over all conditions minus the source's.")
+    columns = ("clean_mIoU", "mean_corrupted_mIoU", "mean_mIoU", "mean_boundary_IoU", "mean_ECE")
+    page.table(["pass", "clean mIoU", "mean corrupted mIoU", "mean mIoU", "mean Boundary IoU", "mean ECE", "gain",
+                "resets"],
+               [[which, *(percent(summary[which][k]) for k in columns), gain(summary["mIoU_gain"], which),
+                 str(summary["resets"].get(which, "-"))] for which in passes])
+    families = list(summary[passes[0]]["per_family_mIoU"])
+    if families:
+        page.heading("Per corruption family").table(
+            ["pass", *(f"{f} mIoU" for f in families), *(f"{f} ECE" for f in families)],
+            [[which, *(percent(summary[which]["per_family_mIoU"][f]) for f in families),
+              *(percent(summary[which]["per_family_ECE"][f]) for f in families)] for which in passes])
     page.heading("Per condition").table(*condition_rows(conditions))
-    resets = [[key, str(r["batch"]), r["reason"]] for key, passes in conditions.items()
-              for r in passes["adapted"]["adaptation"]["reset_log"]]
+    resets = [[key, which, str(r["batch"]), r["reason"]] for key, results in conditions.items()
+              for which, metrics in results.items() for r in metrics.get("adaptation", {}).get("reset_log", [])]
     if resets:
-        page.heading("Safety resets").table(["condition", "batch", "reason"], resets)
+        page.heading("Safety resets").table(["condition", "method", "batch", "reason"], resets)
+
+
+def gain(gains: dict[str, float], which: str) -> str:
+    return percent(gains[which]) if which in gains else "-"
 
 
 def dataset_section(run: RunFiles, page: Document, folder: Path) -> None:
