@@ -21,21 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
+from camvid_runs import evaluation_specs, train_without_held_out, trustseg
+
 RARE = ("Pole", "SignSymbol", "Fence", "Pedestrian")
 SELECTORS = ("entropy-high", "random-class", "random-region")
 RECIPE = "configs/camvid_pos_embedding.yaml"
-
-
-def trustseg(*args: str) -> None:
-    command = [sys.executable, "-m", "trustseg.cli", *args, "--no-progress"]
-    print("$ trustseg", " ".join(args), flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
 def main() -> None:
@@ -51,8 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     limit = [] if args.max_images is None else ["--max-images", str(args.max_images)]
     out, camvid = args.out, args.camvid
-    train = f"camvid:{camvid}#split=train,images=0:62,cache=true+camvid:{camvid}#split=train,images=163:,cache=true"
-    evaluations = {"val (0016E5)": f"camvid:{camvid}#split=val", "held out (0006R0)": f"camvid:{camvid}#split=train,images=62:163"}
+    train, evaluations = train_without_held_out(camvid), evaluation_specs(camvid)
     common = ["--set", "model.options.pos=none", "--set", f"data.val=camvid:{camvid}#split=val"]
 
     baseline = out / "baseline"

@@ -407,6 +407,9 @@ def adapt_command(
     refine_iters: int = RefineItersOption,
     refine_q: float = RefineQOption,
     boundary_iou: bool = typer.Option(True, "--boundary-iou/--no-boundary-iou", help="Also compute Boundary IoU."),
+    short_side: Optional[int] = ShortSideOption,
+    scale: float = ScaleOption,
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast inference and adaptation steps."),
     split: Optional[str] = ValSplitOption,
     max_images: Optional[int] = MaxImagesOption,
     batch_size: int = BatchSizeOption,
@@ -421,10 +424,11 @@ def adapt_command(
 
     Example: trustseg adapt --checkpoint runs/segformer/best.pt --data camvid:data/camvid --method tent,reliable --refine --corruptions gaussian_noise,fog --severities 3 --out runs/adapt
     """
+    from dataclasses import replace
+
     from trustseg.adapt.guard import GuardConfig
     from trustseg.adapt.predictor import AdaptConfig
     from trustseg.engine.distributed import is_main_process
-    from trustseg.refine.refiner import RefineConfig
     from trustseg.report.tables import rich_table
     from trustseg.robustness.corruptions import parse_corruptions, parse_severities
     from trustseg.workflows.adapt import AdaptRunConfig, condition_rows, run_adapt
@@ -434,10 +438,10 @@ def adapt_command(
         reliable_fraction=reliable_fraction, weighting=weighting, anchor_weight=anchor_weight,
         guard=GuardConfig(window=guard_window, max_class_share=max_class_share) if guard else None,
     ) for name in method.split(","))
-    refinement = RefineConfig(percent=refine_q, iterations=refine_iters)  # checked even without --refine
+    inference = inference_config("whole", None, None, short_side, bf16, scale, refine, refine_iters, refine_q)
     config = AdaptRunConfig(
         checkpoint=str(checkpoint), data=data, out=str(out), adaptations=adaptations,
-        refine=refinement if refine else None, corruptions=parse_corruptions(corruptions),
+        refine=inference.refine, inference=replace(inference, refine=None), corruptions=parse_corruptions(corruptions),
         severities=parse_severities(severities), split=split, max_images=max_images, batch_size=batch_size,
         num_workers=num_workers, seed=seed, device=device, boundary_iou=boundary_iou, progress=progress,
         resume=resume, report=report,

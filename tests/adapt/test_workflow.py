@@ -92,14 +92,15 @@ def test_adapt_matches_hand_run_source_and_tent(tmp_path, dataset_root, checkpoi
     assert "## Test-time adaptation" in report and "## Per condition" in report and "gaussian_noise/2" in report
 
 
-@pytest.mark.parametrize("method,mode", [("reliable", "episodic"), ("uncertain", "online")])
-def test_variants_run_end_to_end(tmp_path, dataset_root, checkpoint, monkeypatch, method, mode, one_thread):
+@pytest.mark.parametrize("method,mode,bf16", [("reliable", "episodic", False), ("uncertain", "online", True)])
+def test_variants_run_end_to_end(tmp_path, dataset_root, checkpoint, monkeypatch, method, mode, bf16, one_thread):
     path, _ = checkpoint
     out = tmp_path / "run"
     args = adapt_args(path, dataset_root, out, "--method", method, "--mode", mode, "--lr", "0.01", "--weighting", "eata",
-                      "--severities", "3")
+                      "--severities", "3", *(("--bf16",) if bf16 else ()))
     assert run_cli(args, monkeypatch) == 0
     results = json.loads((out / "adapt.json").read_text())
+    assert results["setup"]["inference"]["bf16"] is bf16
     assert set(results["conditions"]) == {"clean", "gaussian_noise/3"}
     assert [a["method"] for a in results["setup"]["adaptations"]] == [method] and results["passes"] == ["source", method]
     for passes in results["conditions"].values():
