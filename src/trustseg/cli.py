@@ -51,11 +51,13 @@ def parse_pair(value: Optional[str], name: str) -> Optional[tuple[int, int]]:
 
 
 def inference_config(mode: str, crop: Optional[str], stride: Optional[str], short_side: Optional[int], bf16: bool,
-                     scale: float, refine: bool = False, refine_iters: int = 10, refine_q: float = 20.0):
+                     scale: float, refine: bool = False, refine_iters: int = 10, refine_q: float = 20.0,
+                     refine_guide: str = "image"):
     from trustseg.engine.inference import InferenceConfig
     from trustseg.refine.refiner import RefineConfig
 
-    refinement = RefineConfig(percent=refine_q, iterations=refine_iters)  # checked even without --refine
+    # checked even without --refine
+    refinement = RefineConfig(percent=refine_q, iterations=refine_iters, guide=refine_guide)
     return InferenceConfig(
         mode=mode,
         crop=parse_pair(crop, "--crop"),
@@ -89,6 +91,8 @@ RefineOption = typer.Option(False, "--refine/--no-refine", help="Re-decide the l
 RefineItersOption = typer.Option(10, "--refine-iters", help="Propagation steps of --refine.")
 RefineQOption = typer.Option(20.0, "--refine-q", help="Percentage of each image's pixels (lowest top-class "
                              "probability) that --refine re-decides, in (0, 100].")
+RefineGuideOption = typer.Option("image", "--refine-guide", help="What the affinities of --refine compare: image "
+                                 "(colour) | features (the model's classifier input) | both.")
 
 
 def print_eval_tables(metrics: dict, class_names) -> None:
@@ -193,6 +197,7 @@ def eval_command(
     refine: bool = RefineOption,
     refine_iters: int = RefineItersOption,
     refine_q: float = RefineQOption,
+    refine_guide: str = RefineGuideOption,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
 ) -> None:
@@ -213,7 +218,8 @@ def eval_command(
             split=split,
             batch_size=batch_size,
             max_images=max_images,
-            inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
+            inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q,
+                                       refine_guide),
             boundary_iou=boundary_iou,
             calibration=calibration,
             uncertainty=parse_measures(uncertainty),
@@ -345,6 +351,7 @@ def robustness_command(
     refine: bool = RefineOption,
     refine_iters: int = RefineItersOption,
     refine_q: float = RefineQOption,
+    refine_guide: str = RefineGuideOption,
     device: str = DeviceOption,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
@@ -364,7 +371,8 @@ def robustness_command(
         severities=parse_severities(severities), split=split, baseline=None if baseline is None else str(baseline),
         max_images=max_images, batch_size=batch_size, num_workers=num_workers, seed=seed, boundary_iou=boundary_iou,
         calibration=calibration, image_quality=image_quality,
-        inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
+        inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q,
+                                   refine_guide),
         device=device, progress=progress, resume=resume, report=report,
     )
     result = run_robustness(config)
@@ -406,6 +414,7 @@ def adapt_command(
                                 "refinement of its least confident pixels (the pass \"refined\")."),
     refine_iters: int = RefineItersOption,
     refine_q: float = RefineQOption,
+    refine_guide: str = RefineGuideOption,
     boundary_iou: bool = typer.Option(True, "--boundary-iou/--no-boundary-iou", help="Also compute Boundary IoU."),
     short_side: Optional[int] = ShortSideOption,
     scale: float = ScaleOption,
@@ -438,7 +447,8 @@ def adapt_command(
         reliable_fraction=reliable_fraction, weighting=weighting, anchor_weight=anchor_weight,
         guard=GuardConfig(window=guard_window, max_class_share=max_class_share) if guard else None,
     ) for name in method.split(","))
-    inference = inference_config("whole", None, None, short_side, bf16, scale, refine, refine_iters, refine_q)
+    inference = inference_config("whole", None, None, short_side, bf16, scale, refine, refine_iters, refine_q,
+                                 refine_guide)
     config = AdaptRunConfig(
         checkpoint=str(checkpoint), data=data, out=str(out), adaptations=adaptations,
         refine=inference.refine, inference=replace(inference, refine=None), corruptions=parse_corruptions(corruptions),
@@ -576,6 +586,7 @@ def calibrate_command(
     refine: bool = RefineOption,
     refine_iters: int = RefineItersOption,
     refine_q: float = RefineQOption,
+    refine_guide: str = RefineGuideOption,
     progress: bool = ProgressOption,
     resume: bool = ResumeOption,
     report: bool = ReportOption,
@@ -597,7 +608,8 @@ def calibrate_command(
         fit_severities=parse_severities(fit_severities), leave_one_family_out=leave_one_family_out,
         max_images=max_images, max_pixels=max_pixels, max_crops=max_crops,
         fit_crop=fit_crop, epochs=epochs, lr=lr, num_bins=bins, save=save, holdout=holdout, allow_overlap=allow_overlap, seed=seed,
-        inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q),
+        inference=inference_config(mode, crop, stride, short_side, bf16, scale, refine, refine_iters, refine_q,
+                                   refine_guide),
         device=device, progress=progress, resume=resume, report=report,
     )
     result = run_calibrate(config)

@@ -20,24 +20,25 @@ def padded(guide, dilations):
     return F.pad(guide, (pad, pad, pad, pad), mode="replicate"), pad
 
 
-def naive_affinity(image, dilations):
-    """Per pixel and neighbour, written from the paper's formula with clamped coordinates: (B, P, H, W)."""
-    B, C, H, W = image.shape
-    at = lambda b, c, y, x: image[b, c, min(max(y, 0), H - 1), min(max(x, 0), W - 1)]  # noqa: E731
-    offsets = neighbour_offsets(dilations)
-    out = torch.zeros(B, len(offsets), H, W, dtype=torch.float64)
+def naive_kappa(image, dilations, b, y, x):
+    """One pixel's kappa over its neighbours, written from the paper's formula with clamped coordinates."""
+    _, C, H, W = image.shape
+    at = lambda c, y, x: image[b, c, min(max(y, 0), H - 1), min(max(x, 0), W - 1)]  # noqa: E731
+    stds = [torch.stack([at(c, y + d * dy, x + d * dx) for d in dilations for dy in (-1, 0, 1)
+                         for dx in (-1, 0, 1)]).std() for c in range(C)]
+    return torch.stack([sum(-abs(at(c, y + oy, x + ox) - at(c, y, x)) / (1e-8 + 0.1 * stds[c]) for c in range(C)) / C
+                        for oy, ox in neighbour_offsets(dilations)])
+
+
+def naive_affinity(guides, dilations):
+    """Per pixel and neighbour, the softmax of the guides' mean kappa: (B, P, H, W)."""
+    guides = [guides] if torch.is_tensor(guides) else guides
+    B, _, H, W = guides[0].shape
+    out = torch.zeros(B, len(neighbour_offsets(dilations)), H, W, dtype=torch.float64)
     for b in range(B):
         for y in range(H):
             for x in range(W):
-                kappa = []
-                stds = []
-                for c in range(C):
-                    samples = [at(b, c, y + d * dy, x + d * dx) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-                    stds.append(torch.stack(samples).std())
-                for oy, ox in offsets:
-                    kappa.append(sum(-abs(at(b, c, y + oy, x + ox) - at(b, c, y, x)) / (1e-8 + 0.1 * stds[c])
-                                     for c in range(C)) / C)
-                out[b, :, y, x] = torch.stack(kappa).softmax(0)
+                out[b, :, y, x] = (sum(naive_kappa(g, dilations, b, y, x) for g in guides) / len(guides)).softmax(0)
     return out
 
 
@@ -52,12 +53,22 @@ def test_affinity_matches_a_per_pixel_reference_and_rows_sum_to_one():
     image = 255 * torch.rand(2, 3, 7, 9, generator=generator, dtype=torch.float64)
     dilations = (1, 3)
     guide, pad = padded(image, dilations)
-    affinity = local_affinity(guide, pad, (0, 7), 9, dilations)
+    affinity = local_affinity([guide], pad, (0, 7), 9, dilations)
     assert affinity.shape == (2, 16, 7, 9)
     torch.testing.assert_close(affinity, naive_affinity(image, dilations), rtol=1e-9, atol=1e-12)
     assert bool((affinity >= 0).all())
     torch.testing.assert_close(affinity.sum(1), torch.ones(2, 7, 9, dtype=torch.float64))
 
+
+def test_two_guides_average_their_kappas_whatever_their_channel_counts():
+    generator = torch.Generator().manual_seed(5)
+    image = 255 * torch.rand(1, 3, 6, 7, generator=generator, dtype=torch.float64)
+    features = torch.randn(1, 5, 6, 7, generator=generator, dtype=torch.float64)
+    dilations = (1, 2)
+    pad = max(dilations)
+    affinity = local_affinity([padded(image, dilations)[0], padded(features, dilations)[0]], pad, (0, 6), 7, dilations)
+    torch.testing.assert_close(affinity, naive_affinity([image, features], dilations), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(affinity.sum(1), torch.ones(1, 6, 7, dtype=torch.float64))
 
 def test_one_step_with_every_pixel_uncertain_is_the_weighted_mean_of_the_neighbours():
     generator = torch.Generator().manual_seed(1)
@@ -130,6 +141,32 @@ def test_refinement_fixes_uncertain_mislabels_at_a_colour_edge():
     uncertain_share = 100 * 6 * H / (H * W)
     refined = refine_logits(logits, image, RefineConfig(percent=uncertain_share, iterations=10))
     assert torch.equal(refined.argmax(1)[0], labels)
+
+
+def test_feature_guide_separates_regions_the_colours_do_not():
+    """One flat colour, two regions told apart only by the features (left of column 8: class 0, right:
+    class 1), an unsure band over columns 6-13, off-centre on the edge. Guided by the flat image the band
+    splits at its middle (columns 8 and 9 wrong); guided by the features, or both, at the edge."""
+    H, W, edge = 10, 20, 8
+    labels = torch.zeros(H, W, dtype=torch.long)
+    labels[:, edge:] = 1
+    image = torch.full((1, 3, H, W), 128.0)
+    features = torch.zeros(1, 2, H, W)
+    features[0, 0, :, edge:] = 1.0
+    features[0, 1, :, edge:] = -3.0
+    logits = 4 * F.one_hot(labels, 2).permute(2, 0, 1)[None].float()
+    logits[0, :, :, 6:14] = 0.0  # no preference: the band is what refinement decides
+    decided = {guide: refine_logits(logits, image, RefineConfig(percent=40, iterations=10, guide=guide),
+                                    features).argmax(1)[0] for guide in ("image", "features", "both")}
+    assert (decided["image"] != labels).sum() == 2 * H
+    assert torch.equal(decided["features"], labels) and torch.equal(decided["both"], labels)
+    with pytest.raises(ValueError, match="needs the model's features"):
+        refine_logits(logits, image, RefineConfig(guide="features"))
+
+
+def test_an_unknown_guide_is_a_user_error():
+    with pytest.raises(UserError, match="--refine-guide 'dino'"):
+        RefineConfig(guide="dino")
 
 
 def test_row_tiles_give_the_whole_image_result():

@@ -10,7 +10,10 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from trustseg.refine.refiner import RefineConfig, refine_logits
 
-from cli_helpers import banded_folder, run_cli, save_tiny_unet
+from trustseg.engine.checkpoint import Checkpoint, save_checkpoint
+from trustseg.models.factory import build_model
+
+from cli_helpers import THREE_CLASSES, banded_folder, run_cli, save_tiny_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 H, W = 32, 40
@@ -26,14 +29,16 @@ def setup(tmp_path):
 
 
 def oracle_metrics(model, root, images, config):
-    """(mIoU, NLL) by hand: the model, `refine_logits` on its logits (unless `config` is None), torchmetrics
-    mIoU and the mean negative log-likelihood of the labelled pixels."""
+    """(mIoU, NLL) by hand: the model, `refine_logits` on its logits (unless `config` is None) with the
+    U-Net's decoder output as its features, torchmetrics mIoU and the mean negative log-likelihood of the
+    labelled pixels."""
     preds, targets, nll = [], [], []
     for i in images:
         image = torch.from_numpy(np.array(Image.open(root / "images" / f"im{i}.png"))).permute(2, 0, 1)[None]
         with torch.no_grad():
-            logits = model((image.float() / 255 - MEAN) / STD)
-        refined = logits if config is None else refine_logits(logits, image.float(), config)
+            x = (image.float() / 255 - MEAN) / STD
+            logits, features = model(x), model.forward_features(x)
+        refined = logits if config is None else refine_logits(logits, image.float(), config, features)
         target = torch.from_numpy(np.asarray(Image.open(root / "masks" / f"im{i}.png")).astype(np.int64))
         preds.append(refined[0].argmax(0))
         targets.append(target)
@@ -80,6 +85,31 @@ def test_calibrate_fits_and_evaluates_on_refined_logits(setup, tmp_path, monkeyp
     uncalibrated = results["conditions"]["clean"]["uncalibrated"]
     assert uncalibrated["mIoU"] == pytest.approx(expected, abs=1e-6) and uncalibrated["NLL"] == pytest.approx(nll, rel=1e-4)
     assert results["setup"]["refine_ms_per_image"] > 0
+
+
+@pytest.mark.parametrize("guide", ["features", "both"])
+def test_eval_refines_with_the_models_features(setup, tmp_path, monkeypatch, guide):
+    root, path, model = setup
+    config = RefineConfig(percent=50, iterations=3, guide=guide)
+    expected, nll = oracle_metrics(model, root, range(4), config)
+    assert nll != pytest.approx(oracle_metrics(model, root, range(4), CONFIG)[1], abs=1e-4)  # the guide shows
+    assert run_cli(["eval", "--checkpoint", str(path), "--data", f"folder:{root}", "--out", str(tmp_path / "e"),
+                    "--no-progress", *REFINE, "--refine-guide", guide], monkeypatch) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["mIoU"] == pytest.approx(expected, abs=1e-6) and metrics["NLL"] == pytest.approx(nll, rel=1e-4)
+
+
+def test_a_model_without_a_classifier_layer_cannot_guide_by_features(tmp_path, monkeypatch, capsys):
+    root = banded_folder(tmp_path / "data", 2, H, W)
+    options = {"backbone": "vit_ti16", "depth": 1, "pos": "none", "head": "mask"}
+    model = build_model("vit_segmenter", num_classes=3, **options)
+    save_checkpoint(Checkpoint({"name": "vit_segmenter", "options": options}, model.state_dict(), THREE_CLASSES),
+                    tmp_path / "m.pt")
+    code = run_cli(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--data", f"folder:{root}", "--out",
+                    str(tmp_path / "e"), "--no-progress", "--refine", "--refine-guide", "features"], monkeypatch)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "use --refine-guide image" in err
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "100.5", "nan"])

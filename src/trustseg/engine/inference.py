@@ -22,6 +22,7 @@ from trustseg.engine.devices import autocast
 from trustseg.errors import UserError
 from trustseg.models.factory import build_model
 from trustseg.models.weights import load_mapped, require_fit
+from trustseg.refine.features import FeatureTap
 from trustseg.refine.refiner import RefineConfig, Refiner
 
 Logits = Callable[[torch.Tensor], torch.Tensor]
@@ -103,8 +104,8 @@ def sliding_window_logits(
 class Predictor(nn.Module):
     """images uint8 or float in [0, 255], (B, 3, H, W) -> logits float32 (B, K, H, W).
 
-    With a `refiner` the logits are refined (it sees the logits and the images), then with a `calibrator`
-    calibrated (likewise).
+    With a `refiner` the logits are refined (it sees the logits and the images, and with a `feature_tap`
+    the model's features too), then with a `calibrator` calibrated (likewise).
     """
 
     def __init__(
@@ -115,9 +116,11 @@ class Predictor(nn.Module):
         config: InferenceConfig = InferenceConfig(),
         calibrator: nn.Module | None = None,
         refiner: nn.Module | None = None,
+        feature_tap: FeatureTap | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.feature_tap = feature_tap  # wraps `model`: its logits with its features appended
         self.config = config
         self.calibrator = calibrator
         self.refiner = refiner
@@ -141,18 +144,23 @@ class Predictor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         size = images.shape[-2:]
         x = self.prepare(images)
+        network = self.model if self.feature_tap is None else self.feature_tap
         with autocast(x.device, bf16=self.config.bf16):
             if self.config.mode == "slide":
                 logits = sliding_window_logits(
-                    self.model, x, crop=self.config.crop, stride=self.config.stride, divisor=self.divisor
+                    network, x, crop=self.config.crop, stride=self.config.stride, divisor=self.divisor
                 )
             else:
-                logits = padded_logits(self.model, x, self.divisor)
+                logits = padded_logits(network, x, self.divisor)
         logits = logits.float()
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        features = None
+        if self.feature_tap is not None:
+            classes = self.feature_tap.num_classes
+            logits, features = logits[:, :classes], logits[:, classes:]
         if self.refiner is not None:
-            logits = self.refiner(logits, images)
+            logits = self.refiner(logits, images, *(() if features is None else (features,)))
         return logits if self.calibrator is None else self.calibrator(logits, images)
 
 
@@ -214,6 +222,7 @@ def predictor_from_checkpoint(
     on `device` (it takes images on that device)."""
     calibrator = calibrator_from_checkpoint(checkpoint) if calibrated else None
     refiner = None if config.refine is None else Refiner(config.refine)
-    predictor = Predictor(model_from_checkpoint(checkpoint), checkpoint.mean, checkpoint.std, config, calibrator,
-                          refiner)
+    model = model_from_checkpoint(checkpoint)
+    tap = FeatureTap(model, checkpoint.classes.num_classes) if refiner is not None and config.refine.uses_features else None
+    predictor = Predictor(model, checkpoint.mean, checkpoint.std, config, calibrator, refiner, tap)
     return predictor.to(device).eval()

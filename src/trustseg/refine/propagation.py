@@ -8,7 +8,9 @@ looks at the 8 neighbours j of a 3x3 stencil at each dilation d (centre excluded
 
 sigma_c(i) the standard deviation of channel c over all 3x3 stencils at all dilations (centre included,
 9 samples per dilation), averaged over channels, then a softmax over the neighbours gives alpha(i, j).
-Propagation replaces each probability vector by the alpha-weighted mean of its neighbours' vectors,
+With several guides (the image and the model's features), kappa is the mean of the guides' kappas, so
+each guide weighs the same whatever its number of channels. Propagation replaces each probability vector
+by the alpha-weighted mean of its neighbours' vectors,
 `iterations` times; alpha is fixed. Because alpha(i, .) sums to 1, the result stays a probability vector.
 
 PAMR updates every pixel. Here the confident pixels are reset to their original probabilities after every
@@ -19,11 +21,14 @@ Memory: nothing of size K x P x H x W is formed (P = 8 x number of dilations). P
 accumulates, one neighbour at a time, so it holds about 4 (B, K, H, W) maps (original, current, next and
 the padded current one). The affinity (B, P, rows, W) is computed for `tile_rows` image rows at a time:
 with one tile (tile_rows >= H) it is computed once, with several it is recomputed for each tile in each
-iteration, so peak memory is B x (4 K H W + (P + 6) x tile_rows x W) floats, plus the padded image.
+iteration, so peak memory is B x (4 K H W + (2 P + 6) x tile_rows x W) floats (P once with a single guide),
+plus the padded guides.
 Both give the same result (up to float rounding of identical operations on differently sized tensors).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,14 +53,9 @@ def _window(padded: Tensor, pad: int, rows: tuple[int, int], dy: int, dx: int, w
     return padded[:, :, pad + r0 + dy:pad + r1 + dy, pad + dx:pad + dx + width]
 
 
-def local_affinity(padded_guide: Tensor, pad: int, rows: tuple[int, int], width: int,
-                   dilations: tuple[int, ...]) -> Tensor:
-    """PAMR affinities of the pixels in rows [r0, r1): (B, P, r1 - r0, W), each pixel's P weights >= 0
-    summing to 1, ordered as `neighbour_offsets(dilations)`.
-
-    `padded_guide` is the guide image (B, C, H, W) replicate-padded by `pad` >= max(dilations) on every side
-    (colour, or any feature map: the affinity does not change under a per-channel affine map of it).
-    """
+def guide_kappa(padded_guide: Tensor, pad: int, rows: tuple[int, int], width: int, dilations: tuple[int, ...]) -> Tensor:
+    """PAMR's kappa (B, P, r1 - r0, W) of one guide for the pixels in rows [r0, r1): the mean over its
+    channels of -|dI_c| / (1e-8 + 0.1 sigma_c), ordered as `neighbour_offsets(dilations)`."""
     centre = _window(padded_guide, pad, rows, 0, 0, width)
     # the std over every 3x3 stencil at every dilation, centre included (9 x len(dilations) samples)
     stencil = [(d * dy, d * dx) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
@@ -67,6 +67,22 @@ def local_affinity(padded_guide: Tensor, pad: int, rows: tuple[int, int], width:
     kappa = centre.new_empty(centre.shape[0], len(offsets), *centre.shape[2:])
     for j, (dy, dx) in enumerate(offsets):
         kappa[:, j] = (-(_window(padded_guide, pad, rows, dy, dx, width) - centre).abs() / scale).mean(1)
+    return kappa
+
+
+def local_affinity(padded_guides: Sequence[Tensor], pad: int, rows: tuple[int, int], width: int,
+                   dilations: tuple[int, ...]) -> Tensor:
+    """PAMR affinities of the pixels in rows [r0, r1): (B, P, r1 - r0, W), each pixel's P weights >= 0
+    summing to 1, ordered as `neighbour_offsets(dilations)`.
+
+    Each of `padded_guides` is a guide (B, C, H, W) replicate-padded by `pad` >= max(dilations) on every
+    side (the image, or any feature map: the affinity does not change under a per-channel affine map of
+    it); their kappas are averaged.
+    """
+    kappa = guide_kappa(padded_guides[0], pad, rows, width, dilations)
+    for guide in padded_guides[1:]:
+        kappa += guide_kappa(guide, pad, rows, width, dilations)
+    kappa /= len(padded_guides)
     # softmax over the neighbours, in place so that only one (B, P, rows, W) tensor is held
     kappa -= kappa.amax(dim=1, keepdim=True)
     kappa.exp_()
@@ -84,23 +100,26 @@ def uncertain_pixels(probabilities: Tensor, percent: float) -> Tensor:
     return (confidence <= threshold).view(probabilities.shape[0], *probabilities.shape[2:])
 
 
-def refine_probabilities(probabilities: Tensor, guide: Tensor, uncertain: Tensor, *,
+def refine_probabilities(probabilities: Tensor, guides: Tensor | Sequence[Tensor], uncertain: Tensor, *,
                          iterations: int = PAMR_ITERATIONS, dilations: tuple[int, ...] = PAMR_DILATIONS,
                          tile_rows: int | None = None) -> Tensor:
     """Propagate probabilities (B, K, H, W) over the guide's affinities, `iterations` times, changing only
     the pixels where `uncertain` (B, H, W) is True; every other pixel keeps exactly its input value.
 
-    `guide` (B, C, H, W) is the image at the same resolution. `tile_rows` bounds the affinity held at once
-    (None: all rows, computed once); see the module docstring for the memory bound.
+    `guides` is one guide (B, C, H, W) at the same resolution, e.g. the image, or several, e.g. the image
+    and the model's features. `tile_rows` bounds the affinity held at once (None: all rows, computed once);
+    see the module docstring for the memory bound.
     """
     B, K, H, W = probabilities.shape
-    if guide.shape[0] != B or guide.shape[-2:] != (H, W):
-        raise ValueError(f"guide {tuple(guide.shape)} does not match probabilities {tuple(probabilities.shape)}")
+    guides = [guides] if isinstance(guides, Tensor) else list(guides)
+    for guide in guides:
+        if guide.shape[0] != B or guide.shape[-2:] != (H, W):
+            raise ValueError(f"guide {tuple(guide.shape)} does not match probabilities {tuple(probabilities.shape)}")
     pad = max(dilations)
-    padded_guide = F.pad(guide.to(probabilities.dtype), (pad, pad, pad, pad), mode="replicate")
+    padded_guides = [F.pad(g.to(probabilities.dtype), (pad, pad, pad, pad), mode="replicate") for g in guides]
     step = H if tile_rows is None else max(1, min(tile_rows, H))
     tiles = [(r0, min(r0 + step, H)) for r0 in range(0, H, step)]
-    cached = [local_affinity(padded_guide, pad, tiles[0], W, dilations)] if len(tiles) == 1 else None
+    cached = [local_affinity(padded_guides, pad, tiles[0], W, dilations)] if len(tiles) == 1 else None
     offsets = neighbour_offsets(dilations)
     keep = ~uncertain[:, None]  # (B, 1, H, W)
     current = probabilities
@@ -108,7 +127,7 @@ def refine_probabilities(probabilities: Tensor, guide: Tensor, uncertain: Tensor
         padded = F.pad(current, (pad, pad, pad, pad), mode="replicate")
         following = torch.empty_like(current)
         for number, rows in enumerate(tiles):
-            affinity = cached[number] if cached else local_affinity(padded_guide, pad, rows, W, dilations)
+            affinity = cached[number] if cached else local_affinity(padded_guides, pad, rows, W, dilations)
             total = torch.zeros(B, K, rows[1] - rows[0], W, dtype=current.dtype, device=current.device)
             for j, (dy, dx) in enumerate(offsets):
                 total.addcmul_(affinity[:, j:j + 1], _window(padded, pad, rows, dy, dx, W))

@@ -1,6 +1,7 @@
 """The refinement step behind a predictor: logits and images in, refined logits out.
 
-`Refiner` has a calibrator's signature, `(logits (B, K, H, W), images (B, 3, H, W)) -> logits`, so the
+`Refiner` has a calibrator's signature, `(logits (B, K, H, W), images (B, 3, H, W)) -> logits`, plus the
+model's features (B, C, H, W) when its guide uses them (`features.FeatureTap` gives them), so the
 `Predictor` applies it to the logits at the input resolution before any calibrator; every command that
 builds its predictor with `predictor_from_checkpoint` (eval, robustness, calibrate, predict) gets it
 from `InferenceConfig.refine`. A calibrator fitted by `trustseg calibrate` with refinement on was fitted
@@ -22,17 +23,20 @@ from torch import Tensor, nn
 from trustseg.errors import UserError
 from trustseg.refine.propagation import PAMR_DILATIONS, PAMR_ITERATIONS, refine_probabilities, uncertain_pixels
 
+GUIDES = ("image", "features", "both")
+
 
 @dataclass(frozen=True)
 class RefineConfig:
     """PAMR propagation over `iterations` steps at `dilations`, re-deciding in each image the `percent`
-    % of pixels with the lowest top-class probability; `tile_rows` bounds the affinity memory (None:
-    whole image)."""
+    % of pixels with the lowest top-class probability, over affinities from the `guide`: the image, the
+    model's features, or both; `tile_rows` bounds the affinity memory (None: whole image)."""
 
     percent: float = 20.0
     iterations: int = PAMR_ITERATIONS
     dilations: tuple[int, ...] = PAMR_DILATIONS
     tile_rows: int | None = None
+    guide: str = "image"
 
     def __post_init__(self) -> None:
         if not 0 < self.percent <= 100:
@@ -43,15 +47,25 @@ class RefineConfig:
             raise UserError(f"refine dilations {self.dilations}: expected positive integers")
         if self.tile_rows is not None and self.tile_rows < 1:
             raise UserError(f"refine tile_rows {self.tile_rows}: expected an integer >= 1 or None")
+        if self.guide not in GUIDES:
+            raise UserError(f"--refine-guide {self.guide!r}: expected one of {', '.join(GUIDES)}")
+
+    @property
+    def uses_features(self) -> bool:
+        return self.guide != "image"
 
 
-def refine_logits(logits: Tensor, images: Tensor, config: RefineConfig) -> Tensor:
-    """(B, K, H, W) logits, (B, 3, H, W) images -> (B, K, H, W) log refined probabilities (float32); the
-    pixels outside the uncertain share equal `log_softmax(logits)` exactly."""
+def refine_logits(logits: Tensor, images: Tensor, config: RefineConfig, features: Tensor | None = None) -> Tensor:
+    """(B, K, H, W) logits, (B, 3, H, W) images, (B, C, H, W) features when the guide uses them -> (B, K, H, W)
+    log refined probabilities (float32); the pixels outside the uncertain share equal `log_softmax(logits)`
+    exactly."""
+    if config.uses_features and features is None:
+        raise ValueError(f"refinement guided by {config.guide} needs the model's features")
+    guides = {"image": [images], "features": [features], "both": [images, features]}[config.guide]
     log_probabilities = logits.float().log_softmax(dim=1)
     probabilities = log_probabilities.exp()
     uncertain = uncertain_pixels(probabilities, config.percent)
-    refined = refine_probabilities(probabilities, images, uncertain, iterations=config.iterations,
+    refined = refine_probabilities(probabilities, guides, uncertain, iterations=config.iterations,
                                    dilations=config.dilations, tile_rows=config.tile_rows)
     tiny = torch.finfo(refined.dtype).tiny
     return torch.where(uncertain[:, None], refined.clamp_min(tiny).log(), log_probabilities)
@@ -73,10 +87,10 @@ class Refiner(nn.Module):
     def ms_per_image(self) -> float | None:
         return 1000 * self.seconds / self.images if self.images else None
 
-    def forward(self, logits: Tensor, images: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, images: Tensor, features: Tensor | None = None) -> Tensor:
         _synchronise(logits.device)
         start = time.perf_counter()
-        refined = refine_logits(logits, images, self.config)
+        refined = refine_logits(logits, images, self.config, features)
         _synchronise(logits.device)
         self.seconds += time.perf_counter() - start
         self.images += logits.shape[0]
