@@ -390,8 +390,8 @@ def adapt_command(
     out: Path = typer.Option(..., "--out", help="Run directory."),
     method: str = typer.Option("tent", "--method", help="tent: entropy of every pixel | reliable: only pixels with "
                                "entropy < E0 teach | uncertain: entropy of the pixels >= E0, confident ones anchored "
-                               "to the source prediction; several as tent,reliable,... are compared on the same "
-                               "images."),
+                               "to the source prediction | norm: test-batch BatchNorm statistics, no update; several "
+                               "as norm,tent,reliable,... are compared on the same images."),
     adapt_mode: str = typer.Option("online", "--mode", help="online: the state carries over the images of a "
                                    "condition | episodic: reset to the source weights before every batch (every "
                                    "image with --batch-size 1)."),

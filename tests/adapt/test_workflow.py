@@ -41,20 +41,29 @@ def images_and_masks(root, corruption=None, severity=None):
         yield (image.float() / 255 - MEAN) / STD, torch.from_numpy(np.asarray(Image.open(root / "masks" / f"im{i}.png")).astype(np.int64))
 
 
-def oracle_mious(model, root, lr, corruption=None, severity=None):
-    """(source mIoU, online TENT mIoU), by hand: the source in eval mode; TENT on a copy whose BatchNorms
-    use batch statistics, Adam on their affine parameters, one step per image, predicting before it."""
+def batch_statistics(model):
+    """A copy of `model` whose BatchNorms use the statistics of the batch they see, and those BatchNorms."""
     import copy
 
-    source, adapted, targets = [], [], []
-    tent = copy.deepcopy(model)
-    norms = [m for m in tent.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    copied = copy.deepcopy(model)
+    norms = [m for m in copied.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for norm in norms:
         norm.running_mean = norm.running_var = None
+    return copied, norms
+
+
+def oracle_mious(model, root, lr, corruption=None, severity=None):
+    """(source mIoU, online TENT mIoU, test-batch normalisation mIoU), by hand: the source in eval mode;
+    TENT on a copy whose BatchNorms use batch statistics, Adam on their affine parameters, one step per
+    image, predicting before it; the same copy without any step."""
+    source, adapted, normalised, targets = [], [], [], []
+    tent, norms = batch_statistics(model)
+    plain, _ = batch_statistics(model)
     optimizer = torch.optim.Adam([p for n in norms for p in (n.weight, n.bias)], lr=lr)
     for image, mask in images_and_masks(root, corruption, severity):
         with torch.no_grad():
             source.append(model(image)[0].argmax(0))
+            normalised.append(plain(image)[0].argmax(0))
         logits = tent(image)
         adapted.append(logits[0].detach().argmax(0))
         probs = logits.softmax(1)
@@ -64,7 +73,7 @@ def oracle_mious(model, root, lr, corruption=None, severity=None):
         optimizer.step()
         targets.append(mask)
     miou = MulticlassJaccardIndex(num_classes=3, average="macro", ignore_index=255)
-    return tuple(miou(torch.stack(p), torch.stack(targets)).item() for p in (source, adapted))
+    return tuple(miou(torch.stack(p), torch.stack(targets)).item() for p in (source, adapted, normalised))
 
 
 def adapt_args(path, root, out, *extra):
@@ -72,14 +81,17 @@ def adapt_args(path, root, out, *extra):
             "--device", "cpu", "--corruptions", "gaussian_noise", "--severities", "2", *extra]
 
 
-def test_adapt_matches_hand_run_source_and_tent(tmp_path, dataset_root, checkpoint, monkeypatch, one_thread):
+def test_adapt_matches_hand_run_source_tent_and_norm(tmp_path, dataset_root, checkpoint, monkeypatch, one_thread):
     path, model = checkpoint
     out = tmp_path / "run"
-    assert run_cli(adapt_args(path, dataset_root, out, "--lr", "0.01"), monkeypatch) == 0
+    assert run_cli(adapt_args(path, dataset_root, out, "--lr", "0.01", "--method", "tent,norm"), monkeypatch) == 0
     results = json.loads((out / "adapt.json").read_text())
     for key, corruption in (("clean", (None, None)), ("gaussian_noise/2", ("gaussian_noise", 2))):
-        source, adapted = oracle_mious(model, dataset_root, 0.01, *corruption)
+        source, adapted, normalised = oracle_mious(model, dataset_root, 0.01, *corruption)
         assert source != pytest.approx(adapted, abs=1e-3)  # adaptation made a difference worth checking
+        assert normalised != pytest.approx(adapted, abs=1e-4)  # and so did the steps beyond the statistics
+        assert results["conditions"][key]["norm"]["mIoU"] == pytest.approx(normalised, abs=1e-6)
+        assert results["conditions"][key]["norm"]["adaptation"]["updates"] == 0
         assert results["conditions"][key]["source"]["mIoU"] == pytest.approx(source, abs=1e-6)
         assert results["conditions"][key]["tent"]["mIoU"] == pytest.approx(adapted, abs=1e-6)
         assert 0 <= results["conditions"][key]["tent"]["ECE"] <= 1

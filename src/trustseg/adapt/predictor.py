@@ -7,8 +7,9 @@ Per batch (B, 3, H, W) -> logits (B, K, H, W):
    batch size 1 makes it one per image). Online mode carries them from batch to batch.
 2. forward with the current parameters; online mode shows this forward to the guard, and if the guard
    finds a collapse the parameters and optimizer are reset (reason logged) and the forward is redone.
-3. `steps` times: the method's loss on the latest forward, backward, optimizer step. A batch in which no
-   pixel teaches takes no step; a loss that is not finite resets, and the batch is predicted by the source.
+3. `steps` times (never for the method norm): the method's loss on the latest forward, backward, optimizer
+   step. A batch in which no pixel teaches takes no step; a loss that is not finite resets, and the batch
+   is predicted by the source.
 4. the prediction: "before" returns the forward of step 2, TENT's choice (`tent.py`: the output is
    computed before the update); "after" runs one more forward with the updated parameters. "auto" is
    "before" online and "after" episodic: an episode reset before each batch would otherwise never show
@@ -35,7 +36,9 @@ from trustseg.adapt.losses import (RELIABLE_FRACTION, WEIGHTINGS, anchored_uncer
 from trustseg.adapt.params import configure_for_adaptation
 from trustseg.errors import UserError
 
-METHODS = ("tent", "reliable", "uncertain")
+# norm: test-batch statistics in BatchNorm, no update (Schneider et al., NeurIPS 2020; TENT's "BN" baseline),
+# which separates what the statistics do from what the entropy steps do
+METHODS = ("norm", "tent", "reliable", "uncertain")
 MODES = ("online", "episodic")
 OPTIMIZERS = ("adam", "sgd")
 PREDICT = ("auto", "before", "after")
@@ -73,8 +76,12 @@ class AdaptConfig:
                             "steps >= 1, momentum in [0, 1), fraction in (0, 1], weight >= 0")
 
     @property
+    def learns(self) -> bool:
+        return self.method != "norm"
+
+    @property
     def predicts_after_update(self) -> bool:
-        return self.predict == "after" or (self.predict == "auto" and self.mode == "episodic")
+        return self.learns and (self.predict == "after" or (self.predict == "auto" and self.mode == "episodic"))
 
 
 class AdaptingPredictor:
@@ -141,7 +148,7 @@ class AdaptingPredictor:
                 logits = self.model(images)
                 self._observe(logits)  # the first batch of the fresh window
         prediction = logits.detach()
-        for step in range(self.config.steps):
+        for step in range(self.config.steps if self.config.learns else 0):
             if step:
                 logits = self.model(images)
             loss = self.loss(logits, anchor)
