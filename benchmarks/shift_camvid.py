@@ -10,7 +10,9 @@ commands a user would run.
 2. `trustseg adapt --method tent,reliable,uncertain --refine` with the final weights (last.pt: nothing
    is selected on the evaluation data), online, on CamVid val and on 0006R0, every --every-th frame,
    clean and under the corruptions at the severities: every pass sees the same corrupted images.
-3. `trustseg calibrate --leave-one-family-out`: calibrators fitted on val (clean, and under the other
+3. `trustseg robustness --refine --refine-guide image|features|both` on 0006R0, clean and under one
+   corruption per family: refinement guided by the colours, by the model's features, or by both.
+4. `trustseg calibrate --leave-one-family-out`: calibrators fitted on val (clean, and under the other
    families' corruptions at severities 1-5) and scored on 0006R0 under each held-out family.
 
 Every step skips what its output folder already holds and resumes what it interrupted. Prints Markdown
@@ -27,7 +29,8 @@ from pathlib import Path
 from camvid_runs import evaluation_specs, train_without_held_out, trustseg
 
 RECIPES = {"unet": "configs/camvid_unet.yaml", "segformer": "configs/camvid_segformer_b0.yaml"}
-PASS_COLUMNS = ("clean_mIoU", "mean_corrupted_mIoU")
+GUIDES = ("image", "features", "both")
+ONE_PER_FAMILY = "gaussian_noise,defocus_blur,fog,jpeg_compression"
 
 
 def run(folder: Path, done: str, *args: str) -> None:
@@ -45,16 +48,17 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=4, help="evaluate every N-th frame of each sequence")
     parser.add_argument("--corruptions", default="common")
     parser.add_argument("--severities", default="3,5")
-    parser.add_argument("--methods", default="tent,reliable,uncertain")
+    parser.add_argument("--methods", default="norm,tent,reliable,uncertain")
     parser.add_argument("--calibrators", default="ts,lts,ccaffine")
-    parser.add_argument("--steps", default="train,adapt,calibrate", help="which steps to run")
+    parser.add_argument("--steps", default="train,adapt,refine,calibrate", help="which steps to run")
     args = parser.parse_args()
     out, camvid, steps = args.out, args.camvid, args.steps.split(",")
     evaluations = evaluation_specs(camvid, args.every)
     val, held_out = evaluations.values()
     grid = ["--corruptions", args.corruptions, "--severities", args.severities]
 
-    summary: dict = {}
+    summary_path = out / "summary.json"
+    summary: dict = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     for model in args.models.split(","):
         folder = out / model
         if "train" in steps:
@@ -62,39 +66,95 @@ def main() -> None:
                 "--set", f"data.val=camvid:{camvid}#split=val", "--set", f"time_budget_min={args.train_minutes}",
                 "--set", "report=false")
         checkpoint = str(folder / "last.pt")
-        summary[model] = {}
+        summary.setdefault(model, {})
         if "adapt" in steps:
             for where, spec in evaluations.items():
                 adapted = out / "adapt" / f"{model}-{where.split()[0].replace('held', 'heldout')}"
-                run(adapted, "adapt.json", "adapt", "--checkpoint", checkpoint, "--data", spec, "--method", args.methods,
-                    "--refine", "--bf16", *grid, "--no-report")
+                run(adapted, "adapt.json", "adapt", "--checkpoint", checkpoint, "--data", spec,
+                    "--method", args.methods, "--refine", "--bf16", *grid, "--no-report")
                 summary[model][where] = json.loads((adapted / "adapt.json").read_text())["summary"]
+        if "refine" in steps:
+            severity = args.severities.split(",")[-1]
+            for guide in GUIDES:
+                refined = out / "refine" / f"{model}-{guide}"
+                run(refined, "robustness.json", "robustness", "--checkpoint", checkpoint, "--data", held_out,
+                    "--refine", "--refine-guide", guide, "--corruptions", ONE_PER_FAMILY, "--severities", severity, "--bf16",
+                    "--boundary-iou", "--no-image-quality", "--no-report")
+                conditions = json.loads((refined / "robustness.json").read_text())["conditions"]
+                summary[model].setdefault("refine", {})[guide] = {k: slim(v) for k, v in conditions.items()}
+            source = out / "adapt" / f"{model}-heldout" / "adapt.json"  # the same images, unrefined
+            if source.is_file():
+                conditions = json.loads(source.read_text())["conditions"]
+                summary[model]["refine"]["none"] = {k: slim(conditions[k]["source"])
+                                                    for k in summary[model]["refine"]["image"] if k in conditions}
         if "calibrate" in steps:
             calibrated = out / "calibrate" / model
             run(calibrated, "calibration.json", "calibrate", "--checkpoint", checkpoint, "--fit-data", val, "--data",
                 held_out, "--method", args.calibrators, *grid, "--leave-one-family-out", "--fit-corruptions",
                 args.corruptions, "--fit-severities", "1-5", "--max-pixels", "200000", "--save", "none", "--no-report")
             summary[model]["calibration"] = json.loads((calibrated / "calibration.json").read_text())
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print_tables(summary)
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    for model, results in summary.items():
+        for where, passes in results.items():
+            if where in evaluations:
+                table(f"{model}, {where}: mIoU and ECE (%) per corruption family", *adaptation_rows(passes))
+        if "refine" in results:
+            table(f"{model}, held out: refinement by guide (%)", *refinement_rows(results["refine"]))
+        if "calibration" in results:
+            table(f"{model}, held out: ECE (%) fitted on clean val vs on val under the other families",
+                  *calibration_rows(results["calibration"]))
 
 
-def print_tables(summary: dict) -> None:
-    """mIoU and ECE per pass and corruption family (one table per model and sequence)."""
-    for model, by_where in summary.items():
-        for where, results in by_where.items():
-            if where == "calibration":
-                continue
-            passes = [p for p in results if isinstance(results[p], dict) and "clean_mIoU" in results[p]]
-            families = list(results[passes[0]]["per_family_mIoU"])
-            header = ["pass", "clean mIoU", *families, "corrupted mIoU", "gain", "mean ECE", *(f"{f} ECE" for f in families)]
-            print(f"\n{model}, {where}\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-            for name in passes:
-                r = results[name]
-                cells = [r["clean_mIoU"], *(r["per_family_mIoU"][f] for f in families), r["mean_corrupted_mIoU"]]
-                gain = results["mIoU_gain"].get(name)
-                cells += [gain, r["mean_ECE"], *(r["per_family_ECE"][f] for f in families)]
-                print(f"| {name} | " + " | ".join("–" if c is None else f"{100 * c:.2f}" for c in cells) + " |")
+def slim(metrics: dict) -> dict:
+    return {k: metrics.get(k) for k in ("mIoU", "mBIoU", "ECE", "refine_ms_per_image")}
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    print(f"\n{title}\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def cell(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def adaptation_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Per pass: clean, per family and mean corrupted mIoU, the gain over the source, ECE likewise."""
+    passes = [name for name, value in summary.items() if isinstance(value, dict) and "clean_mIoU" in value]
+    families = list(summary[passes[0]]["per_family_mIoU"])
+    header = ["pass", "clean mIoU", *families, "corrupted mIoU", "gain", "mean ECE", *(f"{f} ECE" for f in families)]
+    rows = []
+    for name in passes:
+        r = summary[name]
+        values = [r["clean_mIoU"], *(r["per_family_mIoU"][f] for f in families), r["mean_corrupted_mIoU"],
+                  summary["mIoU_gain"].get(name), r["mean_ECE"], *(r["per_family_ECE"][f] for f in families)]
+        rows.append([name, *map(cell, values)])
+    return header, rows
+
+
+def refinement_rows(by_guide: dict) -> tuple[list[str], list[list[str]]]:
+    """Per condition and guide ("none": the unrefined source pass of adapt on the same images): mIoU and
+    Boundary IoU, and the refinement's cost."""
+    guides = sorted(by_guide, key=lambda g: g != "none")
+    header = ["condition", *(f"{g} {m}" for g in guides for m in ("mIoU", "BIoU")),
+              *(f"{g} ms/image" for g in guides if g != "none")]
+    rows = [[key, *(cell(by_guide[g].get(key, {}).get(m)) for g in guides for m in ("mIoU", "mBIoU")),
+             *(f"{by_guide[g][key]['refine_ms_per_image']:.0f}" for g in guides if g != "none")]
+            for key in by_guide["image"]]
+    return header, rows
+
+
+def calibration_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Per held-out condition and method: ECE fitted on clean images, fitted under the other families."""
+    header = ["condition", "method", "clean-fitted", "fitted w/o family", "Δ (pp)"]
+    rows = []
+    for held_out in (results["leave_one_family_out"] or {}).values():
+        for key, by_method in held_out["conditions"].items():
+            for method, shifted in by_method.items():
+                clean = results["conditions"][key][method]["ECE"]
+                rows.append([key, method, cell(clean), cell(shifted["ECE"]), f"{100 * (shifted['ECE'] - clean):+.2f}"])
+    return header, rows
 
 
 if __name__ == "__main__":

@@ -357,10 +357,11 @@ def adaptation_section(run: RunFiles, page: Document, folder: Path) -> None:
     results = run.read("adapt.json")
     setup, summary, conditions, passes = results["setup"], results["summary"], results["conditions"], results["passes"]
     adaptation, refine = setup["adaptations"][0], setup["refine"]
-    costs = [r["refined"]["refine_ms_per_image"] for r in conditions.values() if "refine_ms_per_image" in r.get("refined", {})]
+    costs = [r["refined"]["refine_ms_per_image"] for r in conditions.values()
+             if "refine_ms_per_image" in r.get("refined", {})]
     refinement = (f" The pass refined is the source model with its least confident {refine['percent']:g} % of pixels "
-                  f"re-decided by {refine['iterations']} propagation steps, at {sum(costs) / len(costs):.0f} ms per image "
-                  "on average." if refine and costs else "")
+                  f"re-decided by {refine['iterations']} propagation steps over {refine['guide']} affinities, at "
+                  f"{sum(costs) / len(costs):.0f} ms per image on average." if refine and costs else "")
     page.heading("Test-time adaptation").paragraph(
         f"Data {setup['data']}, {setup['num_images']} images, batch {setup['batch_size']}; methods "
         f"{', '.join(a['method'] for a in setup['adaptations'])}, {adaptation['mode']} mode, {adaptation['optimizer']} "
