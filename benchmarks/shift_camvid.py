@@ -7,15 +7,16 @@ commands a user would run.
 
 1. Per model (U-Net and SegFormer-B0, configs/camvid_*.yaml, from scratch for --train-minutes) trained on
    CamVid train **without sequence 0006R0** (train images 0:62 and 163:), which is held out.
-2. `trustseg adapt --method tent,reliable,uncertain --refine` with the final weights (last.pt: nothing
-   is selected on the evaluation data), online, on CamVid val and on 0006R0, every --every-th frame,
-   clean and under the corruptions at the severities: every pass sees the same corrupted images.
+2. `trustseg adapt --method norm,tent,reliable,uncertain --refine --bf16` with the final weights (last.pt:
+   nothing is selected on the evaluation data), online, on CamVid val and on 0006R0, every --every-th
+   frame, clean and under the corruptions at the severities: every pass sees the same corrupted images.
 3. `trustseg robustness --refine --refine-guide image|features|both` on 0006R0, clean and under one
    corruption per family: refinement guided by the colours, by the model's features, or by both.
 4. `trustseg calibrate --leave-one-family-out`: calibrators fitted on val (clean, and under the other
    families' corruptions at severities 1-5) and scored on 0006R0 under each held-out family.
 
-Every step skips what its output folder already holds and resumes what it interrupted. Prints Markdown
+Every step skips what its output folder already holds and resumes what it interrupted (adapt also adds
+severities given later). Prints Markdown
 tables (mIoU and ECE per corruption family and pass; ECE clean-fitted vs corruption-fitted) and writes
 every number to OUT/summary.json.
 """
@@ -33,9 +34,10 @@ GUIDES = ("image", "features", "both")
 ONE_PER_FAMILY = "gaussian_noise,defocus_blur,fog,jpeg_compression"
 
 
-def run(folder: Path, done: str, *args: str) -> None:
-    """`trustseg *args --out folder` unless `folder/done` exists; resumed when the folder was started."""
-    if not (folder / done).is_file():
+def run(folder: Path, done: str | None, *args: str) -> None:
+    """`trustseg *args --out folder` unless `folder/done` exists; resumed when the folder was started (a
+    finished adapt run, `done` None, resumes too: it skips its finished passes and adds new severities)."""
+    if done is None or not (folder / done).is_file():
         trustseg(*args, "--out", str(folder), *(["--resume"] if folder.exists() else []))
 
 
@@ -70,7 +72,7 @@ def main() -> None:
         if "adapt" in steps:
             for where, spec in evaluations.items():
                 adapted = out / "adapt" / f"{model}-{where.split()[0].replace('held', 'heldout')}"
-                run(adapted, "adapt.json", "adapt", "--checkpoint", checkpoint, "--data", spec,
+                run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec,
                     "--method", args.methods, "--refine", "--bf16", *grid, "--no-report")
                 summary[model][where] = json.loads((adapted / "adapt.json").read_text())["summary"]
         if "refine" in steps:
