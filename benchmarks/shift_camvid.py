@@ -14,6 +14,10 @@ commands a user would run.
    corruption per family: refinement guided by the colours, by the model's features, or by both.
 4. `trustseg calibrate --leave-one-family-out`: calibrators fitted on val (clean, and under the other
    families' corruptions at severities 1-5) and scored on 0006R0 under each held-out family.
+5. The adaptation learning rate: tent, reliable and uncertain at lr 1e-4, 1e-3 and 1e-2 on 13 frames of
+   sequence 0001TP (train images 0:62:5, seen in training, never reported), clean and under one
+   corruption per family; the lr with the best mean mIoU over the three methods is then run on val and
+   0006R0 as in step 2.
 
 Every step skips what its output folder already holds and resumes what it interrupted (adapt also adds
 severities given later). Prints Markdown
@@ -32,6 +36,8 @@ from camvid_runs import evaluation_specs, train_without_held_out, trustseg
 RECIPES = {"unet": "configs/camvid_unet.yaml", "segformer": "configs/camvid_segformer_b0.yaml"}
 GUIDES = ("image", "features", "both")
 ONE_PER_FAMILY = "gaussian_noise,defocus_blur,fog,jpeg_compression"
+LEARNING_METHODS = "tent,reliable,uncertain"
+TUNING_LRS = ("1e-4", "1e-3", "1e-2")
 
 
 def run(folder: Path, done: str | None, *args: str) -> None:
@@ -52,12 +58,13 @@ def main() -> None:
     parser.add_argument("--severities", default="3,5")
     parser.add_argument("--methods", default="norm,tent,reliable,uncertain")
     parser.add_argument("--calibrators", default="ts,lts,ccaffine")
-    parser.add_argument("--steps", default="train,adapt,refine,calibrate", help="which steps to run")
+    parser.add_argument("--steps", default="train,adapt,refine,calibrate,tune", help="which steps to run")
     args = parser.parse_args()
     out, camvid, steps = args.out, args.camvid, args.steps.split(",")
     evaluations = evaluation_specs(camvid, args.every)
     val, held_out = evaluations.values()
     grid = ["--corruptions", args.corruptions, "--severities", args.severities]
+    severity = args.severities.split(",")[-1]
 
     summary_path = out / "summary.json"
     summary: dict = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -76,12 +83,11 @@ def main() -> None:
                     "--method", args.methods, "--refine", "--bf16", *grid, "--no-report")
                 summary[model][where] = json.loads((adapted / "adapt.json").read_text())["summary"]
         if "refine" in steps:
-            severity = args.severities.split(",")[-1]
             for guide in GUIDES:
                 refined = out / "refine" / f"{model}-{guide}"
                 run(refined, "robustness.json", "robustness", "--checkpoint", checkpoint, "--data", held_out,
-                    "--refine", "--refine-guide", guide, "--corruptions", ONE_PER_FAMILY, "--severities", severity, "--bf16",
-                    "--boundary-iou", "--no-image-quality", "--no-report")
+                    "--refine", "--refine-guide", guide, "--corruptions", ONE_PER_FAMILY, "--severities", severity,
+                    "--bf16", "--boundary-iou", "--no-image-quality", "--no-report")
                 conditions = json.loads((refined / "robustness.json").read_text())["conditions"]
                 summary[model].setdefault("refine", {})[guide] = {k: slim(v) for k, v in conditions.items()}
             source = out / "adapt" / f"{model}-heldout" / "adapt.json"  # the same images, unrefined
@@ -95,10 +101,29 @@ def main() -> None:
                 held_out, "--method", args.calibrators, *grid, "--leave-one-family-out", "--fit-corruptions",
                 args.corruptions, "--fit-severities", "1-5", "--max-pixels", "200000", "--save", "none", "--no-report")
             summary[model]["calibration"] = json.loads((calibrated / "calibration.json").read_text())
+        if "tune" in steps:
+            tuning = {}
+            for lr in TUNING_LRS:
+                tuned = out / "tune" / f"{model}-lr{lr}"
+                run(tuned, None, "adapt", "--checkpoint", checkpoint, "--data",
+                    f"camvid:{camvid}#split=train,images=0:62:5", "--method", LEARNING_METHODS, "--lr", lr, "--bf16", "--corruptions", ONE_PER_FAMILY,
+                    "--severities", severity, "--no-report")
+                passes = json.loads((tuned / "adapt.json").read_text())["summary"]
+                tuning[lr] = sum(passes[m]["mean_mIoU"] for m in LEARNING_METHODS.split(",")) / 3
+            summary[model]["tuning"] = tuning
+            best = max(tuning, key=tuning.get)
+            for where, spec in evaluations.items():
+                adapted = out / "adapt" / f"{model}-{where.split()[0].replace('held', 'heldout')}-lr{best}"
+                run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec, "--method", LEARNING_METHODS,
+                    "--lr", best, "--bf16", *grid, "--no-report")
+                summary[model][f"{where}, lr {best}"] = json.loads((adapted / "adapt.json").read_text())["summary"]
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     for model, results in summary.items():
+        if "tuning" in results:
+            print(f"\n{model}: mean mIoU (%) of tent, reliable and uncertain on 0001TP by lr: "
+                  + ", ".join(f"{lr}: {100 * v:.2f}" for lr, v in results["tuning"].items()))
         for where, passes in results.items():
-            if where in evaluations:
+            if where.split(",")[0] in evaluations:
                 table(f"{model}, {where}: mIoU and ECE (%) per corruption family", *adaptation_rows(passes))
         if "refine" in results:
             table(f"{model}, held out: refinement by guide (%)", *refinement_rows(results["refine"]))
