@@ -106,8 +106,8 @@ def main() -> None:
             for lr in TUNING_LRS:
                 tuned = out / "tune" / f"{model}-lr{lr}"
                 run(tuned, None, "adapt", "--checkpoint", checkpoint, "--data",
-                    f"camvid:{camvid}#split=train,images=0:62:5", "--method", LEARNING_METHODS, "--lr", lr, "--bf16", "--corruptions", ONE_PER_FAMILY,
-                    "--severities", severity, "--no-report")
+                    f"camvid:{camvid}#split=train,images=0:62:5", "--method", LEARNING_METHODS, "--lr", lr, "--bf16",
+                    "--corruptions", ONE_PER_FAMILY, "--severities", severity, "--no-report")
                 passes = json.loads((tuned / "adapt.json").read_text())["summary"]
                 tuning[lr] = sum(passes[m]["mean_mIoU"] for m in LEARNING_METHODS.split(",")) / 3
             summary[model]["tuning"] = tuning
