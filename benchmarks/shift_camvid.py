@@ -112,7 +112,7 @@ def main() -> None:
                 tuning[lr] = sum(passes[m]["mean_mIoU"] for m in LEARNING_METHODS.split(",")) / 3
             summary[model]["tuning"] = tuning
             best = max(tuning, key=tuning.get)
-            for where, spec in evaluations.items():
+            for where, spec in evaluations.items() if best != "1e-4" else ():  # 1e-4, the default, is step 2
                 adapted = out / "adapt" / f"{model}-{where.split()[0].replace('held', 'heldout')}-lr{best}"
                 run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec, "--method", LEARNING_METHODS,
                     "--lr", best, "--bf16", *grid, "--no-report")
