@@ -53,7 +53,8 @@ def _window(padded: Tensor, pad: int, rows: tuple[int, int], dy: int, dx: int, w
     return padded[:, :, pad + r0 + dy:pad + r1 + dy, pad + dx:pad + dx + width]
 
 
-def guide_kappa(padded_guide: Tensor, pad: int, rows: tuple[int, int], width: int, dilations: tuple[int, ...]) -> Tensor:
+def guide_kappa(padded_guide: Tensor, pad: int, rows: tuple[int, int], width: int,
+                dilations: tuple[int, ...]) -> Tensor:
     """PAMR's kappa (B, P, r1 - r0, W) of one guide for the pixels in rows [r0, r1): the mean over its
     channels of -|dI_c| / (1e-8 + 0.1 sigma_c), ordered as `neighbour_offsets(dilations)`."""
     centre = _window(padded_guide, pad, rows, 0, 0, width)

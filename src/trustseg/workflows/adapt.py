@@ -98,7 +98,8 @@ def run_adapt(config: AdaptRunConfig) -> AdaptResult:
 
     def predictor_for(which: str) -> Any:  # a fresh adapting one per condition: each starts from the source weights
         if which in adaptations:
-            return AdaptingPredictor(source, classes.num_classes, adaptations[which], what=f"the model of {config.checkpoint}")
+            return AdaptingPredictor(source, classes.num_classes, adaptations[which],
+                                     what=f"the model of {config.checkpoint}")
         return refined if which == REFINED else source
 
     for method in adaptations:  # a model that cannot be adapted fails before the run directory is touched
@@ -119,12 +120,13 @@ def run_adapt(config: AdaptRunConfig) -> AdaptResult:
     for number, unit in enumerate(todo, 1):
         which, key = unit.split("@", 1)
         predictor = predictor_for(which)
-        metrics = evaluate_condition(predictor, dataset, key, classes, config, description=f"{unit} ({number}/{len(todo)})",
-                                     device=device)
+        metrics = evaluate_condition(predictor, dataset, key, classes, config,
+                                     description=f"{unit} ({number}/{len(todo)})", device=device)
         if isinstance(predictor, AdaptingPredictor):
             metrics["adaptation"] = predictor.summary()
         journal.record(unit, metrics)
-    conditions = {key: {which: nan_for_null(journal.done[unit_name(which, key)]) for which in passes} for key in keys}
+    conditions = {key: {which: nan_for_null(journal.done[unit_name(which, key)]) for which in passes}
+                  for key in keys}
 
     summary = summarize_passes(conditions, passes, config.corruptions, config.severities)
     if is_main_process():
@@ -135,7 +137,8 @@ def run_adapt(config: AdaptRunConfig) -> AdaptResult:
                                   if not isinstance(v, dict)},
                                **{f"mIoU_gain_{which}": gain for which, gain in summary["mIoU_gain"].items()},
                                "resets": sum(summary["resets"].values()),
-                               "per_class": conditions[CLEAN][passes[1]]["per_class"], "class_names": list(classes.names)})
+                               "per_class": conditions[CLEAN][passes[1]]["per_class"],
+                               "class_names": list(classes.names)})
         if config.report:
             write_run_report(run_dir.path)
     return AdaptResult(summary=summary, conditions=conditions, classes=classes, run_dir=run_dir.path)
