@@ -160,7 +160,7 @@ class Predictor(nn.Module):
             classes = self.feature_tap.num_classes
             logits, features = logits[:, :classes], logits[:, classes:]
         if self.refiner is not None:
-            logits = self.refiner(logits, images, *(() if features is None else (features,)))
+            logits = self.refiner(logits, images, features)
         return logits if self.calibrator is None else self.calibrator(logits, images)
 
 
@@ -223,6 +223,7 @@ def predictor_from_checkpoint(
     calibrator = calibrator_from_checkpoint(checkpoint) if calibrated else None
     refiner = None if config.refine is None else Refiner(config.refine)
     model = model_from_checkpoint(checkpoint)
-    tap = FeatureTap(model, checkpoint.classes.num_classes) if refiner is not None and config.refine.uses_features else None
+    uses_features = refiner is not None and config.refine.uses_features
+    tap = FeatureTap(model, checkpoint.classes.num_classes) if uses_features else None
     predictor = Predictor(model, checkpoint.mean, checkpoint.std, config, calibrator, refiner, tap)
     return predictor.to(device).eval()
