@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from camvid_runs import evaluation_specs, train_without_held_out, trustseg
+from camvid_runs import evaluation_specs, folder_name, train_without_held_out, trustseg
 
 RARE = ("Pole", "SignSymbol", "Fence", "Pedestrian")
 SELECTORS = ("entropy-high", "random-class", "random-region")
@@ -81,7 +81,7 @@ def main() -> None:
     for name, checkpoint in models.items():
         results[name] = {}
         for where, spec in evaluations.items():
-            folder = checkpoint.parent / "eval" / where.split()[0].replace("held", "heldout")
+            folder = checkpoint.parent / "eval" / folder_name(where)
             if not (folder / "metrics.json").is_file():
                 trustseg("eval", "--checkpoint", str(checkpoint), "--data", spec, "--short-side", "240", "--out",
                          str(folder), "--no-report", "--uncertainty", "none", "--no-boundary-iou")

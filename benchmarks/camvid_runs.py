@@ -24,3 +24,8 @@ def evaluation_specs(camvid: str, step: int = 1) -> dict[str, str]:
     every = "" if step == 1 else f":{step}"
     return {"val (0016E5)": f"camvid:{camvid}#split=val" + (f",images=0:{every}" if every else ""),
             "held out (0006R0)": f"camvid:{camvid}#split=train,images=62:163{every}"}
+
+
+def folder_name(where: str) -> str:
+    """The run-folder name of an `evaluation_specs` key: "val" or "heldout"."""
+    return where.split()[0].replace("held", "heldout")

@@ -31,7 +31,7 @@ import argparse
 import json
 from pathlib import Path
 
-from camvid_runs import evaluation_specs, train_without_held_out, trustseg
+from camvid_runs import evaluation_specs, folder_name, train_without_held_out, trustseg
 
 RECIPES = {"unet": "configs/camvid_unet.yaml", "segformer": "configs/camvid_segformer_b0.yaml"}
 GUIDES = ("image", "features", "both")
@@ -78,7 +78,7 @@ def main() -> None:
         summary.setdefault(model, {})
         if "adapt" in steps:
             for where, spec in evaluations.items():
-                adapted = out / "adapt" / f"{model}-{where.split()[0].replace('held', 'heldout')}"
+                adapted = out / "adapt" / f"{model}-{folder_name(where)}"
                 run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec,
                     "--method", args.methods, "--refine", "--bf16", *grid, "--no-report")
                 summary[model][where] = json.loads((adapted / "adapt.json").read_text())["summary"]
@@ -113,7 +113,7 @@ def main() -> None:
             summary[model]["tuning"] = tuning
             best = max(tuning, key=tuning.get)
             for where, spec in evaluations.items() if best != "1e-4" else ():  # 1e-4, the default, is step 2
-                adapted = out / "adapt" / f"{model}-{where.split()[0].replace('held', 'heldout')}-lr{best}"
+                adapted = out / "adapt" / f"{model}-{folder_name(where)}-lr{best}"
                 run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec, "--method", LEARNING_METHODS,
                     "--lr", best, "--bf16", *grid, "--no-report")
                 summary[model][f"{where}, lr {best}"] = json.loads((adapted / "adapt.json").read_text())["summary"]

@@ -57,12 +57,14 @@ class FeatureTap:
     def __init__(self, model: nn.Module, num_classes: int, channels: int = GUIDE_CHANNELS) -> None:
         self.model, self.num_classes, self.channels = model, num_classes, channels
         self.layer = classifier_layer(model, num_classes)
+        self.directions: Tensor | None = None  # (D, channels), drawn at the first call that needs it
 
     def projection(self, width: int, like: Tensor) -> Tensor | None:
         if width <= self.channels:
             return None
-        generator = torch.Generator().manual_seed(0)
-        return torch.randn(width, self.channels, generator=generator).to(like.device, like.dtype)
+        if self.directions is None or self.directions.shape[0] != width:
+            self.directions = torch.randn(width, self.channels, generator=torch.Generator().manual_seed(0))
+        return self.directions.to(like.device, like.dtype)
 
     def __call__(self, images: Tensor) -> Tensor:
         captured: list[Tensor] = []

@@ -102,8 +102,8 @@ def run_adapt(config: AdaptRunConfig) -> AdaptResult:
                                      what=f"the model of {config.checkpoint}")
         return refined if which == REFINED else source
 
-    for method in adaptations:  # a model that cannot be adapted fails before the run directory is touched
-        predictor_for(method)
+    # a model that cannot be adapted fails before the run directory is touched (the same check for every method)
+    predictor_for(config.adaptations[0].method)
     passes = pass_names(config)
     keys = [CLEAN, *(condition_key(n, s) for n in config.corruptions for s in config.severities)]
     run_dir = RunDir(config.out)
