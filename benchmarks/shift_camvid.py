@@ -13,7 +13,8 @@ commands a user would run.
 3. `trustseg robustness --refine --refine-guide image|features|both` on 0006R0, clean and under one
    corruption per family: refinement guided by the colours, by the model's features, or by both.
 4. `trustseg calibrate --leave-one-family-out`: calibrators fitted on val (clean, and under the other
-   families' corruptions at severities 1-5) and scored on 0006R0 under each held-out family.
+   families' corruptions at severities 1-5) and scored on 0006R0 under each held-out family, one run per
+   severity.
 5. The adaptation learning rate: tent, reliable and uncertain at lr 1e-4, 1e-3 and 1e-2 on 13 frames of
    sequence 0001TP (train images 0:62:5, seen in training, never reported), clean and under one
    corruption per family; the lr with the best mean mIoU over the three methods is then run on val and
@@ -21,8 +22,8 @@ commands a user would run.
 
 Every step skips what its output folder already holds and resumes what it interrupted (adapt also adds
 severities given later). Prints Markdown
-tables (mIoU and ECE per corruption family and pass; ECE clean-fitted vs corruption-fitted) and writes
-every number to OUT/summary.json.
+tables (per severity: mIoU and ECE per corruption family and pass; ECE clean-fitted vs corruption-fitted)
+and writes the numbers they show to OUT/summary.json.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import json
 from pathlib import Path
 
 from camvid_runs import evaluation_specs, folder_name, train_without_held_out, trustseg
+
+from trustseg.robustness.corruptions import FAMILIES
 
 RECIPES = {"unet": "configs/camvid_unet.yaml", "segformer": "configs/camvid_segformer_b0.yaml"}
 GUIDES = ("image", "features", "both")
@@ -81,7 +84,7 @@ def main() -> None:
                 adapted = out / "adapt" / f"{model}-{folder_name(where)}"
                 run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec,
                     "--method", args.methods, "--refine", "--bf16", *grid, "--no-report")
-                summary[model][where] = json.loads((adapted / "adapt.json").read_text())["summary"]
+                summary[model][where] = adaptation(adapted)
         if "refine" in steps:
             for guide in GUIDES:
                 refined = out / "refine" / f"{model}-{guide}"
@@ -96,11 +99,14 @@ def main() -> None:
                 summary[model]["refine"]["none"] = {k: slim(conditions[k]["source"])
                                                     for k in summary[model]["refine"]["image"] if k in conditions}
         if "calibrate" in steps:
-            calibrated = out / "calibrate" / model
-            run(calibrated, "calibration.json", "calibrate", "--checkpoint", checkpoint, "--fit-data", val, "--data",
-                held_out, "--method", args.calibrators, *grid, "--leave-one-family-out", "--fit-corruptions",
-                args.corruptions, "--fit-severities", "1-5", "--max-pixels", "200000", "--save", "none", "--no-report")
-            summary[model]["calibration"] = json.loads((calibrated / "calibration.json").read_text())
+            for level in args.severities.split(","):  # one folder per severity: a severity added later runs alone
+                calibrated = out / "calibrate" / f"{model}-severity{level}"
+                run(calibrated, "calibration.json", "calibrate", "--checkpoint", checkpoint, "--fit-data", val,
+                    "--data", held_out, "--method", args.calibrators, "--corruptions", args.corruptions,
+                    "--severities", level, "--leave-one-family-out", "--fit-corruptions", args.corruptions,
+                    "--fit-severities", "1-5", "--max-pixels", "200000", "--save", "none", "--no-report")
+                summary[model].setdefault("calibration", {})[level] = json.loads(
+                    (calibrated / "calibration.json").read_text())
         if "tune" in steps:
             tuning = {}
             for lr in TUNING_LRS:
@@ -116,20 +122,25 @@ def main() -> None:
                 adapted = out / "adapt" / f"{model}-{folder_name(where)}-lr{best}"
                 run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec, "--method", LEARNING_METHODS,
                     "--lr", best, "--bf16", *grid, "--no-report")
-                summary[model][f"{where}, lr {best}"] = json.loads((adapted / "adapt.json").read_text())["summary"]
+                summary[model][f"{where}, lr {best}"] = adaptation(adapted)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     for model, results in summary.items():
         if "tuning" in results:
             print(f"\n{model}: mean mIoU (%) of tent, reliable and uncertain on 0001TP by lr: "
                   + ", ".join(f"{lr}: {100 * v:.2f}" for lr, v in results["tuning"].items()))
-        for where, passes in results.items():
+        for where, conditions in results.items():
             if where.split(",")[0] in evaluations:
-                table(f"{model}, {where}: mIoU and ECE (%) per corruption family", *adaptation_rows(passes))
+                for level in severities(conditions):
+                    table(f"{model}, {where}, severity {level}: mIoU, ECE and Boundary IoU (%)",
+                          *adaptation_rows(conditions, level))
         if "refine" in results:
             table(f"{model}, held out: refinement by guide (%)", *refinement_rows(results["refine"]))
-        if "calibration" in results:
-            table(f"{model}, held out: ECE (%) fitted on clean val vs on val under the other families",
-                  *calibration_rows(results["calibration"]))
+    levels = sorted({level for results in summary.values() for level in results.get("calibration", {})})
+    for level in levels:
+        table(f"Held out (0006R0), severity {level}: mean ECE (%) over the held-out family's corruptions, "
+              "calibrators fitted on clean val → on val under the other families",
+              *calibration_rows({model: results["calibration"][level] for model, results in summary.items()
+                                 if level in results.get("calibration", {})}))
 
 
 def slim(metrics: dict) -> dict:
@@ -146,16 +157,34 @@ def cell(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
 
 
-def adaptation_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Per pass: clean, per family and mean corrupted mIoU, the gain over the source, ECE likewise."""
-    passes = [name for name, value in summary.items() if isinstance(value, dict) and "clean_mIoU" in value]
-    families = list(summary[passes[0]]["per_family_mIoU"])
-    header = ["pass", "clean mIoU", *families, "corrupted mIoU", "gain", "mean ECE", *(f"{f} ECE" for f in families)]
+def adaptation(folder: Path) -> dict:
+    """condition -> pass -> the metrics the tables show, from an adapt run's adapt.json (its own summary
+    pools the severities; the tables keep them apart)."""
+    conditions = json.loads((folder / "adapt.json").read_text())["conditions"]
+    return {key: {name: slim(metrics) for name, metrics in passes.items()} for key, passes in conditions.items()}
+
+
+def severities(conditions: dict) -> list[str]:
+    return sorted({key.split("/")[1] for key in conditions if "/" in key})
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def adaptation_rows(conditions: dict, level: str) -> tuple[list[str], list[list[str]]]:
+    """Per pass at one severity: clean mIoU, mean mIoU per corruption family and over all corruptions,
+    clean and mean corrupted ECE, clean Boundary IoU."""
+    corrupted = [key for key in conditions if key.endswith(f"/{level}")]
+    families = {family: [key for key in corrupted if key.split("/")[0] in names]
+                for family, names in FAMILIES.items()}
+    families = {family: keys for family, keys in families.items() if keys}
+    header = ["pass", "clean mIoU", *families, "corrupted mIoU", "clean ECE", "corrupted ECE", "clean BIoU"]
     rows = []
-    for name in passes:
-        r = summary[name]
-        values = [r["clean_mIoU"], *(r["per_family_mIoU"][f] for f in families), r["mean_corrupted_mIoU"],
-                  summary["mIoU_gain"].get(name), r["mean_ECE"], *(r["per_family_ECE"][f] for f in families)]
+    for name, clean in conditions["clean"].items():
+        values = [clean["mIoU"], *(mean([conditions[k][name]["mIoU"] for k in keys]) for keys in families.values()),
+                  mean([conditions[k][name]["mIoU"] for k in corrupted]), clean["ECE"],
+                  mean([conditions[k][name]["ECE"] for k in corrupted]), clean["mBIoU"]]
         rows.append([name, *map(cell, values)])
     return header, rows
 
@@ -172,16 +201,33 @@ def refinement_rows(by_guide: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def calibration_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    """Per held-out condition and method: ECE fitted on clean images, fitted under the other families."""
-    header = ["condition", "method", "clean-fitted", "fitted w/o family", "Δ (pp)"]
+def calibration_rows(by_model: dict) -> tuple[list[str], list[list[str]]]:
+    """Per model and held-out family: the uncalibrated ECE and, per method, the ECE fitted on clean images
+    → fitted under the other families (the lowest of the row in bold); the clean held-out frames first."""
+    methods = list(next(iter(by_model.values()))["methods"])
+    header = ["model", "held out", "uncalibrated", *methods]
     rows = []
-    for held_out in (results["leave_one_family_out"] or {}).values():
-        for key, by_method in held_out["conditions"].items():
-            for method, shifted in by_method.items():
-                clean = results["conditions"][key][method]["ECE"]
-                rows.append([key, method, cell(clean), cell(shifted["ECE"]), f"{100 * (shifted['ECE'] - clean):+.2f}"])
+    for model, results in by_model.items():
+        clean = results["conditions"]["clean"]
+        rows.append([model, "clean", *(cell(clean[m]["ECE"]) for m in ["uncalibrated", *methods])])
+        for family, held_out in results["leave_one_family_out"].items():
+            uncalibrated = mean_ece(results["conditions"], held_out["conditions"], "uncalibrated")
+            fitted = [(mean_ece(results["conditions"], held_out["conditions"], m),
+                       mean_ece(held_out["conditions"], held_out["conditions"], m)) for m in methods]
+            lowest = min(uncalibrated, *(ece for pair in fitted for ece in pair))
+            rows.append([model, family, bold_if(uncalibrated, lowest),
+                         *(f"{bold_if(clean_fit, lowest)} → {bold_if(shifted_fit, lowest)}"
+                           for clean_fit, shifted_fit in fitted)])
     return header, rows
+
+
+def mean_ece(conditions: dict, keys: dict, method: str) -> float:
+    """A method's mean ECE over the conditions named by `keys`."""
+    return mean([conditions[key][method]["ECE"] for key in keys])
+
+
+def bold_if(value: float, lowest: float) -> str:
+    return f"**{cell(value)}**" if value == lowest else cell(value)
 
 
 if __name__ == "__main__":
