@@ -405,6 +405,9 @@ def adapt_command(
     reliable_fraction: float = typer.Option(0.4, "--reliable-fraction", help="E0 = this x ln K (EATA: 0.4)."),
     weighting: str = typer.Option("hard", "--weighting", help="reliable: hard | eata (weight exp(E0 - H))."),
     anchor_weight: float = typer.Option(1.0, "--anchor-weight", help="uncertain: weight of the anchor KL term."),
+    bn_prior: float = typer.Option(0.0, "--bn-prior", help="BatchNorm normalises with the source statistics counted as "
+                                   "this many images mixed with the batch's (Schneider et al. 2020); 0: the batch's "
+                                   "alone (TENT)."),
     guard: bool = typer.Option(True, "--guard/--no-guard", help="Online: reset when entropy or the predicted classes "
                                "collapse, or entropy rises."),
     guard_window: int = typer.Option(8, "--guard-window", help="Batches per window of the guard."),
@@ -444,7 +447,7 @@ def adapt_command(
 
     adaptations = tuple(AdaptConfig(
         method=name.strip(), mode=adapt_mode, optimizer=optimizer, lr=lr, steps=steps, predict=predict,
-        reliable_fraction=reliable_fraction, weighting=weighting, anchor_weight=anchor_weight,
+        reliable_fraction=reliable_fraction, weighting=weighting, anchor_weight=anchor_weight, bn_prior=bn_prior,
         guard=GuardConfig(window=guard_window, max_class_share=max_class_share) if guard else None,
     ) for name in method.split(","))
     inference = inference_config("whole", None, None, short_side, bf16, scale, refine, refine_iters, refine_q,

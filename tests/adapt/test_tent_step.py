@@ -1,5 +1,7 @@
 """TENT's update against a hand computation, and what adaptation may and may not change."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -23,9 +25,10 @@ def tiny_bn_model(seed=0):
     return model.eval()
 
 
-def numpy_tent(model, images):
-    """Logits of `model` with test-batch BatchNorm statistics and the gradient of the mean pixel entropy
-    with respect to the BatchNorm scale and shift, by the explicit chain rule:
+def numpy_tent(model, images, prior=0.0):
+    """Logits of `model` with test-batch BatchNorm statistics (mixed with the running ones weighted as
+    `prior` images against the batch's images) and the gradient of the mean pixel entropy with respect to
+    the BatchNorm scale and shift, by the explicit chain rule:
     dH/dz_k = -p_k (log p_k + H);  dL/dy_c = sum_k W2[k, c] dL/dz_k;  dgamma = sum dL/dy * xhat, dbeta = sum dL/dy."""
     conv1, bn, conv2 = model
     x = images.double().numpy().transpose(0, 2, 3, 1).reshape(-1, 3)  # (N, 3) pixels
@@ -33,7 +36,10 @@ def numpy_tent(model, images):
     w2, b2 = conv2.weight.detach().double().numpy()[:, :, 0, 0], conv2.bias.detach().double().numpy()
     gamma, beta = bn.weight.detach().double().numpy(), bn.bias.detach().double().numpy()
     a = x @ w1.T + b1
-    xhat = (a - a.mean(0)) / np.sqrt(a.var(0) + EPS)  # biased variance, as BatchNorm normalises
+    n = len(images)
+    mean = (prior * bn.running_mean.double().numpy() + n * a.mean(0)) / (prior + n)
+    var = (prior * bn.running_var.double().numpy() + n * a.var(0)) / (prior + n)  # biased, as BatchNorm normalises
+    xhat = (a - mean) / np.sqrt(var + EPS)
     z = (gamma * xhat + beta) @ w2.T + b2
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
@@ -44,14 +50,15 @@ def numpy_tent(model, images):
     return z.reshape(b, h, w, 3).transpose(0, 3, 1, 2), (dy * xhat).sum(0), dy.sum(0)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_tent_step_matches_hand_computation(optimizer):
+@pytest.mark.parametrize("optimizer,prior", [("sgd", 0.0), ("adam", 0.0), ("adam", 3.0)])
+def test_tent_step_matches_hand_computation(optimizer, prior):
     model = tiny_bn_model()
     images = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(1))
-    logits, grad_gamma, grad_beta = numpy_tent(model, images)
+    logits, grad_gamma, grad_beta = numpy_tent(model, images, prior)
     gamma, beta = model[1].weight.detach().double().numpy(), model[1].bias.detach().double().numpy()
     lr = 0.1
-    adapter = AdaptingPredictor(model, 3, AdaptConfig(optimizer=optimizer, lr=lr, momentum=0.9, guard=None))
+    adapter = AdaptingPredictor(model, 3, AdaptConfig(optimizer=optimizer, lr=lr, momentum=0.9, guard=None,
+                                                      bn_prior=prior))
     with torch.inference_mode():  # as inside the evaluation loop
         returned = adapter(images)
     np.testing.assert_allclose(returned.numpy(), logits, rtol=1e-4, atol=1e-5)  # the forward before the update
@@ -99,6 +106,40 @@ def test_batchnorm_uses_test_batch_statistics_in_eval_mode():
     expected = expected * model[1].weight.view(1, -1, 1, 1) + model[1].bias.view(1, -1, 1, 1)
     torch.testing.assert_close(model[1](features), expected, rtol=1e-5, atol=1e-5)
     assert not model.training
+
+
+def test_the_batchnorm_prior_spans_batch_statistics_to_the_source_model():
+    """The prior keeps the running statistics; a tiny prior is the batch alone, a huge one the source
+    model; gradients reach the layers before the BatchNorm through the batch's share of the statistics;
+    a deep copy of the configured model normalises with its own parameters."""
+    images = torch.randn(1, 3, 4, 5, generator=torch.Generator().manual_seed(2))
+    source = tiny_bn_model()
+    with torch.no_grad():
+        expected_source = source(images)
+    batch_only = tiny_bn_model()
+    configure_for_adaptation(batch_only)
+    for prior, expected in ((1e-9, batch_only(images)), (1e9, expected_source)):
+        model = tiny_bn_model()
+        configure_for_adaptation(model, bn_prior=prior)
+        assert model[1].running_mean is not None and not model.training
+        torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
+
+    model = tiny_bn_model()
+    configure_for_adaptation(model, bn_prior=1.0)
+    features = model[0](images).detach().requires_grad_(True)
+    output = model[1](features)
+    mean = 0.5 * model[1].running_mean + 0.5 * features.mean((0, 2, 3))  # one image against a prior of one
+    var = 0.5 * model[1].running_var + 0.5 * features.var((0, 2, 3), unbiased=False)
+    normalised = (features - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + EPS)
+    expected = normalised * model[1].weight.view(1, -1, 1, 1) + model[1].bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    gradient, expected_gradient = (torch.autograd.grad((y ** 2).sum(), features)[0] for y in (output, expected))
+    torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-5)
+
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        copied[1].weight.mul_(2)
+    assert not torch.allclose(copied[1](features), model[1](features))
 
 
 def test_a_model_without_normalisation_layers_is_a_user_error():

@@ -105,6 +105,18 @@ def test_adapt_matches_hand_run_source_tent_and_norm(tmp_path, dataset_root, che
     assert "## Test-time adaptation" in report and "## Per condition" in report and "gaussian_noise/2" in report
 
 
+def test_the_batchnorm_prior_reaches_the_model(tmp_path, dataset_root, checkpoint, monkeypatch, one_thread):
+    """norm with a prior of a million images normalises as the source model does; the setup records it."""
+    path, _ = checkpoint
+    out = tmp_path / "run"
+    assert run_cli(adapt_args(path, dataset_root, out, "--method", "norm", "--bn-prior", "1e6"), monkeypatch) == 0
+    results = json.loads((out / "adapt.json").read_text())
+    assert results["setup"]["adaptations"][0]["bn_prior"] == 1e6
+    for passes in results["conditions"].values():
+        assert passes["norm"]["mIoU"] == pytest.approx(passes["source"]["mIoU"], abs=1e-6)
+        assert passes["norm"]["ECE"] == pytest.approx(passes["source"]["ECE"], abs=1e-4)
+
+
 @pytest.mark.parametrize("method,mode,bf16", [("reliable", "episodic", False), ("uncertain", "online", True)])
 def test_variants_run_end_to_end(tmp_path, dataset_root, checkpoint, monkeypatch, method, mode, bf16, one_thread):
     path, _ = checkpoint
@@ -186,6 +198,7 @@ def test_resume_skips_finished_passes_and_gives_the_uninterrupted_results(tmp_pa
     (("--method", "tent,tent"), "--method tent,tent: expected one or more distinct methods"),
     (("--refine-q", "0"), "--refine-q 0"),
     (("--mode", "sometimes"), "adaptation mode 'sometimes'"),
+    (("--bn-prior", "-1"), "BatchNorm prior -1.0"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, dataset_root, checkpoint, monkeypatch, capsys, extra, message):
     path, _ = checkpoint

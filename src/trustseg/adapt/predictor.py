@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,7 @@ class AdaptConfig:
     reliable_fraction: float = RELIABLE_FRACTION  # reliable/uncertain split at entropy E0 = fraction * ln K
     weighting: str = "hard"  # reliable: "hard" (all kept pixels alike) or "eata" (exp(E0 - H))
     anchor_weight: float = 1.0  # uncertain: weight of KL(p_source || p) on the confident pixels
+    bn_prior: float = 0.0  # BatchNorm: the source statistics count as this many images against the batch's
     guard: GuardConfig | None = field(default_factory=GuardConfig)  # online only; None: never reset
 
     def __post_init__(self) -> None:
@@ -70,10 +72,11 @@ class AdaptConfig:
             if value not in allowed:
                 raise UserError(f"adaptation {name} {value!r}: expected one of {', '.join(allowed)}")
         if not (self.lr > 0 and self.steps >= 1 and 0 <= self.momentum < 1 and 0 < self.reliable_fraction <= 1
-                and self.anchor_weight >= 0):
+                and self.anchor_weight >= 0 and 0 <= self.bn_prior < math.inf):
             raise UserError(f"adaptation settings lr {self.lr}, steps {self.steps}, momentum {self.momentum}, reliable "
-                            f"fraction {self.reliable_fraction}, anchor weight {self.anchor_weight}: expected lr > 0, "
-                            "steps >= 1, momentum in [0, 1), fraction in (0, 1], weight >= 0")
+                            f"fraction {self.reliable_fraction}, anchor weight {self.anchor_weight}, BatchNorm prior "
+                            f"{self.bn_prior}: expected lr > 0, steps >= 1, momentum in [0, 1), fraction in (0, 1], "
+                            "weight >= 0, prior finite and >= 0")
 
     @property
     def learns(self) -> bool:
@@ -92,7 +95,7 @@ class AdaptingPredictor:
                  what: str = "the model") -> None:
         self.source, self.config = source, config
         self.model = copy.deepcopy(source)
-        self.parameters = configure_for_adaptation(self.model, what)
+        self.parameters = configure_for_adaptation(self.model, what, config.bn_prior)
         self.initial = {name: p.detach().clone() for name, p in self.parameters.items()}
         self.threshold = entropy_threshold(num_classes, config.reliable_fraction)
         self.guard = CollapseGuard(num_classes, config.guard) if config.guard and config.mode == "online" else None
