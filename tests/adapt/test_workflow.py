@@ -112,6 +112,7 @@ def test_the_batchnorm_prior_reaches_the_model(tmp_path, dataset_root, checkpoin
     assert run_cli(adapt_args(path, dataset_root, out, "--method", "norm", "--bn-prior", "1e6"), monkeypatch) == 0
     results = json.loads((out / "adapt.json").read_text())
     assert results["setup"]["adaptations"][0]["bn_prior"] == 1e6
+    assert "mixed with the source's counted as 1e+06 images" in (out / "report.md").read_text()
     for passes in results["conditions"].values():
         assert passes["norm"]["mIoU"] == pytest.approx(passes["source"]["mIoU"], abs=1e-6)
         assert passes["norm"]["ECE"] == pytest.approx(passes["source"]["ECE"], abs=1e-4)

@@ -362,11 +362,13 @@ def adaptation_section(run: RunFiles, page: Document, folder: Path) -> None:
     refinement = (f" The pass refined is the source model with its least confident {refine['percent']:g} % of pixels "
                   f"re-decided by {refine['iterations']} propagation steps over {refine['guide']} affinities, at "
                   f"{sum(costs) / len(costs):.0f} ms per image on average." if refine and costs else "")
+    prior = (f", BatchNorm statistics mixed with the source's counted as {adaptation['bn_prior']:g} images"
+             if adaptation.get("bn_prior") else "")
     page.heading("Test-time adaptation").paragraph(
         f"Data {setup['data']}, {setup['num_images']} images, batch {setup['batch_size']}; methods "
         f"{', '.join(a['method'] for a in setup['adaptations'])}, {adaptation['mode']} mode, {adaptation['optimizer']} "
-        f"lr {adaptation['lr']:g}, {adaptation['steps']} step(s) per batch; each condition starts from the source "
-        f"weights.{refinement} Corruptions seeded with {setup['seed']}. Values are percentages; the gain is the "
+        f"lr {adaptation['lr']:g}, {adaptation['steps']} step(s) per batch{prior}; each condition starts from the "
+        f"source weights.{refinement} Corruptions seeded with {setup['seed']}. Values are percentages; the gain is the "
         "mean mIoU over all conditions minus the source's.")
     columns = ("clean_mIoU", "mean_corrupted_mIoU", "mean_mIoU", "mean_boundary_IoU", "mean_ECE")
     page.table(["pass", "clean mIoU", "mean corrupted mIoU", "mean mIoU", "mean Boundary IoU", "mean ECE", "gain",
