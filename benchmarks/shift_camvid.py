@@ -19,6 +19,9 @@ commands a user would run.
    sequence 0001TP (train images 0:62:5, seen in training, never reported), clean and under one
    corruption per family; the lr with the best mean mIoU over the three methods is then run on val and
    0006R0 as in step 2.
+6. The BatchNorm prior (`--bn-prior N`, source statistics counted as N images): norm at N = 1, 4, 16, 64
+   on the frames of step 5; the N with the best mean mIoU is run on val and 0006R0 with norm and tent (at
+   the lr of step 5).
 
 Every step skips what its output folder already holds and resumes what it interrupted (adapt also adds
 severities given later). Prints Markdown
@@ -41,6 +44,7 @@ GUIDES = ("image", "features", "both")
 ONE_PER_FAMILY = "gaussian_noise,defocus_blur,fog,jpeg_compression"
 LEARNING_METHODS = "tent,reliable,uncertain"
 TUNING_LRS = ("1e-4", "1e-3", "1e-2")
+PRIORS = ("1", "4", "16", "64")  # BatchNorm prior strengths N, in images, tried on the tuning frames
 
 
 def run(folder: Path, done: str | None, *args: str) -> None:
@@ -61,7 +65,7 @@ def main() -> None:
     parser.add_argument("--severities", default="3,5")
     parser.add_argument("--methods", default="norm,tent,reliable,uncertain")
     parser.add_argument("--calibrators", default="ts,lts,ccaffine")
-    parser.add_argument("--steps", default="train,adapt,refine,calibrate,tune", help="which steps to run")
+    parser.add_argument("--steps", default="train,adapt,refine,calibrate,tune,prior", help="which steps to run")
     args = parser.parse_args()
     out, camvid, steps = args.out, args.camvid, args.steps.split(",")
     evaluations = evaluation_specs(camvid, args.every)
@@ -107,27 +111,36 @@ def main() -> None:
                     "--fit-severities", "1-5", "--max-pixels", "200000", "--save", "none", "--no-report")
                 summary[model].setdefault("calibration", {})[level] = json.loads(
                     (calibrated / "calibration.json").read_text())
+        tuning_run = ("--checkpoint", checkpoint, "--data", f"camvid:{camvid}#split=train,images=0:62:5", "--bf16",
+                      "--corruptions", ONE_PER_FAMILY, "--severities", severity)
         if "tune" in steps:
-            tuning = {}
-            for lr in TUNING_LRS:
-                tuned = out / "tune" / f"{model}-lr{lr}"
-                run(tuned, None, "adapt", "--checkpoint", checkpoint, "--data",
-                    f"camvid:{camvid}#split=train,images=0:62:5", "--method", LEARNING_METHODS, "--lr", lr, "--bf16",
-                    "--corruptions", ONE_PER_FAMILY, "--severities", severity, "--no-report")
-                passes = json.loads((tuned / "adapt.json").read_text())["summary"]
-                tuning[lr] = sum(passes[m]["mean_mIoU"] for m in LEARNING_METHODS.split(",")) / 3
+            tuning = choose(out / "tune" / f"{model}-lr", "--lr", TUNING_LRS, LEARNING_METHODS.split(","), *tuning_run,
+                            "--method", LEARNING_METHODS)
             summary[model]["tuning"] = tuning
-            best = max(tuning, key=tuning.get)
+            best = highest(tuning)
             for where, spec in evaluations.items() if best != "1e-4" else ():  # 1e-4, the default, is step 2
                 adapted = out / "adapt" / f"{model}-{folder_name(where)}-lr{best}"
                 run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec, "--method", LEARNING_METHODS,
                     "--lr", best, "--bf16", *grid, "--no-report")
                 summary[model][f"{where}, lr {best}"] = adaptation(adapted)
+        if "prior" in steps:
+            tuning = choose(out / "tune" / f"{model}-prior", "--bn-prior", PRIORS, ["norm"], *tuning_run,
+                            "--method", "norm")
+            summary[model]["prior_tuning"] = tuning
+            best, lr = highest(tuning), highest(summary[model].get("tuning", {"1e-4": 0}))
+            for where, spec in evaluations.items():
+                adapted = out / "adapt" / f"{model}-{folder_name(where)}-prior{best}"
+                run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec, "--method", "norm,tent",
+                    "--bn-prior", best, "--lr", lr, "--bf16", *grid, "--no-report")
+                summary[model][f"{where}, BatchNorm prior {best}, lr {lr}"] = adaptation(adapted)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     for model, results in summary.items():
         if "tuning" in results:
             print(f"\n{model}: mean mIoU (%) of tent, reliable and uncertain on 0001TP by lr: "
                   + ", ".join(f"{lr}: {100 * v:.2f}" for lr, v in results["tuning"].items()))
+        if "prior_tuning" in results:
+            print(f"\n{model}: mean mIoU (%) of norm on 0001TP by BatchNorm prior (images): "
+                  + ", ".join(f"{n}: {100 * v:.2f}" for n, v in results["prior_tuning"].items()))
         for where, conditions in results.items():
             if where.split(",")[0] in evaluations:
                 for level in severities(conditions):
@@ -141,6 +154,22 @@ def main() -> None:
               "calibrators fitted on clean val → on val under the other families",
               *calibration_rows({model: results["calibration"][level] for model, results in summary.items()
                                  if level in results.get("calibration", {})}))
+
+
+def choose(prefix: Path, flag: str, values: tuple[str, ...], passes: list[str], *args: str) -> dict[str, float]:
+    """value -> mean mIoU of `passes` over all conditions of `trustseg adapt *args FLAG value`, run in the
+    folder `prefix` + value."""
+    means = {}
+    for value in values:
+        tuned = prefix.with_name(prefix.name + value)
+        run(tuned, None, "adapt", *args, flag, value, "--no-report")
+        results = json.loads((tuned / "adapt.json").read_text())["summary"]
+        means[value] = sum(results[name]["mean_mIoU"] for name in passes) / len(passes)
+    return means
+
+
+def highest(scores: dict[str, float]) -> str:
+    return max(scores, key=scores.get)
 
 
 def slim(metrics: dict) -> dict:
