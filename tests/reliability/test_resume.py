@@ -14,6 +14,7 @@ import torch
 from cli_helpers import run_cli
 from trustseg.engine.journal import Journal
 from trustseg.engine.rundir import RunDir
+from trustseg.errors import UserError
 
 KILLED_RUN = Path(__file__).with_name("killed_run.py")
 BOOKKEEPING = {"config.yaml", "progress.jsonl", ".trustseg.lock"}  # config.yaml records --resume itself
@@ -125,6 +126,18 @@ def test_resume_of_a_run_that_never_started_begins_it(tmp_path, robustness_args,
     stopped = tmp_path / "stopped"
     Journal(RunDir(stopped), "robustness", {"seed": 7}, resume=False)
     assert run_cli(robustness_args(stopped, "fog", "1"), monkeypatch) == 0
+
+
+def test_a_changed_setup_is_refused_naming_the_nested_setting(tmp_path):
+    setup = {"seed": 0, "adaptations": [{"method": "tent", "lr": 1e-4}, {"method": "norm"}]}
+    journal = Journal(RunDir(tmp_path), "adapt", setup, resume=False)
+    journal.record("clean", 1)
+    changed = {"seed": 0, "adaptations": [{"method": "tent", "lr": 1e-3}, {"method": "norm", "bn_prior": 4}]}
+    with pytest.raises(UserError) as refused:
+        Journal(RunDir(tmp_path), "adapt", changed, resume=True)
+    assert ("(adaptations[0].lr: 0.0001 -> 0.001; adaptations[1].bn_prior: (absent) -> 4)"
+            in str(refused.value))
+    assert Journal(RunDir(tmp_path), "adapt", setup, resume=True).done == {"clean": 1}
 
 
 @pytest.mark.parametrize("damage", ["header", "middle"])

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +142,34 @@ def _crc(record: dict[str, Any]) -> int:
     return zlib.crc32(json.dumps(record, sort_keys=True, allow_nan=False).encode())
 
 
+class _Absent:
+    """A key one setup has and the other lacks."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
 def _differences(before: dict[str, Any], now: dict[str, Any], shown: int = 3) -> str:
-    keys = [k for k in dict.fromkeys([*before, *now]) if before.get(k) != now.get(k)]
-    parts = [f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}" for k in keys[:shown]]
-    return "; ".join(parts) + (f"; and {len(keys) - shown} more" if len(keys) > shown else "")
+    found = list(_differing_leaves(before, now, ""))
+    parts = [f"{path}: {_short(old)} -> {_short(new)}" for path, old, new in found[:shown]]
+    return "; ".join(parts) + (f"; and {len(found) - shown} more" if len(found) > shown else "")
+
+
+def _differing_leaves(before: Any, now: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
+    """(path, before, now) where two setups differ, as deep as both are dicts or lists of one length, so
+    a message names e.g. `adaptations[0].lr` rather than the whole list."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        for key in dict.fromkeys([*before, *now]):
+            yield from _differing_leaves(before.get(key, ABSENT), now.get(key, ABSENT),
+                                         f"{path}.{key}" if path else key)
+    elif isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+        for index, (old, new) in enumerate(zip(before, now)):
+            yield from _differing_leaves(old, new, f"{path}[{index}]")
+    elif before != now:
+        yield path, before, now
 
 
 def _short(value: Any, width: int = 60) -> str:
