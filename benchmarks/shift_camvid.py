@@ -19,7 +19,7 @@ commands a user would run.
    sequence 0001TP (train images 0:62:5, seen in training, never reported), clean and under one
    corruption per family; the lr with the best mean mIoU over the three methods is then run on val and
    0006R0 as in step 2.
-6. The BatchNorm prior (`--bn-prior N`, source statistics counted as N images): norm at N = 1, 4, 16, 64
+6. The BatchNorm prior (`--bn-prior N`, source statistics counted as N images): norm at N = 0, 1, 4, 16, 64
    on the frames of step 5; the N with the best mean mIoU is run on val and 0006R0 with norm and tent (at
    the lr of step 5).
 
@@ -44,7 +44,7 @@ GUIDES = ("image", "features", "both")
 ONE_PER_FAMILY = "gaussian_noise,defocus_blur,fog,jpeg_compression"
 LEARNING_METHODS = "tent,reliable,uncertain"
 TUNING_LRS = ("1e-4", "1e-3", "1e-2")
-PRIORS = ("1", "4", "16", "64")  # BatchNorm prior strengths N, in images, tried on the tuning frames
+PRIORS = ("0", "1", "4", "16", "64")  # BatchNorm prior strengths N, in images (0: the batch alone)
 
 
 def run(folder: Path, done: str | None, *args: str) -> None:
