@@ -20,8 +20,8 @@ commands a user would run.
    corruption per family; the lr with the best mean mIoU over the three methods is then run on val and
    0006R0 as in step 2.
 6. The BatchNorm prior (`--bn-prior N`, source statistics counted as N images): norm at N = 0, 1, 4, 16, 64
-   on the frames of step 5; the N with the best mean mIoU is run on val and 0006R0 with norm and tent (at
-   the lr of step 5).
+   on the frames of step 5; the N with the best mean mIoU, if not 0, is run on val and 0006R0 with norm and
+   tent (at the lr of step 5).
 
 Every step skips what its output folder already holds and resumes what it interrupted (adapt also adds
 severities given later). Prints Markdown
@@ -128,7 +128,7 @@ def main() -> None:
                             "--method", "norm")
             summary[model]["prior_tuning"] = tuning
             best, lr = highest(tuning), highest(summary[model].get("tuning", {"1e-4": 0}))
-            for where, spec in evaluations.items():
+            for where, spec in evaluations.items() if best != "0" else ():  # 0: norm in step 2, tent in step 5
                 adapted = out / "adapt" / f"{model}-{folder_name(where)}-prior{best}"
                 run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec, "--method", "norm,tent",
                     "--bn-prior", best, "--lr", lr, "--bf16", *grid, "--no-report")
