@@ -34,10 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from statistics import mean
 
 from camvid_runs import evaluation_specs, folder_name, train_without_held_out, trustseg
 
-from trustseg.robustness.corruptions import FAMILIES
+from trustseg.workflows.adapt import family_means
 
 RECIPES = {"unet": "configs/camvid_unet.yaml", "segformer": "configs/camvid_segformer_b0.yaml"}
 GUIDES = ("image", "features", "both")
@@ -197,25 +198,19 @@ def severities(conditions: dict) -> list[str]:
     return sorted({key.split("/")[1] for key in conditions if "/" in key})
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def adaptation_rows(conditions: dict, level: str) -> tuple[list[str], list[list[str]]]:
     """Per pass at one severity: clean mIoU, mean mIoU per corruption family and over all corruptions,
     clean and mean corrupted ECE, clean Boundary IoU."""
     corrupted = [key for key in conditions if key.endswith(f"/{level}")]
-    families = {family: [key for key in corrupted if key.split("/")[0] in names]
-                for family, names in FAMILIES.items()}
-    families = {family: keys for family, keys in families.items() if keys}
-    header = ["pass", "clean mIoU", *families, "corrupted mIoU", "clean ECE", "corrupted ECE", "clean BIoU"]
-    rows = []
+    corruptions = tuple(key.split("/")[0] for key in corrupted)
+    rows, families = [], {}
     for name, clean in conditions["clean"].items():
-        values = [clean["mIoU"], *(mean([conditions[k][name]["mIoU"] for k in keys]) for keys in families.values()),
-                  mean([conditions[k][name]["mIoU"] for k in corrupted]), clean["ECE"],
-                  mean([conditions[k][name]["ECE"] for k in corrupted]), clean["mBIoU"]]
+        families = family_means({key: passes[name] for key, passes in conditions.items()}, "mIoU", corruptions,
+                                (int(level),))
+        values = [clean["mIoU"], *families.values(), mean([conditions[k][name]["mIoU"] for k in corrupted]),
+                  clean["ECE"], mean([conditions[k][name]["ECE"] for k in corrupted]), clean["mBIoU"]]
         rows.append([name, *map(cell, values)])
-    return header, rows
+    return ["pass", "clean mIoU", *families, "corrupted mIoU", "clean ECE", "corrupted ECE", "clean BIoU"], rows
 
 
 def refinement_rows(by_guide: dict) -> tuple[list[str], list[list[str]]]:
