@@ -70,8 +70,9 @@ def normalise_with_prior(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tens
     dims = [0, *range(2, x.ndim)]
     batch_share = x.shape[0] / (bn.bn_prior + x.shape[0])
     values = x.float()
-    mean = torch.lerp(bn.running_mean, values.mean(dims), batch_share)
-    var = torch.lerp(bn.running_var, values.var(dims, unbiased=False), batch_share)
+    batch_var, batch_mean = torch.var_mean(values, dims, unbiased=False)
+    mean = torch.lerp(bn.running_mean, batch_mean, batch_share)
+    var = torch.lerp(bn.running_var, batch_var, batch_share)
     shape = (1, -1, *[1] * (x.ndim - 2))
     normalised = (values - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
     if bn.affine:
