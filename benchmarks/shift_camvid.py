@@ -84,12 +84,9 @@ def main() -> None:
                 "--set", "report=false")
         checkpoint = str(folder / "last.pt")
         summary.setdefault(model, {})
+        adapted_runs = (out / "adapt" / model, evaluations, "--checkpoint", checkpoint, "--bf16", *grid)
         if "adapt" in steps:
-            for where, spec in evaluations.items():
-                adapted = out / "adapt" / f"{model}-{folder_name(where)}"
-                run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec,
-                    "--method", args.methods, "--refine", "--bf16", *grid, "--no-report")
-                summary[model][where] = adaptation(adapted)
+            summary[model].update(adapt_each(*adapted_runs, "--method", args.methods, "--refine"))
         if "refine" in steps:
             for guide in GUIDES:
                 refined = out / "refine" / f"{model}-{guide}"
@@ -119,21 +116,19 @@ def main() -> None:
                             "--method", LEARNING_METHODS)
             summary[model]["tuning"] = tuning
             best = highest(tuning)
-            for where, spec in evaluations.items() if best != "1e-4" else ():  # 1e-4, the default, is step 2
-                adapted = out / "adapt" / f"{model}-{folder_name(where)}-lr{best}"
-                run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec, "--method", LEARNING_METHODS,
-                    "--lr", best, "--bf16", *grid, "--no-report")
-                summary[model][f"{where}, lr {best}"] = adaptation(adapted)
+            if best != "1e-4":  # 1e-4, the default, is step 2
+                runs = adapt_each(*adapted_runs, "--method", LEARNING_METHODS, "--lr", best, suffix=f"-lr{best}")
+                summary[model].update({f"{where}, lr {best}": result for where, result in runs.items()})
         if "prior" in steps:
             tuning = choose(out / "tune" / f"{model}-prior", "--bn-prior", PRIORS, ["norm"], *tuning_run,
                             "--method", "norm")
             summary[model]["prior_tuning"] = tuning
             best, lr = highest(tuning), highest(summary[model].get("tuning", {"1e-4": 0}))
-            for where, spec in evaluations.items() if best != "0" else ():  # 0: norm in step 2, tent in step 5
-                adapted = out / "adapt" / f"{model}-{folder_name(where)}-prior{best}"
-                run(adapted, None, "adapt", "--checkpoint", checkpoint, "--data", spec, "--method", "norm,tent",
-                    "--bn-prior", best, "--lr", lr, "--bf16", *grid, "--no-report")
-                summary[model][f"{where}, BatchNorm prior {best}, lr {lr}"] = adaptation(adapted)
+            if best != "0":  # 0: norm in step 2, tent in step 5
+                runs = adapt_each(*adapted_runs, "--method", "norm,tent", "--bn-prior", best, "--lr", lr,
+                                  suffix=f"-prior{best}")
+                summary[model].update({f"{where}, BatchNorm prior {best}, lr {lr}": result
+                                       for where, result in runs.items()})
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     for model, results in summary.items():
         if "tuning" in results:
@@ -185,6 +180,17 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 def cell(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
+
+
+def adapt_each(prefix: Path, evaluations: dict[str, str], *args: str, suffix: str = "") -> dict[str, dict]:
+    """where -> per-condition metrics of `trustseg adapt *args` on each evaluation sequence, run in the
+    folder `prefix`-<sequence><suffix>."""
+    results = {}
+    for where, spec in evaluations.items():
+        folder = prefix.with_name(f"{prefix.name}-{folder_name(where)}{suffix}")
+        run(folder, None, "adapt", "--data", spec, *args, "--no-report")
+        results[where] = adaptation(folder)
+    return results
 
 
 def adaptation(folder: Path) -> dict:
